@@ -1,0 +1,354 @@
+"""Load a checkpoint exactly as the official TRM / HRM training code saves it.
+
+What users hand us: `step_N` (a plain `torch.save(state_dict)`), sometimes renamed `checkpoint` or `*.pt`, keys
+prefixed `_orig_mod.model.inner.` (compiled), `model.inner.` or `module.`; `all_config.yaml` beside it (the
+training config, model fields under `arch:`); the data set's `dataset.json` (vocab, seq_len, puzzle ids), beside
+it or elsewhere. What the tensor shapes tell is read off them; what they cannot tell comes from the config,
+dataset.json or explicit overrides, and every disagreement is an error rather than a guess.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import pickle
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from trm_export.errors import CheckpointError, ConfigError
+from trm_export.export.config import ModelConfig
+from trm_export.export.model import RecursiveModel
+
+# Longest first: the first prefix shared by every key is the one stripped.
+KEY_PREFIXES = (
+    "module._orig_mod.model.inner.",
+    "_orig_mod.model.inner.",
+    "module.model.inner.",
+    "model.inner.",
+    "_orig_mod.",
+    "module.",
+    "",
+)
+CONFIG_NAME = "all_config.yaml"
+DATASET_NAME = "dataset.json"
+# Fields a user may set with an override (CLI flags --seq-len, --num-heads, ...).
+OVERRIDABLE = ("seq_len", "vocab_size", "num_puzzle_identifiers", "num_heads", "H_cycles", "L_cycles",
+               "pos_encodings", "puzzle_emb_len", "halt_max_steps", "no_ACT_continue", "expansion",
+               "rms_norm_eps", "rope_theta", "family")
+# Official `arch:` fields we read; anything else there (loss, name, batch sizes, ...) is training-only.
+ARCH_FIELDS = ("hidden_size", "num_heads", "expansion", "L_layers", "H_layers", "H_cycles", "L_cycles",
+               "pos_encodings", "puzzle_emb_ndim", "puzzle_emb_len", "mlp_t", "rms_norm_eps", "rope_theta",
+               "halt_max_steps", "no_ACT_continue", "forward_dtype")
+
+
+@dataclass
+class LoadedCheckpoint:
+    """A checkpoint turned into a float32 reference model, with where every fact came from."""
+
+    path: Path
+    config: ModelConfig
+    model: RecursiveModel
+    key_prefix: str
+    sha256: str
+    stored_dtypes: dict[str, str]
+    dataset: dict[str, Any] | None = None
+    config_path: Path | None = None
+    dataset_path: Path | None = None
+    sources: dict[str, str] = field(default_factory=dict)  # config field -> "weights" | "config" | ...
+
+
+def find_checkpoint_file(path: Path) -> Path:
+    """A file is taken as is; in a directory take the highest `step_N`, else `checkpoint`, else one `*.pt`."""
+    if path.is_file():
+        return path
+    if not path.exists():
+        raise CheckpointError(path, "no such file or directory")
+    steps = sorted((p for p in path.iterdir() if re.fullmatch(r"step_\d+", p.name)),
+                   key=lambda p: int(p.name.split("_")[1]))
+    if steps:
+        return steps[-1]
+    if (path / "checkpoint").is_file():
+        return path / "checkpoint"
+    pts = sorted(path.glob("*.pt"))
+    if len(pts) == 1:
+        return pts[0]
+    found = ", ".join(p.name for p in sorted(path.iterdir())) or "nothing"
+    raise CheckpointError(path, "directory holds no checkpoint (looked for step_N, checkpoint, one *.pt); "
+                          f"found {found}")
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """torch.load with weights_only=True; anything that is not a plain state dict of tensors is refused."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "weights_only" in str(exc) or "Unsupported global" in str(exc) or "Weights only" in str(exc):
+            raise CheckpointError(
+                path, "refused: the file is a pickle that would import or run code beyond tensors "
+                "(torch.load weights_only=True rejected it). Re-save a plain state dict: "
+                "torch.save(model.state_dict(), path)") from None
+        raise CheckpointError(path, f"not a PyTorch checkpoint ({exc})") from None
+    except Exception as exc:  # zip errors, truncated files, text files: all "not a checkpoint"
+        raise CheckpointError(path, f"not a PyTorch checkpoint ({type(exc).__name__}: {exc})") from None
+    if isinstance(obj, dict) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
+        for wrapper in ("state_dict", "model", "model_state_dict"):
+            if isinstance(obj.get(wrapper), dict):
+                obj = obj[wrapper]
+                break
+    if not isinstance(obj, dict) or not obj:
+        raise CheckpointError(path, f"expected a state dict (name -> tensor), got {type(obj).__name__}")
+    bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise CheckpointError(path, f"expected a state dict of tensors; non-tensor entries: {bad[:5]}")
+    return obj
+
+
+def strip_prefix(path: Path, state: dict[str, torch.Tensor]) -> tuple[str, dict[str, torch.Tensor]]:
+    for prefix in KEY_PREFIXES:
+        if all(k.startswith(prefix) for k in state):
+            return prefix, {k[len(prefix):]: v for k, v in state.items()}
+    raise CheckpointError(path, "keys do not share one known prefix") from None  # unreachable: "" matches
+
+
+def read_yaml(path: Path) -> dict:
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise CheckpointError(path, f"cannot read the training config: {exc}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(path, "training config is not a YAML mapping")
+    return data
+
+
+def read_dataset_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(path, f"cannot read dataset.json: {exc}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(path, "dataset.json is not a JSON object")
+    return data
+
+
+def family_from_arch_name(config_path: Path, name: str) -> str:
+    lowered = name.lower()
+    if "hrm" in lowered or "hierarchicalreasoning" in lowered:
+        return "hrm"
+    if "trm" in lowered or "tinyrecursive" in lowered or "recursive_reasoning" in lowered:
+        return "trm"
+    raise CheckpointError(
+        config_path, f"unknown architecture arch.name={name!r}; supported: TRM "
+        "(recursive_reasoning.trm@TinyRecursiveReasoningModel_ACTV1) and HRM "
+        "(hrm.hrm_act_v1@HierarchicalReasoningModel_ACTV1)")
+
+
+def locate_dataset_json(ckpt_dir: Path, train_config: dict | None, explicit: Path | None) -> Path | None:
+    if explicit is not None:
+        explicit = Path(explicit)
+        candidate = explicit / DATASET_NAME if explicit.is_dir() else explicit
+        if not candidate.is_file():
+            raise CheckpointError(explicit, "dataset.json not found at the given path")
+        return candidate
+    if (ckpt_dir / DATASET_NAME).is_file():
+        return ckpt_dir / DATASET_NAME
+    data_paths = []
+    if train_config:
+        data_paths = train_config.get("data_paths") or [train_config.get("data_path")]
+    for data_path in data_paths:
+        if not isinstance(data_path, str):
+            continue
+        for base in (Path.cwd(), ckpt_dir):
+            candidate = base / data_path / "train" / DATASET_NAME
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+def infer_from_weights(path: Path, state: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """What the tensor shapes tell. seq_len needs the prefix length, so it is returned as a raw total."""
+    if "embed_tokens.embedding_weight" not in state:
+        raise CheckpointError(
+            path, "not a TRM/HRM checkpoint: no embed_tokens.embedding_weight (after stripping prefixes "
+            f"{[p for p in KEY_PREFIXES if p]}); first keys: {sorted(state)[:5]}")
+    vocab, hidden = state["embed_tokens.embedding_weight"].shape
+    facts: dict[str, Any] = {"vocab_size": int(vocab), "hidden_size": int(hidden)}
+    facts["family"] = "hrm" if any(k.startswith("H_level.") for k in state) else "trm"
+    layer_ids = {int(m.group(1)) for k in state if (m := re.match(r"L_level\.layers\.(\d+)\.", k))}
+    facts["L_layers"] = len(layer_ids)
+    if facts["family"] == "hrm":
+        facts["H_layers"] = len({int(m.group(1)) for k in state if (m := re.match(r"H_level\.layers\.(\d+)\.", k))})
+    facts["mlp_t"] = any(".mlp_t." in k for k in state)
+    if "puzzle_emb.weights" in state:
+        rows, ndim = state["puzzle_emb.weights"].shape
+        facts["num_puzzle_identifiers"], facts["puzzle_emb_ndim"] = int(rows), int(ndim)
+    else:
+        facts["puzzle_emb_ndim"] = 0
+    if "embed_pos.embedding_weight" in state:
+        facts["pos_encodings"] = "learned"
+        facts["_total_seq_len"] = int(state["embed_pos.embedding_weight"].shape[0])
+    if facts["mlp_t"] and "L_level.layers.0.mlp_t.down_proj.weight" in state:
+        facts["_total_seq_len"] = int(state["L_level.layers.0.mlp_t.down_proj.weight"].shape[0])
+    gate_up = state.get("L_level.layers.0.mlp.gate_up_proj.weight")
+    if gate_up is not None:
+        facts["_mlp_intermediate"] = int(gate_up.shape[0]) // 2
+    return facts
+
+
+def build_config(path: Path, state: dict[str, torch.Tensor], train_config: dict | None, config_path: Path | None,
+                 dataset: dict | None, dataset_path: Path | None,
+                 overrides: dict[str, Any]) -> tuple[ModelConfig, dict[str, str]]:
+    facts = infer_from_weights(path, state)
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+
+    def put(name: str, value: Any, source: str) -> None:
+        values[name] = value
+        sources[name] = source
+
+    # 1. The training config's arch section.
+    if train_config is not None:
+        arch = train_config.get("arch")
+        if not isinstance(arch, dict):
+            raise CheckpointError(config_path, "training config has no 'arch:' section")
+        if "name" in arch:
+            put("family", family_from_arch_name(config_path, str(arch["name"])), "config")
+        for name in ARCH_FIELDS:
+            if name in arch and arch[name] is not None:
+                put(name, arch[name], "config")
+    # 2. dataset.json.
+    if dataset is not None:
+        for name in ("vocab_size", "seq_len", "num_puzzle_identifiers"):
+            if name in dataset:
+                put(name, int(dataset[name]), "dataset.json")
+    # 3. Weights, which must agree with whatever the files say.
+    disagreements = []
+    for name in ("vocab_size", "hidden_size", "L_layers", "H_layers", "mlp_t", "num_puzzle_identifiers",
+                 "puzzle_emb_ndim", "family"):
+        if name not in facts:
+            continue
+        if name in values and values[name] != facts[name]:
+            disagreements.append(f"{name}: {sources[name]} says {values[name]!r}, weights say {facts[name]!r}")
+        put(name, facts[name], "weights")
+    if facts.get("pos_encodings") == "learned":
+        if values.get("pos_encodings", "learned") != "learned":
+            disagreements.append(f"pos_encodings: config says {values['pos_encodings']!r}, "
+                                 "weights have a learned position table (embed_pos)")
+        put("pos_encodings", "learned", "weights")
+    elif values.get("pos_encodings") == "learned":
+        disagreements.append("pos_encodings: config says 'learned', weights have no embed_pos table")
+    if disagreements:
+        raise CheckpointError(config_path or path, "config and weights disagree: " + "; ".join(disagreements))
+    # 4. Explicit overrides win over files (never over weights, which are facts).
+    for name, value in overrides.items():
+        if name not in OVERRIDABLE:
+            raise ConfigError(f"cannot override {name!r}; overridable fields: {list(OVERRIDABLE)}")
+        if value is not None:
+            put(name, value, "override")
+    if values.get("family") == "trm":
+        values["H_layers"] = 0  # upstream TRM ignores H_layers: one network updates both states
+    values.setdefault("num_puzzle_identifiers", 1)
+    sources.setdefault("num_puzzle_identifiers", "default")
+    if "expansion" not in values and "_mlp_intermediate" in facts:
+        # Any expansion with round(e * D * 2/3) == I reproduces the stored intermediate size I (a multiple of 256).
+        put("expansion", 1.5 * facts["_mlp_intermediate"] / facts["hidden_size"], "weights")
+    # seq_len from the weights when they reveal it (learned positions, mlp_t).
+    if "_total_seq_len" in facts:
+        probe = ModelConfig.from_dict(_with_placeholders(values, seq_len=1))
+        inferred = facts["_total_seq_len"] - probe.prefix_len
+        if "seq_len" in values and values["seq_len"] != inferred:
+            raise CheckpointError(
+                config_path or dataset_path or path,
+                f"config and weights disagree: seq_len: {sources['seq_len']} says {values['seq_len']}, weights "
+                f"say {inferred} ({facts['_total_seq_len']} positions minus a {probe.prefix_len}-position prefix)")
+        put("seq_len", inferred, "weights")
+    required = {
+        "seq_len": "--seq-len or a dataset.json (--dataset)",
+        "H_cycles": "--h-cycles or all_config.yaml",
+        "L_cycles": "--l-cycles or all_config.yaml",
+        "pos_encodings": "--pos-encodings rope|none or all_config.yaml",
+    }
+    if not values.get("mlp_t"):
+        required["num_heads"] = "--num-heads or all_config.yaml"
+    else:
+        values.setdefault("num_heads", 1)
+    missing = [f"{name} (give {hint})" for name, hint in required.items() if name not in values]
+    if missing:
+        raise CheckpointError(path, "cannot determine " + "; ".join(missing) +
+                              (f"; no {CONFIG_NAME} beside the checkpoint" if train_config is None else ""))
+    known = {f for f in ModelConfig.__dataclass_fields__}
+    try:
+        config = ModelConfig.from_dict({k: v for k, v in values.items() if k in known})
+    except ConfigError as exc:
+        raise CheckpointError(config_path or path, str(exc)) from None
+    return config, sources
+
+
+def _with_placeholders(values: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    """A config dict good enough to compute derived sizes before every field is known."""
+    known = set(ModelConfig.__dataclass_fields__)
+    probe = {"family": "trm", "vocab_size": 1, "seq_len": 1, "num_puzzle_identifiers": 1, "hidden_size": 1,
+             "num_heads": 1, "expansion": 1.0, "L_layers": 1, "H_cycles": 1, "L_cycles": 1, "H_layers": 1,
+             "pos_encodings": "none"}
+    probe.update({k: v for k, v in values.items() if k in known})
+    probe.update(extra)
+    if probe["family"] == "hrm":
+        probe["mlp_t"] = False
+    probe["num_heads"] = 1
+    return probe
+
+
+def check_state_dict(path: Path, model: RecursiveModel, state: dict[str, torch.Tensor]) -> None:
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    problems = []
+    if missing:
+        problems.append(f"missing keys {missing}")
+    if unexpected:
+        problems.append(f"unexpected keys {unexpected}")
+    for key in sorted(set(expected) & set(state)):
+        if tuple(expected[key].shape) != tuple(state[key].shape):
+            problems.append(f"shape mismatch for {key}: expected {list(expected[key].shape)} from the config, "
+                            f"got {list(state[key].shape)}")
+    if problems:
+        raise CheckpointError(path, "weights do not fit the model: " + "; ".join(problems))
+
+
+def load_checkpoint(path: str | Path, dataset_json: str | Path | None = None,
+                    overrides: dict[str, Any] | None = None) -> LoadedCheckpoint:
+    """Load `path` (file or directory) into a float32 `RecursiveModel` in eval mode.
+
+    `dataset_json` points at the data set's dataset.json (file or folder) when it is not beside the checkpoint;
+    `overrides` sets fields that neither the files nor the shapes tell (seq_len, num_heads, ...).
+    """
+    file = find_checkpoint_file(Path(path))
+    raw = read_state_dict(file)
+    prefix, state = strip_prefix(file, raw)
+    config_path = file.parent / CONFIG_NAME
+    train_config = read_yaml(config_path) if config_path.is_file() else None
+    dataset_path = locate_dataset_json(file.parent, train_config, Path(dataset_json) if dataset_json else None)
+    dataset = read_dataset_json(dataset_path) if dataset_path else None
+    config, sources = build_config(file, state, train_config, config_path if train_config else None,
+                                   dataset, dataset_path, dict(overrides or {}))
+    model = RecursiveModel(config)
+    check_state_dict(file, model, state)
+    stored_dtypes = {k: str(v.dtype).replace("torch.", "") for k, v in state.items()}
+    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+    model.float().eval()
+    return LoadedCheckpoint(path=file, config=config, model=model, key_prefix=prefix, sha256=file_sha256(file),
+                            stored_dtypes=stored_dtypes, dataset=dataset,
+                            config_path=config_path if train_config else None, dataset_path=dataset_path,
+                            sources=sources)

@@ -1,0 +1,225 @@
+"""TRM and HRM as readable PyTorch modules, state-dict compatible with the official checkpoints.
+
+Parameter and buffer names equal the official ones once the `_orig_mod.model.inner.` prefix is stripped, so a
+checkpoint loads with `load_state_dict(strict=True)`. The math is the official math, written plainly:
+attention is an explicit softmax(q k^T / sqrt(d)) v (no flash-attn), the reference runs in float32.
+
+The recursion (one ACT step) is `RecursiveModel.step`; the loop over steps belongs to the caller.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from trm_export.export.config import ModelConfig, swiglu_intermediate
+
+
+def rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """Weightless RMS norm over the last axis, computed in float32."""
+    dtype = x.dtype
+    x = x.float()
+    x = x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps)
+    return x.to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """NeoX-style rotation: [x1, x2] -> [-x2, x1] over the last axis."""
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def rope_tables(head_dim: int, length: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin tables [length, head_dim] with inv_freq = 1 / theta^(2i / head_dim), halves repeated."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    freqs = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)
+    angles = torch.cat((freqs, freqs), dim=-1)
+    return angles.cos(), angles.sin()
+
+
+class Linear(nn.Module):
+    """y = x W^T (+ b); named like the official CastedLinear (`weight`, `bias`)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        nn.init.trunc_normal_(self.weight, std=1.0 / math.sqrt(in_features), a=-2 / math.sqrt(in_features),
+                              b=2 / math.sqrt(in_features))
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class Embedding(nn.Module):
+    """Token / position table; named like the official CastedEmbedding (`embedding_weight`)."""
+
+    def __init__(self, num: int, dim: int, init_std: float):
+        super().__init__()
+        self.embedding_weight = nn.Parameter(torch.empty(num, dim))
+        nn.init.trunc_normal_(self.embedding_weight, std=init_std, a=-2 * init_std, b=2 * init_std)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.embedding_weight)
+
+
+class PuzzleEmbedding(nn.Module):
+    """Per-puzzle vectors (a buffer named `weights`, as the official sparse embedding stores it)."""
+
+    def __init__(self, num: int, dim: int):
+        super().__init__()
+        self.register_buffer("weights", torch.zeros(num, dim))
+
+    def forward(self, puzzle_ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(puzzle_ids, self.weights)
+
+
+class SwiGLU(nn.Module):
+    """down(silu(gate) * up), with gate and up the two halves of one projection."""
+
+    def __init__(self, width: int, expansion: float):
+        super().__init__()
+        inter = swiglu_intermediate(width, expansion)
+        self.gate_up_proj = Linear(width, 2 * inter)
+        self.down_proj = Linear(inter, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class Attention(nn.Module):
+    """Non-causal multi-head self-attention; qkv rows are all q heads, then all k heads, then all v heads."""
+
+    def __init__(self, hidden_size: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = hidden_size // num_heads
+        self.qkv_proj = Linear(hidden_size, 3 * hidden_size)
+        self.o_proj = Linear(hidden_size, hidden_size)
+
+    def forward(self, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        batch, seq, _ = h.shape
+        qkv = self.qkv_proj(h).view(batch, seq, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.unbind(dim=2)  # each [B, S, heads, head_dim]
+        if rope is not None:
+            cos, sin = (t[:, None, :] for t in rope)  # [S, 1, head_dim]
+            q = q * cos + rotate_half(q) * sin
+            k = k * cos + rotate_half(k) * sin
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, heads, S, head_dim]
+        scores = torch.matmul(q, k.transpose(-1, -2)) * (1.0 / math.sqrt(self.head_dim))
+        out = torch.matmul(scores.softmax(dim=-1), v)  # [B, heads, S, head_dim]
+        return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
+
+
+class Block(nn.Module):
+    """Post-norm block: token mixing (attention, or an MLP across positions for mlp_t), then a SwiGLU."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.eps = config.rms_norm_eps
+        if config.mlp_t:
+            self.mlp_t = SwiGLU(config.total_seq_len, config.expansion)
+        else:
+            self.self_attn = Attention(config.hidden_size, config.num_heads)
+        self.mlp = SwiGLU(config.hidden_size, config.expansion)
+
+    def forward(self, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        if hasattr(self, "mlp_t"):
+            t = h.transpose(1, 2)  # [B, D, S]: mix along positions
+            h = rms_norm(t + self.mlp_t(t), self.eps).transpose(1, 2)
+        else:
+            h = rms_norm(h + self.self_attn(h, rope), self.eps)
+        return rms_norm(h + self.mlp(h), self.eps)
+
+
+class ReasoningStack(nn.Module):
+    """net(h, injection) = blocks(h + injection)."""
+
+    def __init__(self, config: ModelConfig, num_layers: int):
+        super().__init__()
+        self.layers = nn.ModuleList(Block(config) for _ in range(num_layers))
+
+    def forward(self, h: torch.Tensor, injection: torch.Tensor,
+                rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        h = h + injection
+        for layer in self.layers:
+            h = layer(h, rope)
+        return h
+
+
+class RecursiveModel(nn.Module):
+    """TRM (one network for both states) or HRM (an L network and an H network)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        d = config.hidden_size
+        self.embed_scale = math.sqrt(d)
+        self.embed_tokens = Embedding(config.vocab_size, d, init_std=1.0 / self.embed_scale)
+        self.lm_head = Linear(d, config.vocab_size)
+        self.q_head = Linear(d, 2, bias=True)
+        if config.puzzle_emb_ndim > 0:
+            self.puzzle_emb = PuzzleEmbedding(config.num_puzzle_identifiers, config.puzzle_emb_ndim)
+        if config.pos_encodings == "learned":
+            self.embed_pos = Embedding(config.total_seq_len, d, init_std=1.0 / self.embed_scale)
+        if config.pos_encodings == "rope":
+            cos, sin = rope_tables(config.head_dim, config.total_seq_len, config.rope_theta)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        if config.family == "hrm":
+            self.H_level = ReasoningStack(config, config.H_layers)
+        self.L_level = ReasoningStack(config, config.L_layers)
+        self.register_buffer("H_init", torch.empty(d))
+        self.register_buffer("L_init", torch.empty(d))
+        nn.init.trunc_normal_(self.H_init, std=1.0, a=-2.0, b=2.0)
+        nn.init.trunc_normal_(self.L_init, std=1.0, a=-2.0, b=2.0)
+        with torch.no_grad():  # Q starts near "never halt" so early training is plain deep supervision
+            self.q_head.weight.zero_()
+            self.q_head.bias.fill_(-5.0)
+
+    @property
+    def rope(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        return (self.rope_cos, self.rope_sin) if hasattr(self, "rope_cos") else None
+
+    @property
+    def high_net(self) -> ReasoningStack:
+        """The network that updates z_H: TRM reuses L_level, HRM has its own H_level."""
+        return self.H_level if hasattr(self, "H_level") else self.L_level
+
+    def embed(self, tokens: torch.Tensor, puzzle_ids: torch.Tensor) -> torch.Tensor:
+        """x [B, prefix + seq_len, D]: token rows, puzzle prefix, learned positions, times sqrt(D). Once per puzzle."""
+        cfg = self.config
+        x = self.embed_tokens(tokens.long())
+        if cfg.puzzle_emb_ndim > 0:
+            prefix = self.puzzle_emb(puzzle_ids.long())
+            prefix = F.pad(prefix, (0, cfg.prefix_len * cfg.hidden_size - cfg.puzzle_emb_ndim))
+            x = torch.cat((prefix.view(-1, cfg.prefix_len, cfg.hidden_size), x), dim=1)
+        if cfg.pos_encodings == "learned":
+            x = 0.707106781 * (x + self.embed_pos.embedding_weight)
+        return self.embed_scale * x
+
+    def initial_state(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = (batch, self.config.total_seq_len, self.config.hidden_size)
+        return self.H_init.expand(shape).clone(), self.L_init.expand(shape).clone()
+
+    def cycle(self, x: torch.Tensor, z_H: torch.Tensor, z_L: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One H cycle: L_cycles low-level updates fed by z_H + x, then one high-level update fed by z_L."""
+        for _ in range(self.config.L_cycles):
+            z_L = self.L_level(z_L, z_H + x, self.rope)
+        z_H = self.high_net(z_H, z_L, self.rope)
+        return z_H, z_L
+
+    def heads(self, z_H: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """logits of the answer positions, q_halt and q_continue (read at position 0)."""
+        logits = self.lm_head(z_H)[:, self.config.prefix_len:]
+        q = self.q_head(z_H[:, 0]).float()
+        return logits, q[:, 0], q[:, 1]
+
+    def step(self, x: torch.Tensor, z_H: torch.Tensor, z_L: torch.Tensor):
+        """One ACT step: H_cycles cycles, then the heads. Returns z_H, z_L, logits, q_halt, q_continue."""
+        for _ in range(self.config.H_cycles):
+            z_H, z_L = self.cycle(x, z_H, z_L)
+        return (z_H, z_L, *self.heads(z_H))

@@ -1,0 +1,238 @@
+"""Train the shipped reference models on a 2-core CPU (a fixture maker, not a product feature).
+
+    python scripts/train_reference.py sudoku --minutes 80 --threads 1
+    python scripts/train_reference.py maze --minutes 80 --threads 1
+
+Training follows the TRM recipe at small scale: ACT deep supervision (each batch slot carries its puzzle's
+z_H / z_L from step to step, one optimizer step per ACT step, a slot is refilled when its puzzle halts), only
+the last H cycle of a step takes gradients, the Q head learns to predict whether the current answer is
+exactly right (binary cross-entropy, halt when q_halt > 0), exploration forces a random minimum number of
+steps, and the saved weights are an EMA copy. Data: a pool from the task's train split, freshly augmented
+for every batch. The output is what the official trainer writes: `step_N` (state dict with the compiled
+`_orig_mod.model.inner.` prefix), `all_config.yaml` with the official field names, and `dataset.json`.
+
+Resumable: `runs/<task>/train_state.pt` holds model, EMA, optimizer and carry; rerunning continues.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+from trm_export.export.config import ModelConfig
+from trm_export.export.model import RecursiveModel
+from trm_export.tasks import get_task
+from trm_export.tasks.base import TaskData
+
+ROOT = Path(__file__).resolve().parent.parent
+PREFIX = "_orig_mod.model.inner."
+
+# One recipe per reference model: architecture (official arch field names), task parameters, optimizer.
+RECIPES = {
+    "sudoku": {
+        "task": {"name": "sudoku"},
+        "arch": {"hidden_size": 96, "num_heads": 1, "expansion": 2.0, "L_layers": 2, "H_cycles": 2,
+                 "L_cycles": 3, "pos_encodings": "none", "puzzle_emb_ndim": 96, "puzzle_emb_len": 1,
+                 "mlp_t": True, "halt_max_steps": 16, "halt_exploration_prob": 0.1, "no_ACT_continue": True,
+                 "forward_dtype": "float32"},
+        "batch_size": 64, "lr": 1e-3, "weight_decay": 0.1, "warmup": 300, "ema": 0.995, "train_pool": 6000,
+        "out": "sudoku_mlpt",
+    },
+    "maze": {
+        "task": {"name": "maze", "size": 11},
+        "arch": {"hidden_size": 64, "num_heads": 4, "expansion": 2.0, "L_layers": 2, "H_cycles": 2,
+                 "L_cycles": 3, "pos_encodings": "rope", "puzzle_emb_ndim": 64, "puzzle_emb_len": 1,
+                 "mlp_t": False, "halt_max_steps": 16, "halt_exploration_prob": 0.1, "no_ACT_continue": True,
+                 "forward_dtype": "float32"},
+        "batch_size": 64, "lr": 1e-3, "weight_decay": 0.1, "warmup": 300, "ema": 0.995, "train_pool": 6000,
+        "out": "maze_att",
+    },
+}
+ARCH_NAME = "recursive_reasoning.trm@TinyRecursiveReasoningModel_ACTV1"
+
+
+def model_config(recipe: dict, spec) -> ModelConfig:
+    arch = {k: v for k, v in recipe["arch"].items() if k != "halt_exploration_prob"}
+    return ModelConfig(family="trm", vocab_size=spec.vocab_size, seq_len=spec.seq_len,
+                       num_puzzle_identifiers=spec.num_puzzle_identifiers, **arch)
+
+
+class Pool:
+    """Training puzzles: a fixed pool from the train split, augmented afresh on every draw."""
+
+    def __init__(self, task, size: int, cache: Path, seed: int):
+        if cache.is_file():
+            arrays = np.load(cache)
+            self.data = TaskData(arrays["inputs"], arrays["labels"], np.zeros(len(arrays["inputs"]), np.int32))
+        else:
+            self.data = task.split("train", size=size)
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            np.savez(cache, inputs=self.data.inputs, labels=self.data.labels)
+        self.task = task
+        self.rng = np.random.default_rng(seed)
+
+    def draw(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        batch = self.task.augment(self.data.select(self.rng.integers(0, len(self.data), n)), self.rng)
+        return np.array(batch.inputs), np.array(batch.labels)  # writable copies for torch
+
+
+def train_step(model, opt, carry, batch_fill, cfg: ModelConfig, explore: float, gen: torch.Generator):
+    """One ACT step of deep supervision for every slot; refills halted slots first."""
+    inputs, labels, z_H, z_L, steps, halted = carry
+    if halted.any():
+        idx = halted.nonzero().flatten()
+        new_in, new_lab = batch_fill(len(idx))
+        inputs[idx], labels[idx] = torch.from_numpy(new_in).long(), torch.from_numpy(new_lab).long()
+        z_H[idx], z_L[idx] = model.H_init, model.L_init
+        steps[idx] = 0
+    x = model.embed(inputs, torch.zeros(len(inputs), dtype=torch.long))
+    with torch.no_grad():
+        for _ in range(cfg.H_cycles - 1):
+            z_H, z_L = model.cycle(x, z_H, z_L)
+    z_H, z_L = model.cycle(x, z_H, z_L)
+    logits, q_halt, _ = model.heads(z_H)
+    lm_loss = F.cross_entropy(logits.reshape(-1, cfg.vocab_size), labels.reshape(-1))
+    with torch.no_grad():
+        correct = (logits.argmax(-1) == labels).all(-1)
+    q_loss = F.binary_cross_entropy_with_logits(q_halt, correct.float())
+    loss = lm_loss + 0.5 * q_loss
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    with torch.no_grad():
+        steps = steps + 1
+        halted = (steps >= cfg.halt_max_steps) | (q_halt > 0)
+        explore_mask = torch.rand(len(steps), generator=gen) < explore
+        min_steps = torch.randint(2, cfg.halt_max_steps + 1, (len(steps),), generator=gen) * explore_mask
+        halted = halted & (steps >= min_steps)
+    stats = {"lm_loss": lm_loss.item(), "q_loss": q_loss.item(), "acc": float(correct.float().mean()),
+             "halted_steps": float(steps[halted].float().mean()) if halted.any() else float("nan")}
+    return (inputs, labels, z_H.detach(), z_L.detach(), steps, halted), stats
+
+
+@torch.inference_mode()
+def evaluate(model, inputs: np.ndarray, labels: np.ndarray, steps: int = 16) -> list[float]:
+    """Exact accuracy after each of `steps` fixed steps."""
+    x = model.embed(torch.from_numpy(inputs).long(), torch.zeros(len(inputs), dtype=torch.long))
+    z_H, z_L = model.initial_state(len(inputs))
+    lab = torch.from_numpy(labels).long()
+    accs = []
+    for _ in range(steps):
+        z_H, z_L, logits, _, _ = model.step(x, z_H, z_L)
+        accs.append(float((logits.argmax(-1) == lab).all(-1).float().mean()))
+    return accs
+
+
+def save_official(out: Path, ema_model: RecursiveModel, cfg: ModelConfig, recipe: dict, spec, step: int,
+                  train_cfg: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    state = {PREFIX + k: v.detach().clone() for k, v in ema_model.state_dict().items()}
+    tmp = out / f".step_{step}.tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, out / f"step_{step}")
+    for old in out.glob("step_*"):
+        if old.name != f"step_{step}":
+            old.unlink()
+    arch = {"name": ARCH_NAME, "loss": {"name": "losses@ACTLossHead", "loss_type": "softmax_cross_entropy"},
+            **recipe["arch"], "H_layers": 0, "rms_norm_eps": cfg.rms_norm_eps, "rope_theta": cfg.rope_theta}
+    all_config = {"arch": arch, "data_paths": [f"data/{recipe['out']}"], "global_batch_size": recipe["batch_size"],
+                  "lr": recipe["lr"], "weight_decay": recipe["weight_decay"], "lr_warmup_steps": recipe["warmup"],
+                  "ema": True, "ema_rate": recipe["ema"], "seed": 0, **train_cfg}
+    (out / "all_config.yaml").write_text(yaml.safe_dump(all_config, sort_keys=False))
+    (out / "dataset.json").write_text(json.dumps(spec.dataset_json(), indent=2) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("task", choices=sorted(RECIPES))
+    parser.add_argument("--minutes", type=float, default=80.0, help="wall-clock budget of this run")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--eval-every", type=float, default=300.0, help="seconds between evaluations/saves")
+    parser.add_argument("--runs", type=Path, default=ROOT / "runs")
+    parser.add_argument("--out", type=Path, default=None, help="default: reference_models/<name>")
+    args = parser.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    recipe = RECIPES[args.task]
+    task = get_task(**recipe["task"])
+    spec = task.spec
+    cfg = model_config(recipe, spec)
+    run_dir = args.runs / args.task
+    out = args.out or ROOT / "reference_models" / recipe["out"]
+    torch.manual_seed(0)
+    model = RecursiveModel(cfg)
+    ema = copy.deepcopy(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=recipe["lr"], weight_decay=recipe["weight_decay"],
+                            betas=(0.9, 0.95))
+    pool = Pool(task, recipe["train_pool"], run_dir / "train_pool.npz", seed=1)
+    calib = task.split("calibration")
+    eval_in, eval_lab = calib.inputs[:256], calib.labels[:256]
+    b, s = recipe["batch_size"], spec.seq_len
+    carry = (torch.zeros(b, s, dtype=torch.long), torch.zeros(b, s, dtype=torch.long),
+             model.H_init.expand(b, cfg.total_seq_len, cfg.hidden_size).clone(),
+             model.L_init.expand(b, cfg.total_seq_len, cfg.hidden_size).clone(),
+             torch.zeros(b, dtype=torch.long), torch.ones(b, dtype=torch.bool))
+    state_file = run_dir / "train_state.pt"
+    it, trained_seconds, history = 0, 0.0, []
+    if state_file.is_file():
+        st = torch.load(state_file, weights_only=False)  # our own file, written below
+        model.load_state_dict(st["model"])
+        ema.load_state_dict(st["ema"])
+        opt.load_state_dict(st["opt"])
+        carry, it, trained_seconds, history = st["carry"], st["it"], st["seconds"], st["history"]
+        pool.rng = np.random.default_rng(st["rng_seed"] + it)
+        print(f"resumed at iteration {it} ({trained_seconds / 60:.1f} min trained)", flush=True)
+    gen = torch.Generator().manual_seed(1234 + it)
+
+    start = time.time()
+    last_eval = start
+    window: list[dict] = []
+    while True:
+        lr = recipe["lr"] * min(1.0, (it + 1) / recipe["warmup"])
+        for group in opt.param_groups:
+            group["lr"] = lr
+        model.train()
+        carry, stats = train_step(model, opt, carry, pool.draw, cfg, recipe["arch"]["halt_exploration_prob"], gen)
+        with torch.no_grad():
+            for pe, p in zip(ema.parameters(), model.parameters(), strict=True):
+                pe.lerp_(p, 1 - recipe["ema"])
+        it += 1
+        window.append(stats)
+        now = time.time()
+        done = now - start >= args.minutes * 60
+        if now - last_eval >= args.eval_every or done:
+            accs = evaluate(ema, eval_in, eval_lab)
+            elapsed = trained_seconds + now - start
+            mean = {k: float(np.mean([w[k] for w in window if not math.isnan(w[k])] or [math.nan]))
+                    for k in window[0]}
+            history.append({"it": it, "minutes": elapsed / 60, **mean, "exact_by_step": accs})
+            print(f"[{args.task}] it {it} {elapsed / 60:.1f} min lm {mean['lm_loss']:.3f} q {mean['q_loss']:.3f} "
+                  f"train-acc {mean['acc']:.3f} halt@ {mean['halted_steps']:.1f} | calib exact "
+                  f"1:{accs[0]:.3f} 2:{accs[1]:.3f} 4:{accs[3]:.3f} 8:{accs[7]:.3f} 16:{accs[15]:.3f}", flush=True)
+            window = []
+            save_official(out, ema, cfg, recipe, spec, it, {"train_minutes": round(elapsed / 60, 1)})
+            run_dir.mkdir(parents=True, exist_ok=True)
+            torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+                        "carry": carry, "it": it, "seconds": elapsed, "history": history, "rng_seed": 7},
+                       run_dir / "train_state.tmp")
+            os.replace(run_dir / "train_state.tmp", state_file)
+            (run_dir / "history.json").write_text(json.dumps(history, indent=1))
+            last_eval = now
+        if done:
+            break
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
