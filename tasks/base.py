@@ -1,0 +1,310 @@
+"""Shared containers and the split machinery for the puzzle tasks.
+
+Everything here is numpy-only on purpose: the generators run on device boxes and in CI
+where torch is not installed, and calibration / evaluation code only needs token arrays.
+
+Splits are kept disjoint *by construction* rather than by comparing against previously
+generated data: every puzzle has a "family key" (sudoku: its solution grid; maze: its wall
+layout up to the 8 dihedral symmetries) and a stable hash of that key decides which split
+the family belongs to. A generator drawing for split X simply rejects candidates of other
+families. So the held-out split never has to be generated to build a training split, any
+prefix of a split is itself reproducible, and no held-out puzzle -- not even one with the
+same solution grid or a rotated maze layout -- can ever show up in training or calibration.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "SPLIT_NAMES",
+    "Task",
+    "TaskData",
+    "TaskSpec",
+    "family_split",
+]
+
+#: Fixed split names. Fractions of the family-hash space owned by each split are in
+#: ``_SPLIT_BUCKETS`` below (held-out 1/4, calibration 1/8, train 5/8).
+SPLIT_NAMES: tuple[str, ...] = ("train", "calibration", "heldout")
+
+_SPLIT_BUCKETS: dict[str, frozenset[int]] = {
+    "heldout": frozenset({0, 1}),
+    "calibration": frozenset({2}),
+    "train": frozenset({3, 4, 5, 6, 7}),
+}
+
+
+def family_split(key: bytes) -> str:
+    """Return the split ("train", "calibration" or "heldout") that owns a family key.
+
+    A keyed BLAKE2 digest is used instead of Python's ``hash`` so the assignment is the
+    same on every machine, Python version and process (``PYTHONHASHSEED``).
+    """
+    bucket = hashlib.blake2b(key, digest_size=8, person=b"trm-split").digest()[0] & 7
+    for name, buckets in _SPLIT_BUCKETS.items():
+        if bucket in buckets:
+            return name
+    raise AssertionError("unreachable: every bucket belongs to a split")
+
+
+def _as_int32_2d(name: str, value: Any) -> np.ndarray:
+    arr = np.asarray(value)
+    if arr.ndim != 2:
+        raise ValueError(f"TaskData.{name} must be 2-D (N, seq_len), got shape {arr.shape}")
+    if arr.size and not np.issubdtype(arr.dtype, np.integer):
+        raise ValueError(f"TaskData.{name} must hold integer tokens, got dtype {arr.dtype}")
+    out = np.array(arr, dtype=np.int32, copy=True)
+    out.setflags(write=False)
+    return out
+
+
+@dataclass(frozen=True)
+class TaskData:
+    """A batch of puzzles in the official token encoding.
+
+    ``inputs``/``labels`` are ``int32 (N, seq_len)``; ``puzzle_ids`` is ``int32 (N,)`` and is
+    all zeros because the official Sudoku/Maze datasets use a single puzzle identifier.
+    ``meta`` holds per-puzzle arrays of length N (sudoku: ``blanks``, ``needs_search``;
+    maze: ``path_length``) so evaluation can be broken down by difficulty.
+
+    All arrays are copied and made read-only: splits are cached and shared, and an in-place
+    edit by one consumer must not silently change what another one measures.
+    """
+
+    inputs: np.ndarray
+    labels: np.ndarray
+    puzzle_ids: np.ndarray
+    meta: Mapping[str, np.ndarray] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        inputs = _as_int32_2d("inputs", self.inputs)
+        labels = _as_int32_2d("labels", self.labels)
+        if inputs.shape != labels.shape:
+            raise ValueError(f"inputs shape {inputs.shape} != labels shape {labels.shape}")
+        n = inputs.shape[0]
+        ids = np.array(np.asarray(self.puzzle_ids), dtype=np.int32, copy=True).reshape(-1)
+        if ids.shape != (n,):
+            raise ValueError(f"puzzle_ids must have shape ({n},), got {ids.shape}")
+        ids.setflags(write=False)
+        meta: dict[str, np.ndarray] = {}
+        for key, value in dict(self.meta).items():
+            arr = np.array(value, copy=True)
+            if arr.shape[:1] != (n,):
+                raise ValueError(f"meta[{key!r}] must have length {n}, got shape {arr.shape}")
+            arr.setflags(write=False)
+            meta[key] = arr
+        object.__setattr__(self, "inputs", inputs)
+        object.__setattr__(self, "labels", labels)
+        object.__setattr__(self, "puzzle_ids", ids)
+        object.__setattr__(self, "meta", MappingProxyType(meta))
+
+    def __len__(self) -> int:
+        return int(self.inputs.shape[0])
+
+    @property
+    def seq_len(self) -> int:
+        return int(self.inputs.shape[1])
+
+    def select(self, index: Any) -> TaskData:
+        """Return the puzzles picked by a numpy index (slice, int array or bool mask).
+
+        Typical use: ``data.select(data.meta["needs_search"])`` to score only hard puzzles.
+        """
+        if isinstance(index, (int, np.integer)):
+            index = [index]
+        return TaskData(
+            inputs=self.inputs[index],
+            labels=self.labels[index],
+            puzzle_ids=self.puzzle_ids[index],
+            meta={k: v[index] for k, v in self.meta.items()},
+        )
+
+    def with_tokens(self, inputs: np.ndarray, labels: np.ndarray) -> TaskData:
+        """Same puzzles' ids and metadata with new token arrays (used by augmentation)."""
+        return TaskData(inputs=inputs, labels=labels, puzzle_ids=self.puzzle_ids, meta=self.meta)
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """Static description of a task's token encoding (what a model and an export need).
+
+    ``blank_id`` is the *token* meaning "cell to fill in" (sudoku 1, maze has none).
+    ``ignore_label_id`` is None because every position is scored in these tasks.
+    ``side`` is the grid side (sudoku 9, maze the requested size).
+    """
+
+    name: str
+    seq_len: int
+    vocab_size: int
+    side: int
+    pad_id: int = 0
+    blank_id: int | None = None
+    ignore_label_id: int | None = None
+    num_puzzle_identifiers: int = 1
+
+    def dataset_json(self, total_groups: int = 1, mean_puzzle_examples: float = 1.0) -> dict[str, Any]:
+        """The official ``dataset.json`` fields (HRM/TRM ``PuzzleDatasetMetadata``).
+
+        ``blank_identifier_id`` is the blank *puzzle identifier* of the official loader
+        (always 0 here), not the blank cell token. ``total_groups`` should be the number of
+        original puzzles in the set and ``mean_puzzle_examples`` the examples per puzzle
+        (1.0 when augmentation is done on the fly rather than stored).
+        """
+        if total_groups < 0:
+            raise ValueError(f"total_groups must be >= 0, got {total_groups}")
+        return {
+            "pad_id": self.pad_id,
+            "ignore_label_id": self.ignore_label_id,
+            "blank_identifier_id": 0,
+            "vocab_size": self.vocab_size,
+            "seq_len": self.seq_len,
+            "num_puzzle_identifiers": self.num_puzzle_identifiers,
+            "total_groups": int(total_groups),
+            "mean_puzzle_examples": float(mean_puzzle_examples),
+            "sets": ["all"],
+        }
+
+
+class Task(ABC):
+    """A puzzle family: deterministic generation, fixed splits, augmentation, text I/O.
+
+    Subclasses implement ``_draw`` (one candidate puzzle from an rng) and the text hooks;
+    this base class turns that into reproducible batches and disjoint fixed splits.
+    """
+
+    #: Seeds of the fixed splits. Subclasses override with their own constants.
+    split_seeds: Mapping[str, int] = MappingProxyType({})
+    #: Fixed sizes of the evaluation splits; "train" defaults to ``default_train_size``.
+    split_sizes: Mapping[str, int] = MappingProxyType({"heldout": 1000, "calibration": 256})
+    default_train_size: int = 20000
+    #: Per-puzzle metadata produced by ``_draw``: name -> numpy dtype.
+    meta_fields: Mapping[str, Any] = MappingProxyType({})
+
+    def __init__(self) -> None:
+        self._split_cache: dict[tuple[str, int], TaskData] = {}
+
+    # --- hooks ------------------------------------------------------------------------
+    @property
+    @abstractmethod
+    def spec(self) -> TaskSpec:
+        """The token encoding of this task."""
+
+    @abstractmethod
+    def _draw(
+        self, rng: np.random.Generator, accept_family: Callable[[bytes], bool], **difficulty: Any
+    ) -> tuple[np.ndarray, np.ndarray, dict[str, Any], bytes] | None:
+        """Draw one candidate: (inputs, labels, meta, dedup_key) or None to retry.
+
+        ``accept_family`` must be called with the family key as soon as it is known (before
+        the expensive part) and the draw abandoned when it returns False.
+        """
+
+    @abstractmethod
+    def _check_difficulty(self, difficulty: Mapping[str, Any]) -> None:
+        """Raise ValueError for unknown or inconsistent difficulty parameters."""
+
+    @abstractmethod
+    def augment(self, data: TaskData, rng: np.random.Generator) -> TaskData:
+        """Apply one random validity-preserving transform per puzzle."""
+
+    @abstractmethod
+    def solve(self, inputs: np.ndarray) -> np.ndarray | None:
+        """Reference label for one puzzle's input tokens, or None if it has no unique answer.
+
+        Lets puzzles loaded from text (which carry no labels) be scored.
+        """
+
+    @abstractmethod
+    def parse(self, text: str) -> np.ndarray:
+        """Parse one puzzle in the task's text format into tokens."""
+
+    @abstractmethod
+    def format(self, tokens: np.ndarray) -> str:
+        """Render one puzzle's tokens in the task's text format."""
+
+    # --- generation -------------------------------------------------------------------
+    def generate(self, n: int, seed: int, **difficulty: Any) -> TaskData:
+        """Generate ``n`` distinct puzzles, deterministically from ``seed``.
+
+        The same (n, seed, difficulty) gives identical arrays on every run, and a shorter
+        ``n`` with the same seed gives a prefix of a longer one.
+        """
+        return self._generate(n, seed, split=None, **difficulty)
+
+    def split(self, name: str, size: int | None = None) -> TaskData:
+        """A fixed split: "train" (``size`` puzzles, default 20000), "calibration" (256) or
+        "heldout" (1000).
+
+        Splits use fixed seeds and disjoint puzzle families, so every user measures on the
+        same held-out puzzles and none of them (nor their solution grid / maze layout) is
+        in train or calibration. For "calibration"/"heldout", ``size`` may only shrink the
+        split and returns a prefix of it (handy for quick checks).
+        """
+        if name not in SPLIT_NAMES:
+            raise ValueError(f"unknown split {name!r}; valid splits: {', '.join(SPLIT_NAMES)}")
+        if name == "train":
+            count = self.default_train_size if size is None else size
+        else:
+            fixed = self.split_sizes[name]
+            count = fixed if size is None else size
+            if count > fixed:
+                raise ValueError(f"split {name!r} has a fixed size of {fixed}; asked for {count}")
+        if count < 0:
+            raise ValueError(f"split size must be >= 0, got {count}")
+        key = (name, count)
+        if key not in self._split_cache:
+            self._split_cache[key] = self._generate(count, self.split_seeds[name], split=name)
+        return self._split_cache[key]
+
+    def _generate(self, n: int, seed: int, split: str | None, **difficulty: Any) -> TaskData:
+        if not isinstance(n, (int, np.integer)) or n < 0:
+            raise ValueError(f"n must be a non-negative int, got {n!r}")
+        self._check_difficulty(difficulty)
+        rng = np.random.default_rng(seed)
+        if split is None:
+
+            def accept(key: bytes) -> bool:
+                return True
+
+        else:
+
+            def accept(key: bytes) -> bool:
+                return family_split(key) == split
+
+        seen: set[bytes] = set()
+        inputs: list[np.ndarray] = []
+        labels: list[np.ndarray] = []
+        metas: list[dict[str, Any]] = []
+        failures = 0
+        while len(inputs) < n:
+            drawn = self._draw(rng, accept, **difficulty)
+            if drawn is None or drawn[3] in seen:
+                failures += 1
+                if failures > 200 * (n + 10):
+                    raise RuntimeError(
+                        f"{self.spec.name}: could not generate {n} puzzles with {difficulty} "
+                        f"(only {len(inputs)} after {failures} rejected draws); relax the difficulty, "
+                        "or ask for fewer puzzles (small grids have few distinct ones)"
+                    )
+                continue
+            inp, lab, meta, dedup = drawn
+            seen.add(dedup)
+            inputs.append(inp)
+            labels.append(lab)
+            metas.append(meta)
+        seq_len = self.spec.seq_len
+        meta_arrays = {k: np.array([m[k] for m in metas], dtype=dt) for k, dt in self.meta_fields.items()}
+        return TaskData(
+            inputs=np.array(inputs, dtype=np.int32).reshape(n, seq_len),
+            labels=np.array(labels, dtype=np.int32).reshape(n, seq_len),
+            puzzle_ids=np.zeros(n, dtype=np.int32),
+            meta=meta_arrays,
+        )
