@@ -42,6 +42,15 @@ def _load(model: Path | None, dataset_json: Path | None, **overrides):
 
 
 class _Group(click.Group):
+    """Routes `trm-export MODEL ...` to the `export` command; turns our errors into one-line CLI errors."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and not args[0].startswith("-"):
+            args = ["export", *args]
+        elif args and args[0].startswith("-") and args[0] not in ("-h", "--help", "--version"):
+            args = ["export", *args]
+        return super().parse_args(ctx, args)
+
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
@@ -53,6 +62,11 @@ class _Group(click.Group):
 @click.version_option(__version__, prog_name="trm-export")
 def main() -> None:
     """Deploy tiny recursive reasoning models (TRM, HRM) to a Jetson, a desktop GPU or a CPU.
+
+    \b
+    trm-export MODEL --target cpu -o bundle/    export MODEL to a verified bundle (same as `export`)
+    trm-export verify bundle/                   the bundle checks itself against its golden vectors
+    trm-export run bundle/ --input puzzles.txt  solve puzzles with the runtime
 
     MODEL is a checkpoint as the official training saves it (`step_N`, `checkpoint` or `*.pt`, or the folder
     holding it with all_config.yaml); without MODEL the bundled Sudoku reference model is used.
@@ -105,6 +119,108 @@ def evaluate(model: Path | None, split: str, limit: int | None, steps: str, adap
     click.echo(f"{ck.path}: {task.spec.name} {split} split, {len(data)} puzzles")
     rows = accuracy_by_budget(ck.model, data, budgets, adaptive=adaptive, progress=True)
     click.echo(format_table(rows))
+
+
+@main.command()
+@click.argument("model", required=False, type=click.Path(path_type=Path))
+@click.option("--target", "-t", default="cpu", show_default=True,
+              help="Deployment target (see `trm-export targets`); `jetson` is the AGX Orin on JetPack 6.")
+@click.option("--output", "-o", type=click.Path(path_type=Path), default=None,
+              help="Bundle folder to write (default: <checkpoint name>-<target>.bundle).")
+@click.option("--force", is_flag=True, help="Replace an existing bundle at --output.")
+@click.option("--puzzles", type=click.Path(path_type=Path), default=None,
+              help="Real puzzles for the parity check and golden vectors (.npy tokens or the task's text format); "
+                   "default: the matching task's held-out split.")
+@click.option("--parity-puzzles", type=int, default=None,
+              help="Check parity on the first N puzzles only (default: all of them).")
+@click.option("--puzzle-table-dtype", type=click.Choice(["float32", "float16"]), default="float32",
+              show_default=True, help="Storage of the puzzle-embedding table (float16 halves large ARC tables).")
+@click.option("--threads", type=int, default=None, help="torch threads for the reference (default: all cores).")
+@override_options
+def export(model: Path | None, target: str, output: Path | None, force: bool, puzzles: Path | None,
+           parity_puzzles: int | None, puzzle_table_dtype: str, threads: int | None, dataset_json: Path | None,
+           **overrides) -> None:
+    """Export MODEL to a self-verifying bundle: one recursion step as ONNX, tables, golden vectors, manifest."""
+    import torch
+    from trm_export.export.pipeline import ExportOptions, export_bundle, puzzles_from_file
+    from trm_export.targets.registry import get_target
+
+    if threads:
+        torch.set_num_threads(threads)
+    get_target(target)  # unknown target: fail before loading anything
+    ck = _load(model, dataset_json, **overrides)
+    out = output or Path(f"{ck.path.parent.name}-{target}.bundle")
+    given = puzzles_from_file(puzzles, ck.config) if puzzles else None
+    options = ExportOptions(target=target, force=force, parity_puzzles=parity_puzzles,
+                            puzzle_table_dtype=puzzle_table_dtype)
+    path, _, _ = export_bundle(ck, out, options, puzzles=given)
+    click.echo(f"next: trm-export verify {path}   |   trm-export run {path} --input puzzles.txt")
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--variant", default="fp32", show_default=True, help="Which graph of the bundle to check.")
+@click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default=None,
+              help="ONNX Runtime execution provider (default: the best available).")
+def verify(bundle: Path, variant: str, provider: str | None) -> None:
+    """Check a bundle: manifest checksums, then its golden puzzles against the reference's values."""
+    from trm_export.runtime.selfcheck import verify_bundle
+
+    report = verify_bundle(bundle, variant=variant, provider=provider)
+    click.echo(str(report))
+    if not report:
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--input", "-i", "input_path", type=click.Path(path_type=Path), required=True,
+              help="Puzzles: Sudoku lines of 81 characters (0 or . for blanks), maze grids, or a .npy of tokens.")
+@click.option("--output", "-o", type=click.Path(path_type=Path), default=None,
+              help="Write solutions here (.txt lines, or .npz with predictions and steps); default: print.")
+@click.option("--force", is_flag=True, help="Replace an existing --output file.")
+@click.option("--mode", type=click.Choice(["adaptive", "fixed"]), default="adaptive", show_default=True)
+@click.option("--max-steps", type=int, default=None, help="Step budget (default: the trained halt_max_steps).")
+@click.option("--min-steps", type=int, default=1, show_default=True)
+@click.option("--batch-size", type=int, default=64, show_default=True, help="Batch slots (refilled as puzzles halt).")
+@click.option("--variant", default="fp32", show_default=True, help="Which graph of the bundle to run.")
+@click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default=None)
+@click.option("--threads", type=int, default=None, help="ONNX Runtime intra-op threads.")
+def run(bundle: Path, input_path: Path, output: Path | None, force: bool, mode: str, max_steps: int | None,
+        min_steps: int, batch_size: int, variant: str, provider: str | None, threads: int | None) -> None:
+    """Solve puzzles with a bundle (runtime only: numpy + onnxruntime)."""
+    from trm_export.runtime.io import read_puzzles, write_solutions
+    from trm_export.runtime.solver import Solver
+
+    if output is not None and output.exists() and not force:
+        raise click.ClickException(f"{output} already exists; pass --force to replace it")
+    solver = Solver(bundle, variant=variant, provider=provider, batch_size=batch_size, threads=threads)
+    tokens = read_puzzles(input_path, solver.task)
+    result = solver.solve(tokens, mode=mode, max_steps=max_steps, min_steps=min_steps)
+    text = write_solutions(result, solver.task, output)
+    if output is None:
+        click.echo(text, nl=False)
+    else:
+        click.echo(f"{len(result)} puzzles solved ({mode}, mean {result.steps_used.mean():.2f} steps) -> {output}")
+
+
+def _sm_range(sm: tuple[str, ...]) -> str:
+    return "-" if not sm else sm[0] if len(sm) == 1 else f"{sm[0]}+"
+
+
+@main.command()
+def targets() -> None:
+    """List deployment targets with their TensorRT versions and limits."""
+    from trm_export.targets.registry import TARGETS
+
+    click.echo(f"{'target':<22}{'runtime':<13}{'TensorRT':<12}{'opset':<7}{'IR':<4}{'SM':<10}{'DLA':<5}"
+               f"{'precision':<10}{'batch min/opt/max':<19}aliases")
+    for t in TARGETS:
+        trt = "-" if t.tensorrt is None else (t.tensorrt[0] if t.tensorrt[0] == t.tensorrt[1] else
+                                               f"{t.tensorrt[0]}+")
+        click.echo(f"{t.name:<22}{t.runtime:<13}{trt:<12}{t.max_opset:<7}{t.max_ir_version:<4}"
+                   f"{_sm_range(t.sm):<10}{t.dla_cores:<5}{t.default_precision:<10}"
+                   f"{f'{t.batch.min}/{t.batch.opt}/{t.batch.max}':<19}{', '.join(t.aliases)}")
 
 
 if __name__ == "__main__":

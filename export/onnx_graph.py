@@ -1,0 +1,98 @@
+"""ONE recursion step as an ONNX graph; the loop stays outside, in the runtime.
+
+Inputs x (embedded puzzle incl. the puzzle prefix), z_H, z_L, all [batch, S, D] float32; outputs the next
+z_H, z_L, the answer logits [batch, seq_len, vocab] and q_halt, q_continue [batch]. All
+H_cycles x (L_cycles + 1) network calls are unrolled; each weight is one initializer shared by every call.
+
+The TorchScript-based exporter is used on purpose: it reaches opset 17 (JetPack 5 / TensorRT 8.5), needs no
+extra dependency, and writes byte-identical files for identical inputs.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import onnx
+import torch
+from torch import nn
+from trm_export.errors import TrmExportError
+from trm_export.export.model import RecursiveModel
+from trm_export.runtime.backend import STEP_INPUTS, STEP_OUTPUTS
+from trm_export.runtime.manifest import TensorSpec
+
+# Export-time batch; the graph's batch axis is symbolic.
+_TRACE_BATCH = 2
+
+
+class GraphCheckError(TrmExportError):
+    """An exported graph is not valid ONNX or does not fit the target."""
+
+
+class StepGraph(nn.Module):
+    """model.step as a module with flat tensor inputs and outputs (what an exported graph wants)."""
+
+    def __init__(self, model: RecursiveModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor, z_H: torch.Tensor, z_L: torch.Tensor):
+        return self.model.step(x, z_H, z_L)
+
+
+@dataclass(frozen=True)
+class ExportedGraph:
+    model: onnx.ModelProto
+    data: bytes
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+
+    @property
+    def opset(self) -> int:
+        return opset_of(self.model)
+
+
+def opset_of(model: onnx.ModelProto) -> int:
+    return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+
+
+def step_io_specs(model: RecursiveModel) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    cfg = model.config
+    state = ["batch", cfg.total_seq_len, cfg.hidden_size]
+    inputs = [TensorSpec(name, state, "float32") for name in STEP_INPUTS]
+    outputs = [TensorSpec("z_H_out", state, "float32"), TensorSpec("z_L_out", state, "float32"),
+               TensorSpec("logits", ["batch", cfg.seq_len, cfg.vocab_size], "float32"),
+               TensorSpec("q_halt", ["batch"], "float32"), TensorSpec("q_continue", ["batch"], "float32")]
+    return inputs, outputs
+
+
+def export_step_graph(model: RecursiveModel, opset: int) -> ExportedGraph:
+    """Trace one ACT step and return the checked ONNX model and its serialized bytes."""
+    cfg = model.config
+    example = torch.zeros(_TRACE_BATCH, cfg.total_seq_len, cfg.hidden_size)
+    buffer = io.BytesIO()
+    dynamic = {name: {0: "batch"} for name in (*STEP_INPUTS, *STEP_OUTPUTS)}
+    with torch.no_grad():
+        torch.onnx.export(StepGraph(model).eval(), (example, example, example), buffer, dynamo=False,
+                          opset_version=opset, input_names=list(STEP_INPUTS), output_names=list(STEP_OUTPUTS),
+                          dynamic_axes=dynamic, do_constant_folding=True)
+    proto = onnx.load_from_string(buffer.getvalue())
+    proto.producer_name, proto.producer_version = "trm-export", ""  # no torch version: byte-identical re-exports
+    proto.doc_string = f"{cfg.family.upper()} step: {cfg.H_cycles} x ({cfg.L_cycles} + 1) network calls"
+    check_graph(proto)
+    inputs, outputs = step_io_specs(model)
+    return ExportedGraph(proto, proto.SerializeToString(), inputs, outputs)
+
+
+def check_graph(proto: onnx.ModelProto, max_opset: int | None = None, max_ir_version: int | None = None) -> None:
+    """ONNX checker (full), strict shape inference, and the target's opset / IR limits."""
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+        onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True)
+    except Exception as exc:  # onnx raises several exception types; all mean "invalid graph"
+        raise GraphCheckError(f"exported graph fails the ONNX checker: {exc}") from None
+    opset = opset_of(proto)
+    if max_opset is not None and opset > max_opset:
+        raise GraphCheckError(f"graph uses opset {opset}; the target accepts at most {max_opset}")
+    if max_ir_version is not None and proto.ir_version > max_ir_version:
+        raise GraphCheckError(f"graph has IR version {proto.ir_version}; the target accepts at most {max_ir_version}")

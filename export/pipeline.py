@@ -1,0 +1,227 @@
+"""`trm-export MODEL --target T -o OUT`: checkpoint in, verified bundle out, one call.
+
+Stages: load the checkpoint -> pick real puzzles (the matching task's held-out split, or the user's) ->
+export the step graph at the target's opset -> write tables, graph and golden vectors to a staging folder ->
+verify parity against the PyTorch reference by running the staged bundle with the runtime -> commit.
+"""
+
+from __future__ import annotations
+
+import copy
+import platform
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from trm_export import __version__
+from trm_export.errors import TrmExportError
+from trm_export.export.checkpoint import LoadedCheckpoint, load_checkpoint
+from trm_export.export.onnx_graph import check_graph, export_step_graph
+from trm_export.export.parity import ParityReport, check_parity
+from trm_export.export.reference import run_reference
+from trm_export.export.staging import StagedBundle
+from trm_export.runtime.manifest import (
+    FORMAT_VERSION,
+    EmbeddingSpec,
+    GraphSpec,
+    LoopSpec,
+    Manifest,
+    TaskEncoding,
+)
+from trm_export.runtime.solver import Solver
+from trm_export.targets.registry import Target, get_target
+
+# The TorchScript exporter's highest opset that every TensorRT-10 parser accepts; lower targets cap it further.
+EXPORTER_MAX_OPSET = 20
+GOLDEN_FOLDER = "golden"
+FP32_TOLERANCES = {"q_abs": 1e-3, "q_sign_agreement": 1.0, "predictions_identical": 1.0}
+
+
+class ParityError(TrmExportError):
+    """The exported graph does not reproduce the PyTorch reference."""
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    target: str = "cpu"
+    force: bool = False
+    parity_puzzles: int | None = None  # None: the whole held-out split (or every puzzle given)
+    golden_puzzles: int = 8
+    puzzle_table_dtype: str = "float32"  # or "float16": halves a large (ARC) puzzle table
+    tolerance: float = 1e-4
+    batch_size: int = 64
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class Puzzles:
+    """Real puzzles for parity and golden vectors, with where they came from."""
+
+    tokens: np.ndarray
+    puzzle_ids: np.ndarray
+    labels: np.ndarray | None
+    source: str
+    task_name: str | None
+    grid_side: int | None = None
+
+
+def default_puzzles(ck: LoadedCheckpoint) -> Puzzles:
+    """The held-out split of the shipped task that matches the model's encoding."""
+    from trm_export.export.accuracy import task_for_config
+
+    try:
+        task = task_for_config(ck.config)
+    except ValueError as exc:
+        raise TrmExportError(f"{exc}. Give real puzzles for the parity check with --puzzles FILE (.npy tokens)") \
+            from None
+    data = task.split("heldout")
+    return Puzzles(data.inputs, data.puzzle_ids, data.labels, f"{task.spec.name} held-out split", task.spec.name,
+                   task.spec.side)
+
+
+def puzzles_from_file(path: Path, config) -> Puzzles:
+    """The user's own puzzles (.npy tokens [N, seq_len], or the matching task's text format), without labels."""
+    from trm_export.export.accuracy import task_for_config
+    from trm_export.runtime.manifest import TaskEncoding
+    from trm_export.runtime.validate import validate_puzzles
+    from trm_export.tasks import load_puzzles
+
+    path = Path(path)
+    try:
+        task = task_for_config(config)
+    except ValueError:
+        task = None
+    if task is None and path.suffix != ".npy":
+        raise TrmExportError(f"{path}: the model matches no shipped task, so puzzles must be a .npy of tokens "
+                             f"[N, {config.seq_len}]")
+    try:
+        tokens = load_puzzles(path, task) if task is not None else np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise TrmExportError(f"{path}: cannot read puzzles: {exc}") from None
+    encoding = TaskEncoding(None, config.vocab_size, config.seq_len, 0, None, config.prefix_len,
+                            config.num_puzzle_identifiers)
+    try:
+        tokens, ids = validate_puzzles(tokens, None, encoding)
+    except TrmExportError as exc:
+        raise TrmExportError(f"{path}: {exc}") from None
+    return Puzzles(tokens, ids, None, f"{path.name} ({len(tokens)} puzzles)", task.spec.name if task else None,
+                   task.spec.side if task else None)
+
+
+def opset_for(target: Target) -> int:
+    return min(target.max_opset, EXPORTER_MAX_OPSET)
+
+
+def _log(progress: bool, message: str) -> None:
+    if progress:
+        print(message, flush=True)
+
+
+def export_bundle(checkpoint: str | Path | LoadedCheckpoint, out: str | Path, options: ExportOptions = ExportOptions(),
+                  puzzles: Puzzles | None = None, dataset_json: str | Path | None = None,
+                  overrides: dict[str, Any] | None = None,
+                  log: Callable[[str], None] | None = None) -> tuple[Path, Manifest, ParityReport]:
+    """Export `checkpoint` to a verified bundle at `out`. Raises ParityError (and writes nothing) on failure."""
+    say = log or (lambda m: _log(options.progress, m))
+    target = get_target(options.target)
+    if options.puzzle_table_dtype not in ("float32", "float16"):
+        raise TrmExportError(f"puzzle_table_dtype must be float32 or float16, got {options.puzzle_table_dtype!r}")
+    with StagedBundle(out, force=options.force) as stage:  # refuses an existing `out` before any work
+        ck = checkpoint if isinstance(checkpoint, LoadedCheckpoint) else load_checkpoint(
+            checkpoint, dataset_json=dataset_json, overrides=overrides)
+        cfg, model = ck.config, ck.model
+        if options.puzzle_table_dtype == "float16" and cfg.puzzle_emb_ndim > 0:
+            # The bundle stores the table rounded to float16; parity and golden vectors then compare against a
+            # reference that uses the same rounded table, so they measure the graph, not the storage choice.
+            model = copy.deepcopy(model)
+            model.puzzle_emb.weights.copy_(model.puzzle_emb.weights.half().float())
+        say(f"loaded {ck.path} ({cfg.family.upper()}{' mlp_t' if cfg.mlp_t else ''}, "
+            f"{sum(p.numel() for p in model.parameters()):,} parameters)")
+        puzzles = puzzles or default_puzzles(ck)
+        torch.set_num_threads(max(1, torch.get_num_threads()))
+
+        opset = opset_for(target)
+        graph = export_step_graph(model, opset)
+        check_graph(graph.model, target.max_opset, target.max_ir_version)
+        graph_file = stage.write_bytes("graphs/step_fp32.onnx", graph.data)
+        say(f"step graph: opset {opset}, IR {graph.model.ir_version}, {len(graph.model.graph.node)} nodes, "
+            f"{len(graph.data) / 1e6:.2f} MB ({cfg.net_calls_per_step} network calls unrolled)")
+
+        embedding = _write_tables(stage, model, options.puzzle_table_dtype)
+        golden = _write_golden(stage, model, puzzles, options.golden_puzzles)
+        task = TaskEncoding(name=puzzles.task_name, vocab_size=cfg.vocab_size, seq_len=cfg.seq_len,
+                            pad_id=int((ck.dataset or {}).get("pad_id", 0)),
+                            blank_id=1 if puzzles.task_name == "sudoku" else None, prefix_len=cfg.prefix_len,
+                            num_puzzle_identifiers=cfg.num_puzzle_identifiers, grid_side=puzzles.grid_side)
+        manifest = Manifest(
+            format_version=FORMAT_VERSION,
+            model={"family": cfg.family, "config": cfg.to_dict()},
+            task=task,
+            embedding=embedding,
+            loop=LoopSpec(cfg.halt_max_steps, cfg.halting_rule, cfg.halting_rule == "q_halt>q_continue"),
+            graphs={"fp32": GraphSpec(graph_file, "fp32", opset, graph.model.ir_version, graph.inputs, graph.outputs)},
+            target=target.name,
+            files={},
+            provenance={"checkpoint": ck.path.name, "checkpoint_sha256": ck.sha256, "key_prefix": ck.key_prefix,
+                        "toolchain": f"trm-export {__version__}", "torch": torch.__version__.split("+")[0],
+                        "onnx": onnx.__version__,
+                        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                        "host": platform.machine()},
+            golden=golden,
+        )
+        stage.write_manifest(_with_files(manifest, stage))
+
+        limit = len(puzzles.tokens) if options.parity_puzzles is None else min(options.parity_puzzles,
+                                                                                 len(puzzles.tokens))
+        solver = Solver(stage.path, batch_size=min(options.batch_size, max(limit, 1)), provider="cpu")
+        say(f"verifying parity against the PyTorch reference on {limit} puzzles ({puzzles.source}), "
+            f"{cfg.halt_max_steps} steps, backend {solver.backend.name}")
+        report = check_parity(model, solver, puzzles.tokens[:limit], puzzles.puzzle_ids[:limit],
+                              None if puzzles.labels is None else puzzles.labels[:limit],
+                              tolerance=options.tolerance, progress=options.progress)
+        say(f"parity: {report.summary()}")
+        if not report.passed:
+            raise ParityError("export failed parity against the PyTorch reference: " + "; ".join(report.failures()))
+        parity = {"fp32": {**report.to_dict(), "puzzles_source": puzzles.source}}
+        manifest = _with_files(manifest, stage, parity=parity)
+        path = stage.commit(manifest)
+    say(f"bundle written: {path}")
+    return path, manifest, report
+
+
+def _with_files(manifest: Manifest, stage: StagedBundle, **changes: Any) -> Manifest:
+    from dataclasses import replace
+
+    return replace(manifest, files=stage.checksums(), **changes)
+
+
+def _write_tables(stage: StagedBundle, model, puzzle_dtype: str) -> EmbeddingSpec:
+    cfg = model.config
+    sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+    token_table = stage.write_array("tables/embed_tokens.npy", sd["embed_tokens.embedding_weight"])
+    pos_table = (stage.write_array("tables/embed_pos.npy", sd["embed_pos.embedding_weight"])
+                 if cfg.pos_encodings == "learned" else None)
+    puzzle_table = (stage.write_array("tables/puzzle_emb.npy", sd["puzzle_emb.weights"].astype(puzzle_dtype))
+                    if cfg.puzzle_emb_ndim > 0 else None)
+    return EmbeddingSpec(token_table=token_table, scale=float(model.embed_scale), position_table=pos_table,
+                         position_scale=0.707106781, puzzle_table=puzzle_table, puzzle_emb_ndim=cfg.puzzle_emb_ndim,
+                         hidden_size=cfg.hidden_size, H_init=stage.write_array("tables/H_init.npy", sd["H_init"]),
+                         L_init=stage.write_array("tables/L_init.npy", sd["L_init"]))
+
+
+def _write_golden(stage: StagedBundle, model, puzzles: Puzzles, count: int) -> dict[str, Any]:
+    n = min(count, len(puzzles.tokens))
+    tokens, ids = puzzles.tokens[:n], puzzles.puzzle_ids[:n]
+    trace = run_reference(model, tokens, ids, mode="adaptive")
+    arrays = {"tokens": tokens.astype(np.int64), "puzzle_ids": ids.astype(np.int64), "q_halt": trace.q_halt,
+              "q_continue": trace.q_continue, "predictions": trace.step_predictions[-1].astype(np.int64),
+              "adaptive_steps": trace.steps_used, "adaptive_predictions": trace.predictions.astype(np.int64)}
+    for name, array in arrays.items():
+        stage.write_array(f"{GOLDEN_FOLDER}/{name}.npy", array)
+    return {"folder": GOLDEN_FOLDER, "count": n, "steps": trace.num_steps, "source": puzzles.source,
+            "tolerances": {"fp32": FP32_TOLERANCES}}

@@ -1,0 +1,121 @@
+"""The one interface every backend implements, and ONNX Runtime's implementation of it.
+
+A backend owns the recurrent state of `capacity` batch slots in its own memory (host arrays for the CPU,
+device buffers for CUDA / TensorRT) and advances it one ACT step at a time. Per step only the Q values come
+back to the caller; logits and states are read for the slots that need them. Slots [0, n) are the active ones:
+the loop keeps them packed at the front, so a step can run on a smaller batch once the queue runs dry.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+from trm_export.errors import BundleError
+
+STEP_INPUTS = ("x", "z_H", "z_L")
+STEP_OUTPUTS = ("z_H_out", "z_L_out", "logits", "q_halt", "q_continue")
+
+
+class Backend(Protocol):
+    name: str
+    capacity: int
+
+    def load(self, slots: np.ndarray, x: np.ndarray, z_H: np.ndarray, z_L: np.ndarray) -> None:
+        """Put new puzzles (their embedding and initial state) into `slots`."""
+
+    def move(self, src: np.ndarray, dst: np.ndarray) -> None:
+        """Copy the puzzles in slots `src` to slots `dst` (to keep active slots packed)."""
+
+    def step(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """Advance slots [0, n) one ACT step; return q_halt[n], q_continue[n] on the host."""
+
+    def logits(self, slots: np.ndarray) -> np.ndarray:
+        """Logits [len(slots), seq_len, vocab] of the last step for `slots`."""
+
+    def state(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """z_H, z_L [n, S, D] of slots [0, n) (copies on the host; for verification and drift)."""
+
+
+def onnxruntime_providers(requested: str | None) -> list[str]:
+    """Execution providers for `requested` ('cpu', 'cuda', 'tensorrt' or None = best available)."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    names = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
+    if requested is None:
+        order = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+        return [p for p in order if p in available]
+    if requested not in names:
+        raise BundleError(f"unknown ONNX Runtime provider {requested!r}; known: {sorted(names)}")
+    if names[requested] not in available:
+        raise BundleError(f"requested provider was {names[requested]}, but available providers are {available}")
+    return [names[requested]] + (["CPUExecutionProvider"] if requested != "cpu" else [])
+
+
+class OnnxRuntimeBackend:
+    """ONNX Runtime with IO binding: inputs and outputs bound to preallocated arrays, states ping-ponged.
+
+    On the CPU provider the bound arrays are the session's own buffers (no copy per step). On a GPU provider
+    the same binding works through host memory; keeping state on the device there is the TensorRT backend's
+    job (targets).
+    """
+
+    def __init__(self, model_path: Path, capacity: int, state_shape: tuple[int, int], seq_len: int, vocab: int,
+                 provider: str | None = None, threads: int | None = None):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+        self.providers = onnxruntime_providers(provider)
+        self.session = ort.InferenceSession(str(model_path), options, providers=self.providers)
+        self.name = f"onnxruntime ({self.session.get_providers()[0]})"
+        self.capacity = capacity
+        s, d = state_shape
+        self.x = np.zeros((capacity, s, d), np.float32)
+        self.z = [np.zeros((2, capacity, s, d), np.float32) for _ in range(2)]  # [z_H, z_L] x [ping, pong]
+        self.current = 0  # which of ping/pong holds the state
+        self.logit_buf = np.zeros((capacity, seq_len, vocab), np.float32)
+        self.q = np.zeros((2, capacity), np.float32)
+        self.binding = self.session.io_binding()
+
+    def _bind(self, name: str, array: np.ndarray, output: bool) -> None:
+        if output:
+            self.binding.bind_output(name, "cpu", 0, np.float32, list(array.shape), array.ctypes.data)
+        else:
+            self.binding.bind_input(name, "cpu", 0, np.float32, list(array.shape), array.ctypes.data)
+
+    def load(self, slots: np.ndarray, x: np.ndarray, z_H: np.ndarray, z_L: np.ndarray) -> None:
+        self.x[slots] = x
+        self.z[0][self.current, slots] = z_H
+        self.z[1][self.current, slots] = z_L
+
+    def move(self, src: np.ndarray, dst: np.ndarray) -> None:
+        self.x[dst] = self.x[src]
+        for z in self.z:
+            z[self.current, dst] = z[self.current, src]
+        self.logit_buf[dst] = self.logit_buf[src]
+
+    def step(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        src, dst = self.current, 1 - self.current
+        self._bind("x", self.x[:n], output=False)
+        self._bind("z_H", self.z[0][src, :n], output=False)
+        self._bind("z_L", self.z[1][src, :n], output=False)
+        self._bind("z_H_out", self.z[0][dst, :n], output=True)
+        self._bind("z_L_out", self.z[1][dst, :n], output=True)
+        self._bind("logits", self.logit_buf[:n], output=True)
+        self._bind("q_halt", self.q[0, :n], output=True)
+        self._bind("q_continue", self.q[1, :n], output=True)
+        self.session.run_with_iobinding(self.binding)
+        self.current = dst
+        return self.q[0, :n].copy(), self.q[1, :n].copy()
+
+    def logits(self, slots: np.ndarray) -> np.ndarray:
+        return self.logit_buf[slots]
+
+    def state(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.z[0][self.current, :n].copy(), self.z[1][self.current, :n].copy()

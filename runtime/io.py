@@ -1,0 +1,85 @@
+"""Puzzle files in, solution files out, for the `run` command and device apps (numpy only)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from trm_export.errors import InputError
+from trm_export.runtime.manifest import TaskEncoding
+from trm_export.runtime.solver import SolveResult
+
+
+def _task(encoding: TaskEncoding):
+    from trm_export.tasks import get_task
+
+    if encoding.name == "sudoku":
+        return get_task("sudoku")
+    if encoding.name == "maze":
+        return get_task("maze", size=encoding.grid_side)
+    return None
+
+
+def read_puzzles(path: str | Path, encoding: TaskEncoding) -> np.ndarray:
+    """Tokens [N, seq_len] from a .npy, or from the task's text format (Sudoku lines, maze grids)."""
+    from trm_export.tasks import load_puzzles
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such file")
+    task = _task(encoding)
+    if task is None:
+        if path.suffix.lower() != ".npy":
+            raise InputError(f"{path}: this bundle's task has no text format; give a .npy of tokens "
+                             f"[N, {encoding.seq_len}]")
+        try:
+            return np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise InputError(f"{path}: cannot read tokens: {exc}") from None
+    try:
+        return load_puzzles(path, task)
+    except (OSError, ValueError) as exc:
+        raise InputError(str(exc) if str(path) in str(exc) else f"{path}: {exc}") from None
+
+
+# Token -> character of the official encodings (0 is pad: '?', it should never be an answer).
+TEXT_CHARSETS = {"sudoku": "?.123456789", "maze": "?# SGo"}
+
+
+def format_solutions(result: SolveResult, encoding: TaskEncoding) -> str:
+    """One line per puzzle (Sudoku: 81 characters; maze: the grid's rows joined by '|'), a tab, the steps used."""
+    charset = TEXT_CHARSETS.get(encoding.name)
+    side = encoding.grid_side
+    lines = []
+    for prediction, steps in zip(result.predictions, result.steps_used, strict=True):
+        if charset is None:
+            body = " ".join(str(int(t)) for t in prediction)
+        else:  # a model may predict any token, pad included: every token has a character
+            body = "".join(charset[int(t)] for t in prediction)
+            if side:
+                body = "|".join(body[i:i + side] for i in range(0, len(body), side))
+        lines.append(f"{body}\t{int(steps)}")
+    return "\n".join(lines) + "\n"
+
+
+def write_solutions(result: SolveResult, encoding: TaskEncoding, output: str | Path | None) -> str:
+    """Format, and write atomically when `output` is given (.npz: arrays; anything else: text lines)."""
+    text = format_solutions(result, encoding)
+    if output is None:
+        return text
+    output = Path(output)
+    fd, tmp = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            if output.suffix == ".npz":
+                np.savez(f, predictions=result.predictions, steps_used=result.steps_used, q_halt=result.q_halt,
+                         q_continue=result.q_continue)
+            else:
+                f.write(text.encode())
+        os.replace(tmp, output)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return text

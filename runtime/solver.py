@@ -1,0 +1,158 @@
+"""The loop that device apps embed: load a bundle, feed puzzles, get answers.
+
+    solver = Solver("bundle/")
+    answer = solver.solve(puzzle_tokens)              # one puzzle or [N, seq_len]
+    answer.predictions, answer.steps_used
+
+Modes: `fixed` runs every puzzle `max_steps` steps (the papers' evaluation); `adaptive` halts a puzzle when the
+trained Q head says so (after at least `min_steps`, at most `max_steps`, which may exceed the trained limit).
+Puzzles stream through `batch_size` slots; with `refill` (default) a halted puzzle's slot takes the next puzzle
+on the next step, so the batch stays full. A puzzle's computation never mixes with its neighbours' (every op
+of the step graph is per sample), so its answer does not depend on what else is in the batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from trm_export.errors import BundleError, InputError
+from trm_export.runtime.backend import Backend, OnnxRuntimeBackend
+from trm_export.runtime.embedding import Embedder
+from trm_export.runtime.manifest import Manifest, read_manifest
+from trm_export.runtime.validate import validate_puzzles
+
+MODES = ("fixed", "adaptive")
+
+
+@dataclass(frozen=True)
+class SolveResult:
+    """Answers in input order."""
+
+    predictions: np.ndarray  # [N, seq_len] int64
+    steps_used: np.ndarray  # [N] int32
+    q_halt: np.ndarray  # [N] float32, at the final step
+    q_continue: np.ndarray  # [N]
+
+    def __len__(self) -> int:
+        return len(self.steps_used)
+
+
+def halt_now(q_halt: np.ndarray, q_continue: np.ndarray, rule: str) -> np.ndarray:
+    if rule == "q_halt>0":
+        return q_halt > 0
+    if rule == "q_halt>q_continue":
+        return q_halt > q_continue
+    raise BundleError(f"unknown halting rule {rule!r} in manifest")
+
+
+class Solver:
+    """Runs a bundle's step graph in a loop. Verifies the bundle's checksums on load."""
+
+    def __init__(self, bundle: str | Path, *, variant: str = "fp32", backend: str = "auto",
+                 provider: str | None = None, batch_size: int = 64, threads: int | None = None,
+                 verify: bool = True):
+        self.bundle = Path(bundle)
+        self.manifest: Manifest = read_manifest(self.bundle, verify=verify)
+        if variant not in self.manifest.graphs:
+            raise BundleError(f"requested variant {variant!r}; this bundle has {sorted(self.manifest.graphs)}")
+        if batch_size < 1:
+            raise InputError(f"batch_size must be >= 1, got {batch_size}")
+        self.variant = variant
+        self.embedder = Embedder(self.bundle, self.manifest.embedding, self.manifest.task)
+        self.backend: Backend = self._make_backend(backend, provider, batch_size, threads)
+
+    def _make_backend(self, backend: str, provider: str | None, batch_size: int, threads: int | None) -> Backend:
+        graph = self.manifest.graphs[self.variant]
+        task = self.manifest.task
+        if backend not in ("auto", "onnxruntime"):
+            raise BundleError(f"requested backend {backend!r}; available: 'auto', 'onnxruntime'")
+        return OnnxRuntimeBackend(self.bundle / graph.file, batch_size, self.embedder.state_shape, task.seq_len,
+                                  task.vocab_size, provider=provider, threads=threads)
+
+    @property
+    def task(self):
+        return self.manifest.task
+
+    def solve(self, puzzles: object, puzzle_ids: object = None, *, mode: str = "adaptive",
+              max_steps: int | None = None, min_steps: int = 1, refill: bool = True,
+              on_step: Callable[[int, np.ndarray, np.ndarray, np.ndarray], None] | None = None) -> SolveResult:
+        """Solve puzzles ([N, seq_len] tokens, or one puzzle) and return answers in input order.
+
+        `on_step(puzzle_index[n], steps[n], q_halt[n], q_continue[n])` is called after every step for the n active
+        slots (puzzle index -1: a finished puzzle waiting for its batch; steps: how many steps each puzzle has
+        run, the one just taken included); it may read `self.backend.state(n)` and
+        `self.backend.logits(...)`. For tracing and verification.
+        """
+        if mode not in MODES:
+            raise InputError(f"mode must be one of {MODES}, got {mode!r}")
+        limit = int(max_steps or self.manifest.loop.halt_max_steps)
+        if limit < 1 or not 1 <= min_steps <= limit:
+            raise InputError(f"need 1 <= min_steps ({min_steps}) <= max_steps ({limit})")
+        tokens, ids = validate_puzzles(puzzles, puzzle_ids, self.task)
+        n_total, capacity = len(tokens), self.backend.capacity
+        rule = self.manifest.loop.halting_rule
+
+        predictions = np.zeros((n_total, self.task.seq_len), np.int64)
+        steps_used = np.zeros(n_total, np.int32)
+        final_q = np.zeros((2, n_total), np.float32)
+        slot_puzzle = np.full(capacity, -1, np.int64)  # -1: free, or finished while waiting for its batch
+        slot_steps = np.zeros(capacity, np.int32)
+        queue = 0
+
+        def load(slots: np.ndarray) -> int:
+            nonlocal queue
+            take = min(len(slots), n_total - queue)
+            if take:
+                idx = np.arange(queue, queue + take)
+                slots = slots[:take]
+                z_H, z_L = self.embedder.initial_state(take)
+                self.backend.load(slots, self.embedder(tokens[idx], ids[idx]), z_H, z_L)
+                slot_puzzle[slots], slot_steps[slots] = idx, 0
+                queue += take
+            return take
+
+        active = load(np.arange(capacity))
+        while active:
+            q_halt, q_cont = self.backend.step(active)
+            live = slot_puzzle[:active] >= 0
+            slot_steps[:active] += live
+            if on_step is not None:
+                on_step(slot_puzzle[:active].copy(), slot_steps[:active].copy(), q_halt, q_cont)
+            halted = live & (slot_steps[:active] >= limit)
+            if mode == "adaptive":
+                halted |= live & (slot_steps[:active] >= min_steps) & halt_now(q_halt, q_cont, rule)
+            done = np.flatnonzero(halted)
+            if len(done):
+                puzzles_done = slot_puzzle[done]
+                predictions[puzzles_done] = self.backend.logits(done).argmax(-1)
+                steps_used[puzzles_done] = slot_steps[done]
+                final_q[0, puzzles_done], final_q[1, puzzles_done] = q_halt[done], q_cont[done]
+                slot_puzzle[done] = -1
+            if refill:
+                active = self._refill(done, active, load, slot_puzzle, slot_steps)
+            elif not (slot_puzzle[:active] >= 0).any():  # wait for the whole batch, then load the next one
+                active = load(np.arange(capacity))
+        return SolveResult(predictions, steps_used, final_q[0], final_q[1])
+
+    def _refill(self, done: np.ndarray, active: int, load, slot_puzzle: np.ndarray,
+                slot_steps: np.ndarray) -> int:
+        """New puzzles into the freed slots; if the queue is empty, pack the survivors to the front."""
+        if not len(done):
+            return active
+        filled = load(done)
+        holes = done[filled:]
+        if not len(holes):
+            return active
+        new_active = active - len(holes)
+        targets = holes[holes < new_active]
+        sources = np.array([s for s in range(new_active, active) if slot_puzzle[s] >= 0], np.int64)
+        if len(targets):
+            self.backend.move(sources, targets)
+            slot_puzzle[targets], slot_steps[targets] = slot_puzzle[sources], slot_steps[sources]
+        return new_active
+
+    def solve_one(self, puzzle: object, puzzle_id: int = 0, **kwargs) -> SolveResult:
+        return self.solve(np.asarray(puzzle)[None, :], np.array([puzzle_id]), **kwargs)

@@ -1,0 +1,224 @@
+"""Export: step graph + bundle + automatic parity, for every variant; determinism; safe writing; verify."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from official_format import VARIANTS, write_official_checkpoint
+from trm_export.cli import main as cli
+from trm_export.errors import BundleError
+from trm_export.export.pipeline import ExportOptions, ParityError, Puzzles, export_bundle
+from trm_export.runtime.manifest import read_manifest
+from trm_export.runtime.selfcheck import verify_bundle
+from trm_export.targets.registry import UnknownTargetError
+
+TESTS = Path(__file__).resolve().parent
+OPTIONS = ExportOptions(progress=False, batch_size=8)
+
+
+def stable(name: str):
+    # Contractive random weights: a whole float32 loop run twice (torch vs ONNX Runtime) then differs only by
+    # rounding, as a trained model's does (random mlp_t blocks at gain 1 are chaotic: see official_format).
+    return dataclasses.replace(VARIANTS[name], gain=0.5)
+
+
+def random_puzzles(v, n: int = 12, seed: int = 0) -> Puzzles:
+    rng = np.random.default_rng(seed)
+    return Puzzles(rng.integers(1, v.vocab_size, (n, v.seq_len)), rng.integers(0, v.num_puzzle_identifiers, n), None,
+                   "random test puzzles", None)
+
+
+def export(tmp_path: Path, name: str = "trm-att-rope", out: str = "bundle", **options) -> tuple[Path, dict]:
+    v = stable(name)
+    ckpt = tmp_path / "ckpt"
+    if not ckpt.exists():
+        write_official_checkpoint(ckpt, v)
+    path, manifest, report = export_bundle(ckpt, tmp_path / out, dataclasses.replace(OPTIONS, **options),
+                                           puzzles=random_puzzles(v))
+    return path, json.loads((path / "manifest.json").read_text())
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_every_variant_exports_with_parity_and_verifies(tmp_path, name):
+    path, manifest = export(tmp_path, name)
+    parity = manifest["parity"]["fp32"]
+    assert parity["passed"] and parity["puzzles"] == 12 and parity["steps"] == VARIANTS[name].halt_max_steps
+    assert max(parity["max_abs_z_H"]) <= 1e-4 and max(parity["max_abs_logits"]) <= 1e-4
+    assert parity["predictions_identical"] == 1.0 and parity["adaptive_steps_identical"] == 1.0
+    graph = onnx.load(path / manifest["graphs"]["fp32"]["file"])
+    assert [i.name for i in graph.graph.input] == ["x", "z_H", "z_L"]
+    assert [o.name for o in graph.graph.output] == ["z_H_out", "z_L_out", "logits", "q_halt", "q_continue"]
+    assert graph.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+    # Each weight once, and no table of the embedding inside the step graph.
+    names = [i.name for i in graph.graph.initializer]
+    assert len(names) == len(set(names))
+    assert not any("embed_tokens" in n or "puzzle_emb" in n or "embed_pos" in n for n in names)
+    report = verify_bundle(path)
+    assert report, str(report)
+
+
+def test_weights_are_stored_once_however_many_calls(tmp_path):
+    v = stable("trm-att-rope")
+    path, manifest = export(tmp_path, "trm-att-rope")
+    graph = onnx.load(path / manifest["graphs"]["fp32"]["file"])
+    weight_elems = sum(int(np.prod(i.dims)) for i in graph.graph.initializer if len(i.dims) == 2 and min(i.dims) > 4)
+    block_params = v.L_layers * (4 * v.hidden_size ** 2 + 3 * v.hidden_size * 256)
+    assert weight_elems <= block_params + 2 * v.hidden_size * 16 + 1000  # + lm/q heads, rope tables
+    calls = sum(1 for n in graph.graph.node if n.op_type == "Softmax")
+    assert calls == v.H_cycles * (v.L_cycles + 1) * v.L_layers  # every call unrolled
+
+
+@pytest.mark.parametrize(("target", "opset", "ir"), [("cpu", 20, 9), ("jetson", 20, 9), ("jetson-xavier-nx", 17, 8),
+                                                     ("gpu-trt11", 20, 9)])
+def test_opset_and_ir_follow_the_target(tmp_path, target, opset, ir):
+    path, manifest = export(tmp_path, target=target)
+    graph = onnx.load(path / manifest["graphs"]["fp32"]["file"])
+    assert (graph.opset_import[0].version, graph.ir_version) == (opset, ir)
+    assert manifest["graphs"]["fp32"]["opset"] == opset and manifest["target"] != ""
+
+
+def test_export_is_deterministic(tmp_path):
+    first, m1 = export(tmp_path, out="a")
+    second, m2 = export(tmp_path, out="b")
+    files = sorted(p.relative_to(first).as_posix() for p in first.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(second).as_posix() for p in second.rglob("*") if p.is_file())
+    for rel in files:
+        if rel != "manifest.json":
+            assert (first / rel).read_bytes() == (second / rel).read_bytes(), rel
+    for m in (m1, m2):
+        del m["provenance"]["created_at"]
+    assert m1 == m2
+
+
+def test_existing_output_is_never_overwritten_without_force(tmp_path):
+    path, manifest = export(tmp_path)
+    marker = path / "graphs" / "step_fp32.onnx"
+    before = marker.read_bytes()
+    with pytest.raises(BundleError, match="already exists; pass --force"):
+        export(tmp_path)
+    assert marker.read_bytes() == before
+    path, _ = export(tmp_path, force=True)
+    assert read_manifest(path)  # replaced, complete and consistent
+    assert not list(tmp_path.glob(".bundle.*"))
+
+
+def test_force_never_replaces_a_folder_that_is_not_a_bundle(tmp_path):
+    (tmp_path / "bundle").mkdir()
+    (tmp_path / "bundle" / "notes.txt").write_text("mine")
+    with pytest.raises(BundleError, match="is not a bundle"):
+        export(tmp_path, force=True)
+    assert (tmp_path / "bundle" / "notes.txt").read_text() == "mine"
+
+
+def test_failed_parity_writes_nothing(tmp_path):
+    with pytest.raises(ParityError, match=r"max \|z_H - ref\| .* > 1e-12"):
+        export(tmp_path, tolerance=1e-12)
+    assert not (tmp_path / "bundle").exists()
+    assert not list(tmp_path.glob(".bundle.*"))
+
+
+def test_unknown_target_lists_the_valid_ones(tmp_path):
+    with pytest.raises(UnknownTargetError, match=r"unknown target 'jetsn'. Did you mean 'jetson'\? Valid targets: cpu"):
+        export(tmp_path, target="jetsn")
+    result = CliRunner().invoke(cli, [str(tmp_path / "ckpt"), "--target", "jetsn"])
+    assert result.exit_code != 0 and "Valid targets: cpu, jetson-orin-nano" in result.output
+
+
+def test_killed_export_leaves_nothing_half_written(tmp_path):
+    v = stable("trm-att-rope")
+    write_official_checkpoint(tmp_path / "ckpt", v)
+    script = textwrap.dedent(f"""
+        import sys, time, numpy as np
+        sys.path.insert(0, {str(TESTS)!r})
+        import trm_export.export.pipeline as pipeline
+        from test_export import random_puzzles, stable, OPTIONS
+        def slow_parity(*args, **kwargs):
+            print("parity started", flush=True)
+            time.sleep(60)
+        pipeline.check_parity = slow_parity
+        pipeline.export_bundle({str(tmp_path / 'ckpt')!r}, {str(tmp_path / 'out')!r}, OPTIONS,
+                               puzzles=random_puzzles(stable("trm-att-rope")))
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(tmp_path.glob(".out.partial-*")):
+        time.sleep(0.1)
+    line = proc.stdout.readline()
+    assert "parity started" in line, proc.stderr.read()
+    assert list(tmp_path.glob(".out.partial-*"))  # staging exists mid-export, the output does not
+    assert not (tmp_path / "out").exists()
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=60)
+    assert proc.returncode != 0
+    assert not (tmp_path / "out").exists()
+    assert not list(tmp_path.glob(".out.*"))
+
+
+def test_stale_partial_from_a_sigkilled_export_is_cleaned(tmp_path):
+    stale = tmp_path / ".bundle.partial-999999999"
+    stale.mkdir()
+    (stale / "half.onnx").write_bytes(b"\0" * 10)
+    path, _ = export(tmp_path)
+    assert not stale.exists() and path.exists()
+
+
+def test_tampered_bundle_is_refused(tmp_path):
+    path, manifest = export(tmp_path)
+    table = path / "tables" / "H_init.npy"
+    data = bytearray(table.read_bytes())
+    data[-1] ^= 0xFF
+    table.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match=r"tables/H_init.npy: sha256 differs from the manifest"):
+        verify_bundle(path)
+    os.remove(path / "golden" / "tokens.npy")
+    with pytest.raises(BundleError, match=r"golden/tokens.npy: missing"):
+        read_manifest(path)
+
+
+def test_verify_cli_passes_and_fails(tmp_path):
+    path, _ = export(tmp_path)
+    result = CliRunner().invoke(cli, ["verify", str(path)])
+    assert result.exit_code == 0, result.output
+    assert "Passed: 4/4" in result.output
+    golden = path / "golden" / "q_halt.npy"
+    q = np.load(golden)
+    np.save(golden, -q)  # a wrong golden vector, with the manifest updated so only the numbers disagree
+    manifest = json.loads((path / "manifest.json").read_text())
+    from trm_export.runtime.manifest import sha256_file
+
+    manifest["files"]["golden/q_halt.npy"] = sha256_file(golden)
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    result = CliRunner().invoke(cli, ["verify", str(path)])
+    assert result.exit_code == 1 and "FAIL" in result.output
+
+
+def test_puzzle_table_in_float16(tmp_path):
+    path, manifest = export(tmp_path, puzzle_table_dtype="float16")
+    assert np.load(path / manifest["embedding"]["puzzle_table"]).dtype == np.float16
+    assert verify_bundle(path)
+
+
+def test_manifest_describes_the_model(tmp_path):
+    path, manifest = export(tmp_path, "hrm")
+    v = stable("hrm")
+    assert manifest["format_version"] == 1 and manifest["model"]["family"] == "hrm"
+    assert manifest["loop"] == {"halt_max_steps": v.halt_max_steps, "halting_rule": "q_halt>q_continue",
+                                "uses_q_continue": True}
+    assert manifest["task"]["seq_len"] == v.seq_len and manifest["task"]["prefix_len"] == v.prefix_len
+    assert manifest["graphs"]["fp32"]["inputs"][0] == {"name": "x", "shape": ["batch", v.seq_len + v.prefix_len,
+                                                                               v.hidden_size], "dtype": "float32"}
+    assert len(manifest["provenance"]["checkpoint_sha256"]) == 64
+    assert set(manifest["files"]) == {p.relative_to(path).as_posix() for p in path.rglob("*")
+                                      if p.is_file() and p.name != "manifest.json"}

@@ -1,0 +1,196 @@
+"""Runtime: the torch-free loop. Exactness of batched adaptive halting with refill, modes, validation, CLI."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from official_format import COMPILED_PREFIX, VARIANTS, write_official_checkpoint
+from trm_export.cli import main as cli
+from trm_export.errors import InputError
+from trm_export.export.checkpoint import load_checkpoint
+from trm_export.export.pipeline import ExportOptions, Puzzles, export_bundle
+from trm_export.export.reference import run_reference
+from trm_export.runtime.solver import Solver
+from trm_export.tasks import format_sudoku, get_task
+
+SUDOKU_SHAPED = dataclasses.replace(VARIANTS["trm-att-rope"], name="sudoku-shaped", seq_len=81, vocab_size=11,
+                                    num_puzzle_identifiers=1, halt_max_steps=8, gain=0.5)
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    """A sudoku-shaped random model (so the Sudoku text format applies), exported once for the module."""
+    root = tmp_path_factory.mktemp("runtime")
+    path = write_official_checkpoint(root / "ckpt", SUDOKU_SHAPED)
+    # Shift the random Q head's bias so that puzzles halt at different steps (the point of these tests).
+    state = torch.load(path, weights_only=True)
+    q = run_reference(load_checkpoint(path).model, get_task("sudoku").split("heldout", size=40).inputs).q_halt
+    state[COMPILED_PREFIX + "q_head.bias"][0] -= float(np.median(q[3]))
+    torch.save(state, path)
+    puzzles = get_task("sudoku").split("calibration", size=16)
+    export_bundle(root / "ckpt", root / "bundle", ExportOptions(progress=False, batch_size=8),
+                  puzzles=Puzzles(puzzles.inputs, puzzles.puzzle_ids, puzzles.labels, "calibration", "sudoku"))
+    return root
+
+
+@pytest.fixture(scope="module")
+def puzzles():
+    return get_task("sudoku").split("heldout", size=40).inputs
+
+
+@pytest.fixture(scope="module")
+def reference(bundle, puzzles):
+    model = load_checkpoint(bundle / "ckpt").model
+    return run_reference(model, puzzles, mode="adaptive", max_steps=SUDOKU_SHAPED.halt_max_steps)
+
+
+def test_runtime_imports_and_runs_without_torch_or_onnx(bundle):
+    script = textwrap.dedent(f"""
+        import sys
+        class Block:
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in ("torch", "onnx", "yaml", "click"):
+                    raise ImportError("blocked for this test: " + name)
+        sys.meta_path.insert(0, Block())
+        from trm_export.runtime import Solver
+        from trm_export.runtime.selfcheck import verify_bundle
+        from trm_export.tasks import get_task
+        solver = Solver({str(bundle / 'bundle')!r})
+        result = solver.solve(get_task("sudoku").split("heldout", size=3).inputs)
+        assert bool(verify_bundle({str(bundle / 'bundle')!r}))
+        assert not any(m.split(".")[0] in ("torch", "onnx") for m in sys.modules)
+        print("steps", list(result.steps_used))
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("steps [")
+
+
+def test_fixed_mode_equals_the_reference(bundle, puzzles, reference):
+    result = Solver(bundle / "bundle", batch_size=16).solve(puzzles, mode="fixed")
+    assert np.array_equal(result.predictions, reference.step_predictions[-1])
+    assert (result.steps_used == SUDOKU_SHAPED.halt_max_steps).all()
+
+
+def test_adaptive_mode_equals_the_reference_halting(bundle, puzzles, reference):
+    result = Solver(bundle / "bundle", batch_size=16).solve(puzzles, mode="adaptive")
+    assert len(set(reference.steps_used.tolist())) > 2  # halting really varies between puzzles
+    assert np.array_equal(result.steps_used, reference.steps_used)
+    assert np.array_equal(result.predictions, reference.predictions)
+    np.testing.assert_allclose(result.q_halt, reference.q_halt[reference.steps_used - 1, np.arange(len(puzzles))],
+                               atol=1e-4)
+
+
+def test_result_does_not_depend_on_batch_neighbours(bundle, puzzles):
+    alone = [Solver(bundle / "bundle", batch_size=1).solve(p[None]) for p in puzzles[:12]]
+    batched = Solver(bundle / "bundle", batch_size=5).solve(puzzles[:12])
+    for i, single in enumerate(alone):
+        assert batched.steps_used[i] == single.steps_used[0]
+        assert np.array_equal(batched.predictions[i], single.predictions[0])
+        assert batched.q_halt[i] == single.q_halt[0]  # bitwise
+
+
+def test_refill_and_wait_for_batch_give_the_same_answers(bundle, puzzles):
+    solver = Solver(bundle / "bundle", batch_size=8)
+    refill = solver.solve(puzzles, mode="adaptive", refill=True)
+    waves = solver.solve(puzzles, mode="adaptive", refill=False)
+    assert np.array_equal(refill.predictions, waves.predictions)
+    assert np.array_equal(refill.steps_used, waves.steps_used)
+
+
+def test_step_budget_beyond_training_and_min_steps(bundle, puzzles):
+    solver = Solver(bundle / "bundle", batch_size=8)
+    model = load_checkpoint(bundle / "ckpt").model
+    ref = run_reference(model, puzzles[:10], mode="adaptive", max_steps=12, min_steps=3)
+    result = solver.solve(puzzles[:10], mode="adaptive", max_steps=12, min_steps=3)
+    assert np.array_equal(result.steps_used, ref.steps_used) and result.steps_used.min() >= 3
+    fixed = solver.solve(puzzles[:10], mode="fixed", max_steps=12)
+    assert (fixed.steps_used == 12).all()
+    assert np.array_equal(fixed.predictions, run_reference(model, puzzles[:10], max_steps=12).predictions)
+
+
+@pytest.mark.parametrize(("puzzle", "ids", "message"), [
+    (np.ones((2, 80), np.int64), None, "each puzzle must have 81 tokens, got 80"),
+    (np.full((1, 81), 11), None, "token 11 at puzzle 0, position 0 is outside the vocabulary"),
+    (np.ones((1, 81), np.float32), None, "puzzle tokens must be integers, got dtype float32"),
+    (np.ones((0, 81), np.int64), None, "no puzzles given"),
+    (np.ones((2, 81), np.int64), np.array([0, 1]), "unknown puzzle id 1: the model knows ids 0..0"),
+    (np.ones((2, 81), np.int64), np.array([0]), "need one puzzle id per puzzle"),
+    (np.ones((2, 3, 81), np.int64), None, "puzzles must be"),
+])
+def test_bad_input_is_a_clear_error(bundle, puzzle, ids, message):
+    with pytest.raises(InputError, match=message):
+        Solver(bundle / "bundle").solve(puzzle, ids)
+
+
+def test_bad_loop_settings(bundle, puzzles):
+    solver = Solver(bundle / "bundle")
+    with pytest.raises(InputError, match="mode must be one of"):
+        solver.solve(puzzles[:1], mode="greedy")
+    with pytest.raises(InputError, match=r"need 1 <= min_steps \(5\) <= max_steps \(3\)"):
+        solver.solve(puzzles[:1], max_steps=3, min_steps=5)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(tokens=st.lists(st.lists(st.integers(-3, 14), min_size=79, max_size=83), min_size=0, max_size=3))
+def test_validator_accepts_exactly_the_valid_puzzles(bundle, tokens):
+    solver = Solver(bundle / "bundle", verify=False)
+    arr = np.array(tokens, dtype=np.int64) if tokens and len({len(t) for t in tokens}) == 1 else None
+    valid = arr is not None and arr.shape[1] == 81 and arr.min() >= 0 and arr.max() < 11
+    if valid:
+        from trm_export.runtime.validate import validate_puzzles
+
+        out, ids = validate_puzzles(arr, None, solver.task)
+        assert out.shape == arr.shape and (ids == 0).all()
+    else:
+        with pytest.raises(InputError):
+            from trm_export.runtime.validate import validate_puzzles
+
+            validate_puzzles(arr if arr is not None else np.array(tokens, dtype=object), None, solver.task)
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(batch=st.integers(1, 9), order=st.permutations(list(range(10))), refill=st.booleans(),
+       min_steps=st.integers(1, 3))
+def test_loop_answers_do_not_depend_on_batch_order_or_refill(bundle, puzzles, reference, batch, order, refill,
+                                                             min_steps):
+    solver = Solver(bundle / "bundle", batch_size=batch, verify=False)
+    chosen = np.array(order)
+    result = solver.solve(puzzles[chosen], mode="adaptive", refill=refill, min_steps=min_steps)
+    expected_steps = reference.steps_used[chosen]
+    if min_steps == 1:
+        assert np.array_equal(result.steps_used, expected_steps)
+        assert np.array_equal(result.predictions, reference.predictions[chosen])
+    assert (result.steps_used >= min_steps).all()
+    again = Solver(bundle / "bundle", batch_size=1, verify=False).solve(puzzles[chosen], mode="adaptive",
+                                                                         min_steps=min_steps)
+    assert np.array_equal(result.steps_used, again.steps_used)
+    assert np.array_equal(result.predictions, again.predictions)
+
+
+def test_run_cli_reads_sudoku_text_and_writes_solutions(bundle, puzzles, reference, tmp_path):
+    src = tmp_path / "puzzles.txt"
+    src.write_text("# three puzzles\n" + "\n".join(format_sudoku(p).replace(".", "0") for p in puzzles[:3]) + "\n")
+    out = tmp_path / "solutions.txt"
+    result = CliRunner().invoke(cli, ["run", str(bundle / "bundle"), "--input", str(src), "--output", str(out)])
+    assert result.exit_code == 0, result.output
+    lines = out.read_text().splitlines()
+    assert len(lines) == 3
+    for line, pred, steps in zip(lines, reference.predictions[:3], reference.steps_used[:3], strict=True):
+        solution, used = line.split("\t")
+        assert solution == "".join("?.123456789"[t] for t in pred) and int(used) == steps
+    again = CliRunner().invoke(cli, ["run", str(bundle / "bundle"), "--input", str(src), "--output", str(out)])
+    assert again.exit_code != 0 and "already exists; pass --force" in again.output
+    bad = tmp_path / "bad.txt"
+    bad.write_text("12345\n")
+    result = CliRunner().invoke(cli, ["run", str(bundle / "bundle"), "--input", str(bad)])
+    assert result.exit_code != 0 and "bad.txt" in result.output
