@@ -86,7 +86,7 @@ def run_reference(model: RecursiveModel, tokens: np.ndarray, puzzle_ids: np.ndar
         batches = tqdm(batches, desc=f"reference ({mode}, {steps} steps)", unit="batch")
     for start in batches:
         sl = slice(start, min(start + batch_size, n))
-        x = model.embed(torch.from_numpy(tokens[sl]), torch.from_numpy(puzzle_ids[sl]))
+        x = model.embed(torch.tensor(tokens[sl], dtype=torch.long), torch.tensor(puzzle_ids[sl], dtype=torch.long))
         z_H, z_L = model.initial_state(x.shape[0])
         for t in range(steps):
             z_H, z_L, logits, qh, qc = model.step(x, z_H, z_L)

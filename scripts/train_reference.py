@@ -228,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
                        run_dir / "train_state.tmp")
             os.replace(run_dir / "train_state.tmp", state_file)
             (run_dir / "history.json").write_text(json.dumps(history, indent=1))
+            (out / "training_history.json").write_text(json.dumps(history, indent=1))
             last_eval = now
         if done:
             break
