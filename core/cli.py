@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import click
+
 from trm_export import __version__
 from trm_export.errors import TrmExportError
 
@@ -103,6 +104,7 @@ def evaluate(model: Path | None, split: str, limit: int | None, steps: str, adap
              dataset_json: Path | None, **overrides) -> None:
     """Exact accuracy of the PyTorch reference (float32) per step budget on the matching task's puzzles."""
     import torch
+
     from trm_export.export.accuracy import accuracy_by_budget, format_table, task_for_config
 
     if threads:
@@ -142,6 +144,7 @@ def export(model: Path | None, target: str, output: Path | None, force: bool, pu
            **overrides) -> None:
     """Export MODEL to a self-verifying bundle: one recursion step as ONNX, tables, golden vectors, manifest."""
     import torch
+
     from trm_export.export.pipeline import ExportOptions, export_bundle, puzzles_from_file
     from trm_export.targets.registry import get_target
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
 from trm_export.export.config import ModelConfig
 from trm_export.export.model import RecursiveModel
 from trm_export.export.reference import run_reference

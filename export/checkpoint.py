@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from trm_export.errors import CheckpointError, ConfigError
 from trm_export.export.config import ModelConfig
 from trm_export.export.model import RecursiveModel

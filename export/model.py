@@ -14,6 +14,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+
 from trm_export.export.config import ModelConfig, swiglu_intermediate
 
 

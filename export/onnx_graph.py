@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import onnx
 import torch
 from torch import nn
+
 from trm_export.errors import TrmExportError
 from trm_export.export.model import RecursiveModel
 from trm_export.runtime.backend import STEP_INPUTS, STEP_OUTPUTS

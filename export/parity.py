@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
+
 from trm_export.export.model import RecursiveModel
 from trm_export.export.reference import run_reference
 from trm_export.runtime.solver import Solver

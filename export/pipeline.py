@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import onnx
 import torch
+
 from trm_export import __version__
 from trm_export.errors import TrmExportError
 from trm_export.export.checkpoint import LoadedCheckpoint, load_checkpoint

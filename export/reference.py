@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
 from trm_export.export.model import RecursiveModel
 
 

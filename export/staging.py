@@ -15,6 +15,7 @@ import signal
 from pathlib import Path
 
 import numpy as np
+
 from trm_export.errors import BundleError
 from trm_export.runtime.manifest import MANIFEST_NAME, Manifest, sha256_file
 

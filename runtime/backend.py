@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Protocol
 
 import numpy as np
+
 from trm_export.errors import BundleError
 
 STEP_INPUTS = ("x", "z_H", "z_L")

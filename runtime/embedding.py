@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+
 from trm_export.runtime.manifest import EmbeddingSpec, TaskEncoding
 
 

@@ -7,6 +7,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+
 from trm_export.errors import InputError
 from trm_export.runtime.manifest import TaskEncoding
 from trm_export.runtime.solver import SolveResult

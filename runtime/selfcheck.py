@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
 from trm_export.runtime.embedding import load_array
 from trm_export.runtime.solver import Solver
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
 from trm_export.errors import BundleError, InputError
 from trm_export.runtime.backend import Backend, OnnxRuntimeBackend
 from trm_export.runtime.embedding import Embedder

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+
 from trm_export.errors import InputError
 from trm_export.runtime.manifest import TaskEncoding
 

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import yaml
+
 from trm_export.export.config import ModelConfig
 from trm_export.export.model import RecursiveModel
 from trm_export.tasks import get_task

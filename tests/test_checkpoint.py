@@ -9,6 +9,7 @@ import pytest
 import torch
 import yaml
 from official_format import COMPILED_PREFIX, VARIANTS, official_state_dict, write_official_checkpoint
+
 from trm_export.errors import CheckpointError, ConfigError
 from trm_export.export.checkpoint import load_checkpoint
 

@@ -17,6 +17,7 @@ import onnx
 import pytest
 from click.testing import CliRunner
 from official_format import VARIANTS, write_official_checkpoint
+
 from trm_export.cli import main as cli
 from trm_export.errors import BundleError
 from trm_export.export.pipeline import ExportOptions, ParityError, Puzzles, export_bundle

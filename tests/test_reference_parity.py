@@ -29,6 +29,7 @@ from numpy_reference import (
     rotate_half,
 )
 from official_format import COMPILED_PREFIX, VARIANTS, write_official_checkpoint
+
 from trm_export.export.checkpoint import load_checkpoint
 from trm_export.export.reference import run_reference
 

@@ -14,6 +14,7 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from official_format import COMPILED_PREFIX, VARIANTS, write_official_checkpoint
+
 from trm_export.cli import main as cli
 from trm_export.errors import InputError
 from trm_export.export.checkpoint import load_checkpoint

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from trm_export.tasks import (
     SPLIT_NAMES,
     TASK_NAMES,
