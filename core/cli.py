@@ -207,6 +207,28 @@ def run(bundle: Path, input_path: Path, output: Path | None, force: bool, mode: 
         click.echo(f"{len(result)} puzzles solved ({mode}, mean {result.steps_used.mean():.2f} steps) -> {output}")
 
 
+@main.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--variant", "variants", multiple=True, help="Graph(s) to build (default: all in the bundle).")
+@click.option("--dla-core", type=int, default=None, help="Build for this DLA core (fp16/int8, static batch).")
+@click.option("--print-recipe", is_flag=True, help="Only print the trtexec commands for the bundle's target.")
+def build(bundle: Path, variants: tuple[str, ...], dla_core: int | None, print_recipe: bool) -> None:
+    """Build TensorRT engines for BUNDLE here (needs TensorRT and a GPU), recorded in its manifest."""
+    from trm_export.runtime.manifest import read_manifest
+    from trm_export.targets.engines import build_bundle_engines, recipes_for
+    from trm_export.targets.registry import get_target
+
+    if print_recipe:
+        manifest = read_manifest(bundle)
+        target = get_target(manifest.target)
+        for recipe in recipes_for(manifest, target, dla_core=dla_core, variants=list(variants) or None):
+            click.echo(recipe.trtexec_command())
+        return
+    manifest = build_bundle_engines(bundle, list(variants) or None, dla_core=dla_core)
+    for name, record in manifest.build["engines"].items():
+        click.echo(f"{name}: {record['file']} (TensorRT {record['tensorrt_version']}, SM {record['sm']})")
+
+
 def _sm_range(sm: tuple[str, ...]) -> str:
     return "-" if not sm else sm[0] if len(sm) == 1 else f"{sm[0]}+"
 

@@ -35,6 +35,7 @@ from trm_export.runtime.manifest import (
     TaskEncoding,
 )
 from trm_export.runtime.solver import Solver
+from trm_export.targets.engines import write_build_recipes
 from trm_export.targets.registry import Target, get_target
 
 # The TorchScript exporter's highest opset that every TensorRT-10 parser accepts; lower targets cap it further.
@@ -175,7 +176,8 @@ def export_bundle(checkpoint: str | Path | LoadedCheckpoint, out: str | Path, op
                         "host": platform.machine()},
             golden=golden,
         )
-        stage.write_manifest(_with_files(manifest, stage))
+        manifest = _with_files(manifest, stage, build=write_build_recipes(stage.path, manifest))
+        stage.write_manifest(manifest)
 
         limit = len(puzzles.tokens) if options.parity_puzzles is None else min(options.parity_puzzles,
                                                                                  len(puzzles.tokens))

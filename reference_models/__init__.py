@@ -12,7 +12,7 @@ from trm_export.errors import CheckpointError
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_MODEL = "sudoku_mlpt"
-TASK_OF_MODEL = {"sudoku_mlpt": ("sudoku", {}), "maze_att": ("maze", {"size": 11})}
+TASK_OF_MODEL = {"sudoku_mlpt": ("sudoku", {}), "maze_att": ("maze", {"size": 9})}
 
 
 def reference_model_path(name: str = DEFAULT_MODEL) -> Path:

@@ -49,6 +49,12 @@ def halt_now(q_halt: np.ndarray, q_continue: np.ndarray, rule: str) -> np.ndarra
     raise BundleError(f"unknown halting rule {rule!r} in manifest")
 
 
+def _tensorrt_importable() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("tensorrt") is not None
+
+
 class Solver:
     """Runs a bundle's step graph in a loop. Verifies the bundle's checksums on load."""
 
@@ -68,8 +74,18 @@ class Solver:
     def _make_backend(self, backend: str, provider: str | None, batch_size: int, threads: int | None) -> Backend:
         graph = self.manifest.graphs[self.variant]
         task = self.manifest.task
-        if backend not in ("auto", "onnxruntime"):
-            raise BundleError(f"requested backend {backend!r}; available: 'auto', 'onnxruntime'")
+        if backend not in ("auto", "onnxruntime", "tensorrt"):
+            raise BundleError(f"requested backend {backend!r}; available: 'auto', 'onnxruntime', 'tensorrt'")
+        engine = self.manifest.build.get("engines", {}).get(self.variant)
+        if backend == "tensorrt" or (backend == "auto" and engine is not None and _tensorrt_importable()):
+            if engine is None:
+                raise BundleError(f"no TensorRT engine for variant {self.variant!r} in this bundle; build one on the "
+                                  "device with `trm-export build BUNDLE` (or build/build_engines.sh)")
+            from trm_export.runtime.tensorrt_backend import TensorRTBackend, check_engine_here
+
+            check_engine_here(engine)
+            return TensorRTBackend(self.bundle / engine["file"], batch_size, self.embedder.state_shape, task.seq_len,
+                                   task.vocab_size)
         return OnnxRuntimeBackend(self.bundle / graph.file, batch_size, self.embedder.state_shape, task.seq_len,
                                   task.vocab_size, provider=provider, threads=threads)
 

@@ -50,7 +50,7 @@ RECIPES = {
         "out": "sudoku_mlpt",
     },
     "maze": {
-        "task": {"name": "maze", "size": 11},
+        "task": {"name": "maze", "size": 9},
         "arch": {"hidden_size": 64, "num_heads": 4, "expansion": 2.0, "L_layers": 2, "H_cycles": 2,
                  "L_cycles": 3, "pos_encodings": "rope", "puzzle_emb_ndim": 64, "puzzle_emb_len": 1,
                  "mlp_t": False, "halt_max_steps": 16, "halt_exploration_prob": 0.1, "no_ACT_continue": True,
