@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from trm_export.errors import CheckpointError, ConfigError
-from trm_export.export.config import ModelConfig
+from trm_export.export.config import ModelConfig, prefix_length
 from trm_export.export.model import RecursiveModel
 
 # Longest first: the first prefix shared by every key is the one stripped.
@@ -267,13 +267,14 @@ def build_config(path: Path, state: dict[str, torch.Tensor], train_config: dict 
         put("expansion", 1.5 * facts["_mlp_intermediate"] / facts["hidden_size"], "weights")
     # seq_len from the weights when they reveal it (learned positions, mlp_t).
     if "_total_seq_len" in facts:
-        probe = ModelConfig.from_dict(_with_placeholders(values, seq_len=1))
-        inferred = facts["_total_seq_len"] - probe.prefix_len
+        prefix = prefix_length(values.get("family", "trm"), values.get("puzzle_emb_ndim", 0),
+                               values.get("puzzle_emb_len", ModelConfig.puzzle_emb_len), values["hidden_size"])
+        inferred = facts["_total_seq_len"] - prefix
         if "seq_len" in values and values["seq_len"] != inferred:
             raise CheckpointError(
                 config_path or dataset_path or path,
                 f"config and weights disagree: seq_len: {sources['seq_len']} says {values['seq_len']}, weights "
-                f"say {inferred} ({facts['_total_seq_len']} positions minus a {probe.prefix_len}-position prefix)")
+                f"say {inferred} ({facts['_total_seq_len']} positions minus a {prefix}-position prefix)")
         put("seq_len", inferred, "weights")
     required = {
         "seq_len": "--seq-len or a dataset.json (--dataset)",
@@ -295,20 +296,6 @@ def build_config(path: Path, state: dict[str, torch.Tensor], train_config: dict 
     except ConfigError as exc:
         raise CheckpointError(config_path or path, str(exc)) from None
     return config, sources
-
-
-def _with_placeholders(values: dict[str, Any], **extra: Any) -> dict[str, Any]:
-    """A config dict good enough to compute derived sizes before every field is known."""
-    known = set(ModelConfig.__dataclass_fields__)
-    probe = {"family": "trm", "vocab_size": 1, "seq_len": 1, "num_puzzle_identifiers": 1, "hidden_size": 1,
-             "num_heads": 1, "expansion": 1.0, "L_layers": 1, "H_cycles": 1, "L_cycles": 1, "H_layers": 1,
-             "pos_encodings": "none"}
-    probe.update({k: v for k, v in values.items() if k in known})
-    probe.update(extra)
-    if probe["family"] == "hrm":
-        probe["mlp_t"] = False
-    probe["num_heads"] = 1
-    return probe
 
 
 def check_state_dict(path: Path, model: RecursiveModel, state: dict[str, torch.Tensor]) -> None:

@@ -28,6 +28,16 @@ def swiglu_intermediate(width: int, expansion: float) -> int:
     return find_multiple(round(expansion * width * 2 / 3), 256)
 
 
+def prefix_length(family: str, puzzle_emb_ndim: int, puzzle_emb_len: int, hidden_size: int) -> int:
+    """Puzzle-embedding positions prepended to the tokens: TRM takes puzzle_emb_len (0 = the ceil below),
+    HRM always ceil(puzzle_emb_ndim / hidden_size); none without a puzzle embedding."""
+    if puzzle_emb_ndim == 0:
+        return 0
+    if family == "hrm" or puzzle_emb_len == 0:
+        return math.ceil(puzzle_emb_ndim / hidden_size)
+    return puzzle_emb_len
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Architecture and task shape of one TRM or HRM checkpoint."""
@@ -95,12 +105,7 @@ class ModelConfig:
     @property
     def prefix_len(self) -> int:
         """Number of puzzle-embedding positions prepended to the tokens."""
-        if self.puzzle_emb_ndim == 0:
-            return 0
-        ceil_len = math.ceil(self.puzzle_emb_ndim / self.hidden_size)
-        if self.family == "hrm" or self.puzzle_emb_len == 0:
-            return ceil_len
-        return self.puzzle_emb_len
+        return prefix_length(self.family, self.puzzle_emb_ndim, self.puzzle_emb_len, self.hidden_size)
 
     @property
     def total_seq_len(self) -> int:

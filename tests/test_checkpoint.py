@@ -198,3 +198,14 @@ def test_missing_path(tmp_path):
         load_checkpoint(tmp_path / "nope")
     with pytest.raises(CheckpointError, match="directory holds no checkpoint"):
         load_checkpoint(tmp_path)
+
+
+def test_trm_without_puzzle_embedding_needs_puzzle_emb_len_zero(tmp_path):
+    # Upstream TRM sizes its state as seq_len + puzzle_emb_len (default 16) but prepends nothing when
+    # puzzle_emb_ndim is 0: such a model cannot run, so the loader says why instead of failing in a matmul.
+    path = write_official_checkpoint(tmp_path, "trm-att-rope-nopuzzle")
+    cfg = yaml.safe_load((tmp_path / "all_config.yaml").read_text())
+    cfg["arch"]["puzzle_emb_len"] = 16
+    (tmp_path / "all_config.yaml").write_text(yaml.safe_dump(cfg))
+    with pytest.raises(CheckpointError, match="puzzle_emb_ndim is 0 but puzzle_emb_len is 16.*Set puzzle_emb_len: 0"):
+        load_checkpoint(path)

@@ -1,0 +1,153 @@
+"""CPU speed, side by side in one run: PyTorch eager reference vs the bundle on ONNX Runtime, and the GEMM peak.
+
+    python benchmarks/cpu_speed.py [MODEL ...] [--threads 2] [--json out.json]
+
+For each reference model (default: both shipped ones), in one process and with the same thread count:
+- this machine's float32 GEMM peak (a large torch matmul), GFLOP/s;
+- one ACT step at batch 1 and batch 64: PyTorch eager (float32) and every graph variant of the bundle on
+  ONNX Runtime (CPU), median time, achieved GFLOP/s (analytic FLOPs of the step) and fraction of the peak;
+- end to end on the held-out split: the official evaluation (PyTorch, 16 fixed steps, batch 64) against the
+  runtime with adaptive halting and continuous refill (batch 64): puzzles/s, exact accuracy, their ratio.
+Ratios, not absolute times, are the result: the absolute numbers depend on the machine and its load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from trm_export.export.config import ModelConfig
+from trm_export.export.pipeline import ExportOptions, export_bundle
+from trm_export.export.reference import run_reference
+from trm_export.reference_models import TASK_OF_MODEL, reference_model_path
+from trm_export.runtime.solver import Solver
+from trm_export.tasks import exact_accuracy, get_task
+
+
+def step_flops(cfg: ModelConfig) -> float:
+    """Multiply-adds x 2 of one ACT step for one puzzle (matmuls only: they are >99% of the work)."""
+    s, d, v = cfg.total_seq_len, cfg.hidden_size, cfg.vocab_size
+    inter = cfg.mlp_intermediate
+    mlp = 2 * s * d * 2 * inter + 2 * s * inter * d
+    if cfg.mlp_t:
+        inter_t = cfg.mlp_t_intermediate
+        mixer = 2 * d * s * 2 * inter_t + 2 * d * inter_t * s
+    else:
+        mixer = 2 * s * d * 3 * d + 2 * 2 * s * s * d + 2 * s * d * d
+    per_layer = mixer + mlp
+    if cfg.family == "hrm":
+        per_step = cfg.H_cycles * (cfg.L_cycles * cfg.L_layers + cfg.H_layers) * per_layer
+    else:
+        per_step = cfg.net_calls_per_step * cfg.L_layers * per_layer
+    return float(per_step + 2 * cfg.seq_len * d * v)
+
+
+def gemm_peak(threads: int, n: int = 2048, repeats: int = 5) -> float:
+    torch.set_num_threads(threads)
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        times.append(time.perf_counter() - start)
+    return 2 * n ** 3 / min(times) / 1e9
+
+
+def median_time(fn, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+@torch.inference_mode()
+def torch_step_time(model, tokens: np.ndarray, repeats: int) -> float:
+    x = model.embed(torch.tensor(tokens, dtype=torch.long), torch.zeros(len(tokens), dtype=torch.long))
+    z_H, z_L = model.initial_state(len(tokens))
+    return median_time(lambda: model.step(x, z_H, z_L), repeats)
+
+
+def ort_step_time(bundle: Path, variant: str, tokens: np.ndarray, threads: int, repeats: int) -> float:
+    solver = Solver(bundle, variant=variant, batch_size=len(tokens), threads=threads)
+    solver.solve(tokens, mode="fixed", max_steps=1)  # loads the slots
+    return median_time(lambda: solver.backend.step(len(tokens)), repeats)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("models", nargs="*", default=sorted(TASK_OF_MODEL))
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--end-to-end-puzzles", type=int, default=1000)
+    parser.add_argument("--bundle", type=Path, action="append", default=[],
+                        help="Use this bundle for the model of the same index instead of exporting one.")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    peak = gemm_peak(args.threads)
+    print(f"float32 GEMM peak (torch 2048^3, {args.threads} threads): {peak:.1f} GFLOP/s", flush=True)
+    results = {"threads": args.threads, "gemm_peak_gflops": peak, "models": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, name in enumerate(args.models):
+            from trm_export.export.checkpoint import load_checkpoint
+
+            ck = load_checkpoint(reference_model_path(name))
+            task_name, params = TASK_OF_MODEL[name]
+            data = get_task(task_name, **params).split("heldout", size=args.end_to_end_puzzles)
+            if i < len(args.bundle):
+                bundle = args.bundle[i]
+            else:
+                bundle, _, _ = export_bundle(ck, Path(tmp) / f"{name}.bundle",
+                                             ExportOptions(parity_puzzles=64, progress=False))
+            variants = sorted(Solver(bundle).manifest.graphs)
+            flops = step_flops(ck.config)
+            model_result = {"step_gflop": flops / 1e9, "step": {}, "end_to_end": {}}
+            for batch in (1, 64):
+                tokens = data.inputs[:batch]
+                row = {"pytorch_eager": torch_step_time(ck.model, tokens, args.repeats)}
+                for variant in variants:
+                    row[f"onnxruntime_{variant}"] = ort_step_time(bundle, variant, tokens, args.threads, args.repeats)
+                model_result["step"][batch] = row
+                for label, seconds in row.items():
+                    gflops = flops * batch / seconds / 1e9
+                    print(f"{name} batch {batch:>2} {label:<24} {seconds * 1e3:8.2f} ms/step  {gflops:7.1f} GFLOP/s "
+                          f"({100 * gflops / peak:5.1f}% of peak)  {row['pytorch_eager'] / seconds:5.2f}x eager",
+                          flush=True)
+            # End to end: official evaluation vs the runtime with adaptive halting and refill.
+            start = time.perf_counter()
+            ref = run_reference(ck.model, data.inputs, data.puzzle_ids, mode="fixed", max_steps=16, batch_size=64)
+            t_official = time.perf_counter() - start
+            solver = Solver(bundle, batch_size=64, threads=args.threads)
+            start = time.perf_counter()
+            ours = solver.solve(data.inputs, data.puzzle_ids, mode="adaptive")
+            t_ours = time.perf_counter() - start
+            e2e = {"official_puzzles_per_s": len(data) / t_official,
+                   "official_exact": exact_accuracy(ref.predictions, data.labels),
+                   "runtime_adaptive_puzzles_per_s": len(data) / t_ours,
+                   "runtime_adaptive_exact": exact_accuracy(ours.predictions, data.labels),
+                   "runtime_mean_steps": float(ours.steps_used.mean())}
+            e2e["speedup"] = e2e["runtime_adaptive_puzzles_per_s"] / e2e["official_puzzles_per_s"]
+            model_result["end_to_end"] = e2e
+            print(f"{name} end to end ({len(data)} puzzles): official PyTorch fixed-16 "
+                  f"{e2e['official_puzzles_per_s']:.1f} puzzles/s ({100 * e2e['official_exact']:.1f}% exact), runtime "
+                  f"adaptive+refill {e2e['runtime_adaptive_puzzles_per_s']:.1f} puzzles/s "
+                  f"({100 * e2e['runtime_adaptive_exact']:.1f}% exact, {e2e['runtime_mean_steps']:.2f} steps): "
+                  f"{e2e['speedup']:.2f}x", flush=True)
+            results["models"][name] = model_result
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
