@@ -229,6 +229,25 @@ def build(bundle: Path, variants: tuple[str, ...], dla_core: int | None, print_r
         click.echo(f"{name}: {record['file']} (TensorRT {record['tensorrt_version']}, SM {record['sm']})")
 
 
+@main.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--quick", is_flag=True, help="Small evaluation: 100 puzzles, 10 latency samples per setting.")
+@click.option("--puzzles", type=int, default=None, help="Held-out puzzles to evaluate (default 1000; quick: 100).")
+@click.option("--max-accuracy-drop", type=float, default=0.5, show_default=True,
+              help="Accuracy budget (points of exact accuracy below the best FP32 setting) for the recommendation.")
+@click.option("--threads", type=int, default=None, help="ONNX Runtime intra-op threads.")
+@click.option("--output", "-o", type=click.Path(path_type=Path), default=None,
+              help="Report folder (default: BUNDLE/report).")
+def report(bundle: Path, quick: bool, puzzles: int | None, max_accuracy_drop: float, threads: int | None,
+           output: Path | None) -> None:
+    """Measure accuracy versus latency of every variant and step budget here; write Markdown, JSON and plots."""
+    from trm_export.report import ReportOptions, measure_bundle, write_report
+
+    data = measure_bundle(bundle, ReportOptions(quick=quick, puzzles=puzzles, threads=threads))
+    folder = write_report(data, output or bundle / "report", max_accuracy_drop)
+    click.echo(f"report written: {folder / 'REPORT.md'}")
+
+
 def _sm_range(sm: tuple[str, ...]) -> str:
     return "-" if not sm else sm[0] if len(sm) == 1 else f"{sm[0]}+"
 

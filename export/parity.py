@@ -1,8 +1,15 @@
 """Parity of an exported bundle against the PyTorch reference, step by step, on real puzzles.
 
-For every puzzle and every step: max |z_H - ref|, max |logits - ref|, q_halt sign agreement; at the end:
-fixed-step predictions and adaptive halting (steps and predictions) identical. This is the verify stage of
-the export; its figures go into the manifest and the console, and a failure stops the export.
+Two views, both on the bundle's own runtime path:
+- the step graph, per step: fed the reference's state before step t, does it produce the reference's z_H, z_L,
+  logits and q after step t? (max abs error, every step; bar: the tolerance, 1e-4 for fp32). This is what the
+  export can guarantee: two float32 implementations of the same step differ by rounding only.
+- the loop, free running: q_halt sign agreement at every step, fixed-step predictions identical, adaptive halting
+  steps and predictions identical (bar: 100%), and, for information, how far the free-running states drift
+  apart. A recursive model amplifies float32 rounding from step to step (trained mlp_t models by ~1e-5 -> 1e-3
+  over 16 steps), so the free-running state error is reported, not held to the per-step bar.
+The verify stage of the export runs this; its figures go into the manifest and the console, and a failure stops
+the export.
 """
 
 from __future__ import annotations
@@ -21,10 +28,12 @@ class ParityReport:
     puzzles: int
     steps: int
     tolerance: float
-    max_abs_z_H: list[float] = field(default_factory=list)  # per step, max over puzzles
+    max_abs_z_H: list[float] = field(default_factory=list)  # per step, max over puzzles, step graph fed the ref state
     max_abs_z_L: list[float] = field(default_factory=list)
     max_abs_logits: list[float] = field(default_factory=list)
     max_abs_q: float = 0.0
+    free_running_max_abs_z_H: list[float] = field(default_factory=list)  # per step, whole loop on its own state
+    free_running_max_abs_logits: list[float] = field(default_factory=list)
     q_halt_sign_agreement: float = 1.0
     predictions_identical: float = 1.0
     adaptive_steps_identical: float = 1.0
@@ -51,8 +60,9 @@ class ParityReport:
         return out
 
     def summary(self) -> str:
-        text = (f"{self.puzzles} puzzles x {self.steps} steps: max |z_H - ref| {max(self.max_abs_z_H):.1e}, "
-                f"max |logits - ref| {max(self.max_abs_logits):.1e}, max |q - ref| {self.max_abs_q:.1e}, "
+        text = (f"{self.puzzles} puzzles x {self.steps} steps: step graph max |z_H - ref| {max(self.max_abs_z_H):.1e}, "
+                f"max |logits - ref| {max(self.max_abs_logits):.1e}, max |q - ref| {self.max_abs_q:.1e}; loop "
+                f"(free running) max |z_H - ref| {max(self.free_running_max_abs_z_H):.1e}, "
                 f"q_halt sign agreement {100 * self.q_halt_sign_agreement:.1f}%, fixed predictions identical "
                 f"{100 * self.predictions_identical:.1f}%, adaptive halting identical "
                 f"{100 * min(self.adaptive_steps_identical, self.adaptive_predictions_identical):.1f}%")
@@ -71,8 +81,10 @@ def check_parity(model: RecursiveModel, solver: Solver, tokens: np.ndarray, puzz
     """Compare `solver` (any backend) with `model` on the given puzzles, chunk by chunk to bound memory."""
     steps = int(steps or model.config.halt_max_steps)
     n = len(tokens)
-    report = ParityReport(puzzles=n, steps=steps, tolerance=tolerance, max_abs_z_H=[0.0] * steps,
-                          max_abs_z_L=[0.0] * steps, max_abs_logits=[0.0] * steps)
+    zeros = [0.0] * steps
+    report = ParityReport(puzzles=n, steps=steps, tolerance=tolerance, max_abs_z_H=list(zeros),
+                          max_abs_z_L=list(zeros), max_abs_logits=list(zeros), free_running_max_abs_z_H=list(zeros),
+                          free_running_max_abs_logits=list(zeros))
     chunk = solver.backend.capacity
     sign_agree = same_pred = same_steps = same_adaptive = 0
     bundle_preds = np.zeros((n, model.config.seq_len), np.int64)
@@ -85,19 +97,18 @@ def check_parity(model: RecursiveModel, solver: Solver, tokens: np.ndarray, puzz
     for start in starts:
         sl = slice(start, min(start + chunk, n))
         ref = run_reference(model, tokens[sl], puzzle_ids[sl], mode="adaptive", max_steps=steps, record_states=True)
+        _step_graph_errors(report, solver, ref, tokens[sl], puzzle_ids[sl])
 
         def compare(puzzles: np.ndarray, steps_done: np.ndarray, q_halt: np.ndarray, q_cont: np.ndarray,
                     ref=ref) -> None:
             nonlocal sign_agree
             t = int(steps_done[0]) - 1  # fixed mode, one chunk per call: every slot is at the same step
-            z_H, z_L = solver.backend.state(len(puzzles))
+            z_H, _ = solver.backend.state(len(puzzles))
             logits = solver.backend.logits(np.arange(len(puzzles)))
-            report.max_abs_z_H[t] = max(report.max_abs_z_H[t], float(np.abs(z_H - ref.z_H[t, puzzles]).max()))
-            report.max_abs_z_L[t] = max(report.max_abs_z_L[t], float(np.abs(z_L - ref.z_L[t, puzzles]).max()))
-            report.max_abs_logits[t] = max(report.max_abs_logits[t],
-                                           float(np.abs(logits - ref.logits[t, puzzles]).max()))
-            report.max_abs_q = max(report.max_abs_q, float(np.abs(q_halt - ref.q_halt[t, puzzles]).max()),
-                                   float(np.abs(q_cont - ref.q_continue[t, puzzles]).max()))
+            report.free_running_max_abs_z_H[t] = max(report.free_running_max_abs_z_H[t],
+                                                     float(np.abs(z_H - ref.z_H[t, puzzles]).max()))
+            report.free_running_max_abs_logits[t] = max(report.free_running_max_abs_logits[t],
+                                                        float(np.abs(logits - ref.logits[t, puzzles]).max()))
             sign_agree += int(np.sum((q_halt > 0) == (ref.q_halt[t, puzzles] > 0)))
 
         fixed = solver.solve(tokens[sl], puzzle_ids[sl], mode="fixed", max_steps=steps, on_step=compare)
@@ -115,3 +126,22 @@ def check_parity(model: RecursiveModel, solver: Solver, tokens: np.ndarray, puzz
         report.reference_exact_accuracy = float(np.mean(np.all(ref_preds == labels, axis=1)))
         report.bundle_exact_accuracy = float(np.mean(np.all(bundle_preds == labels, axis=1)))
     return report
+
+
+def _step_graph_errors(report: ParityReport, solver: Solver, ref, tokens: np.ndarray, puzzle_ids: np.ndarray) -> None:
+    """Feed the step graph the reference's state before each step; compare its outputs with the reference's."""
+    n = len(tokens)
+    slots = np.arange(n)
+    x = solver.embedder(tokens, puzzle_ids)
+    z_H, z_L = solver.embedder.initial_state(n)
+    for t in range(report.steps):
+        solver.backend.load(slots, x, z_H, z_L)
+        q_halt, q_cont = solver.backend.step(n)
+        out_H, out_L = solver.backend.state(n)
+        logits = solver.backend.logits(slots)
+        report.max_abs_z_H[t] = max(report.max_abs_z_H[t], float(np.abs(out_H - ref.z_H[t]).max()))
+        report.max_abs_z_L[t] = max(report.max_abs_z_L[t], float(np.abs(out_L - ref.z_L[t]).max()))
+        report.max_abs_logits[t] = max(report.max_abs_logits[t], float(np.abs(logits - ref.logits[t]).max()))
+        report.max_abs_q = max(report.max_abs_q, float(np.abs(q_halt - ref.q_halt[t]).max()),
+                               float(np.abs(q_cont - ref.q_continue[t]).max()))
+        z_H, z_L = ref.z_H[t], ref.z_L[t]

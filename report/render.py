@@ -1,0 +1,184 @@
+"""Turn measurements into report/REPORT.md, report/report.json and three plots a user would rather look at.
+
+- pareto.png: exact accuracy against per-puzzle latency (batch 1), every setting labelled, frontier drawn;
+- accuracy_vs_steps.png: exact accuracy against the step budget, one line per variant, adaptive as markers;
+- drift.png: per-step relative error and cosine similarity of z_H of each reduced precision against FP32.
+A recommendation: the fastest setting whose exact accuracy is within the budget of the best FP32 setting.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from trm_export.report.measure import Measurement, ReportData
+
+
+def pareto_front(rows: list[Measurement]) -> list[Measurement]:
+    """Settings no other setting beats on both latency (lower) and exact accuracy (higher)."""
+    front = []
+    for r in sorted(rows, key=lambda m: (m.latency_ms_p50, -m.exact_accuracy)):
+        if not front or r.exact_accuracy > front[-1].exact_accuracy:
+            front.append(r)
+    return front
+
+
+def recommend(rows: list[Measurement], max_drop_points: float) -> tuple[Measurement, Measurement] | None:
+    """(recommended, baseline): the lowest-latency setting within `max_drop_points` of the best FP32 setting."""
+    fp32 = [r for r in rows if r.precision == "fp32"]
+    if not fp32:
+        return None
+    baseline = max(fp32, key=lambda m: (m.exact_accuracy, -m.latency_ms_p50))
+    ok = [r for r in rows if 100 * (baseline.exact_accuracy - r.exact_accuracy) <= max_drop_points]
+    return min(ok, key=lambda m: (m.latency_ms_p50, -m.throughput)), baseline
+
+
+def _setting(r: Measurement) -> str:
+    return f"{r.variant}, {'adaptive' if r.mode == 'adaptive' else 'fixed'} {r.budget}"
+
+
+def markdown(data: ReportData, max_drop_points: float) -> str:
+    lines = [f"# Accuracy versus latency: `{Path(data.bundle).name}`", "",
+             f"Target `{data.target}`; measured on this host ({data.host}); {data.puzzles} held-out {data.task} "
+             "puzzles. Latency: one puzzle at a time (batch 1), p50/p95. Throughput: puzzles/s with the target's "
+             "batch, halted slots refilled. Every number below was measured here; nothing is estimated.", ""]
+    rec = recommend(data.measurements, max_drop_points)
+    if rec:
+        best, base = rec
+        lines += ["## Recommendation", "",
+                  f"**{_setting(best)}** on {best.backend}: exact accuracy {100 * best.exact_accuracy:.1f}% "
+                  f"({100 * (best.exact_accuracy - base.exact_accuracy):+.1f} points against the best FP32 setting, "
+                  f"{_setting(base)}, {100 * base.exact_accuracy:.1f}%), {best.latency_ms_p50:.2f} ms per puzzle "
+                  f"(p50; {base.latency_ms_p50 / best.latency_ms_p50:.2f}x faster than that baseline), "
+                  f"{best.throughput:.0f} puzzles/s at batch {best.batch}, mean {best.mean_steps:.2f} steps, "
+                  f"graph {best.size_mb:.2f} MB. Accuracy budget: {max_drop_points:g} points.", ""]
+    lines += ["## All settings", "",
+              "| variant | backend | loop | steps (mean) | exact acc | token acc | latency p50 / p95 (ms) | "
+              "puzzles/s | graph MB | peak RSS MB |", "|---|---|---|---|---|---|---|---|---|---|"]
+    front = {id(r) for r in pareto_front(data.measurements)}
+    for r in data.measurements:
+        rss = "n/a" if r.peak_rss_mb is None else f"{r.peak_rss_mb:.0f}"
+        mark = " *" if id(r) in front else ""
+        lines.append(f"| {r.variant}{mark} | {r.backend} | {r.mode} {r.budget} | {r.mean_steps:.2f} | "
+                     f"{100 * r.exact_accuracy:.1f}% | {100 * r.token_accuracy:.2f}% | {r.latency_ms_p50:.2f} / "
+                     f"{r.latency_ms_p95:.2f} | {r.throughput:.0f} (batch {r.batch}) | {r.size_mb:.2f} | {rss} |")
+    lines += ["", "`*`: on the accuracy/latency Pareto frontier.", ""]
+    if data.drift:
+        lines += ["## Drift against FP32 (z_H, fixed loop)", "",
+                  "| variant | rel. error step 1 | rel. error last step | cosine last step |", "|---|---|---|---|"]
+        for d in data.drift:
+            lines.append(f"| {d.variant} | {d.relative_error[0]:.2e} | {d.relative_error[-1]:.2e} | "
+                         f"{d.cosine[-1]:.5f} |")
+        lines.append("")
+    if data.not_measured:
+        lines += ["## Not measured here", ""] + [f"- {item}" for item in data.not_measured] + [""]
+    lines += ["## Plots", "", "![accuracy versus latency](pareto.png)", "",
+              "![accuracy versus steps](accuracy_vs_steps.png)"]
+    if data.drift:
+        lines += ["", "![drift against FP32](drift.png)"]
+    return "\n".join(lines) + "\n"
+
+
+def plots(data: ReportData, folder: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker  # noqa: F401 - used through matplotlib.ticker
+
+    written = []
+    rows = data.measurements
+    variants = sorted({r.variant for r in rows})
+    colors = {v: plt.cm.tab10(i % 10) for i, v in enumerate(variants)}
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for r in rows:
+        ax.scatter(r.latency_ms_p50, 100 * r.exact_accuracy, color=colors[r.variant],
+                   marker="*" if r.mode == "adaptive" else "o", s=90 if r.mode == "adaptive" else 40)
+        ax.annotate(f"{r.variant} {'A' if r.mode == 'adaptive' else ''}{r.budget}", (r.latency_ms_p50,
+                    100 * r.exact_accuracy), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    front = pareto_front(rows)
+    ax.step([r.latency_ms_p50 for r in front], [100 * r.exact_accuracy for r in front], where="post", color="gray",
+            linestyle="--", label="Pareto frontier")
+    for v in variants:
+        ax.scatter([], [], color=colors[v], label=v)
+    ax.scatter([], [], color="black", marker="*", label="adaptive halting (A)")
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.set_xlabel("latency per puzzle, batch 1, p50 (ms, log scale)")
+    ax.set_ylabel("exact accuracy (%)")
+    ax.set_title(f"Accuracy versus latency ({data.task}, {data.puzzles} held-out puzzles)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(folder / "pareto.png", dpi=110)
+    plt.close(fig)
+    written.append("pareto.png")
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for v in variants:
+        fixed = sorted((r for r in rows if r.variant == v and r.mode == "fixed"), key=lambda m: m.budget)
+        ax.plot([r.budget for r in fixed], [100 * r.exact_accuracy for r in fixed], marker="o", color=colors[v],
+                label=f"{v}, fixed")
+        for r in rows:
+            if r.variant == v and r.mode == "adaptive":
+                ax.scatter(r.mean_steps, 100 * r.exact_accuracy, marker="*", s=120, color=colors[v],
+                           label=f"{v}, adaptive (at its mean steps)")
+    ax.set_xscale("log", base=2)
+    budgets = sorted({r.budget for r in rows if r.mode == "fixed"})
+    ax.set_xticks(budgets, [str(b) for b in budgets])
+    ax.set_xlabel("ACT steps (log scale)")
+    ax.set_ylabel("exact accuracy (%)")
+    ax.set_title("Exact accuracy versus step budget")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(folder / "accuracy_vs_steps.png", dpi=110)
+    plt.close(fig)
+    written.append("accuracy_vs_steps.png")
+
+    if data.drift:
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+        for d in data.drift:
+            steps = range(1, len(d.relative_error) + 1)
+            a1.plot(steps, d.relative_error, marker="o", label=d.variant, color=colors.get(d.variant))
+            a2.plot(steps, d.cosine, marker="o", label=d.variant, color=colors.get(d.variant))
+        a1.set_yscale("log")
+        a1.set_xlabel("ACT step")
+        a1.set_ylabel("relative error of z_H vs FP32")
+        a2.set_xlabel("ACT step")
+        a2.set_ylabel("cosine similarity of z_H with FP32")
+        for a in (a1, a2):
+            a.grid(alpha=0.3)
+            a.legend(fontsize=8)
+        fig.suptitle("Per-step drift of reduced precision against FP32")
+        fig.tight_layout()
+        fig.savefig(folder / "drift.png", dpi=110)
+        plt.close(fig)
+        written.append("drift.png")
+    return written
+
+
+def write_report(data: ReportData, folder: str | Path, max_drop_points: float = 0.5) -> Path:
+    """Write REPORT.md, report.json and the plots into `folder` (replaced as a whole)."""
+    import shutil
+    import tempfile
+
+    folder = Path(folder)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
+    try:
+        try:
+            plots(data, tmp)
+        except ImportError:
+            data.not_measured.append("plots: matplotlib is not installed here")
+        (tmp / "REPORT.md").write_text(markdown(data, max_drop_points))
+        (tmp / "report.json").write_text(json.dumps(data.to_dict(), indent=2) + "\n")
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return folder
