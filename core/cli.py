@@ -248,6 +248,55 @@ def report(bundle: Path, quick: bool, puzzles: int | None, max_accuracy_drop: fl
     click.echo(f"report written: {folder / 'REPORT.md'}")
 
 
+@main.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--output", "-o", type=click.Path(path_type=Path), required=True,
+              help="New bundle to write: the fp32 graph plus int8 / int8-mixed / fp16 variants.")
+@click.option("--force", is_flag=True, help="Replace an existing bundle at --output.")
+@click.option("--methods", default="minmax,entropy,percentile", show_default=True,
+              help="Calibration methods (comma separated); one int8-<method> graph each; '' for none.")
+@click.option("--calib", type=click.Path(path_type=Path), default=None,
+              help="Calibration puzzles (.npy tokens or the task's text format); default: the task's calibration "
+                   "split, never the held-out one.")
+@click.option("--calib-puzzles", type=int, default=None, help="Use the first N calibration puzzles.")
+@click.option("--eval-puzzles", type=int, default=None, help="Evaluate on the first N held-out puzzles.")
+@click.option("--max-samples", type=int, default=512, show_default=True,
+              help="Step-input samples kept for calibration, spread over every step of the loop.")
+@click.option("--max-accuracy-drop", type=float, default=0.5, show_default=True,
+              help="int8-mixed: return the most sensitive layers to float until the exact-accuracy drop (points) "
+                   "is within this.")
+@click.option("--no-mixed", is_flag=True, help="Do not build int8-mixed.")
+@click.option("--fp16/--no-fp16", default=None, help="Build an fp16 graph (default: for TensorRT targets only).")
+@click.option("--keep-float", multiple=True, help="Layer label or node name to leave in float (repeatable).")
+@click.option("--quantize-attention", is_flag=True, help="Also quantize the attention products (q k^T, softmax v).")
+@click.option("--threads", type=int, default=None, help="ONNX Runtime threads.")
+def quantize(bundle: Path, output: Path, force: bool, methods: str, calib: Path | None, calib_puzzles: int | None,
+             eval_puzzles: int | None, max_samples: int, max_accuracy_drop: float, no_mixed: bool,
+             fp16: bool | None, keep_float: tuple[str, ...], quantize_attention: bool, threads: int | None) -> None:
+    """Add recursion-aware INT8 (calibrated on every step's state) and FP16 variants to a bundle, measured."""
+    from trm_export.calibration import Int8Options, MixedOptions, QuantizeOptions, RecordOptions, add_variants
+
+    options = QuantizeOptions(
+        methods=tuple(m.strip() for m in methods.split(",") if m.strip()), mixed=not no_mixed, fp16=fp16,
+        record=RecordOptions(max_samples=max_samples), int8=Int8Options(tuple(keep_float), quantize_attention),
+        mixed_options=MixedOptions(max_accuracy_drop=max_accuracy_drop), calib_puzzles=calib_puzzles,
+        eval_puzzles=eval_puzzles, force=force, threads=threads)
+    result = add_variants(bundle, output, options, calib=calib)
+    click.echo(f"next: trm-export check {result.path}   |   trm-export report {result.path}")
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+def check(bundle: Path) -> None:
+    """Check every graph of BUNDLE against its target: Q/DQ rules (TensorRT's), opset and IR limits."""
+    from trm_export.calibration import check_bundle
+
+    report = check_bundle(bundle)
+    click.echo(str(report))
+    if not report:
+        sys.exit(1)
+
+
 def _sm_range(sm: tuple[str, ...]) -> str:
     return "-" if not sm else sm[0] if len(sm) == 1 else f"{sm[0]}+"
 
