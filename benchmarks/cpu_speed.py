@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from timing import median_time  # benchmarks/ is on sys.path when run as a script
 
 from trm_export.export.config import ModelConfig
 from trm_export.export.pipeline import ExportOptions, export_bundle
@@ -59,16 +59,6 @@ def gemm_peak(threads: int, n: int = 2048, repeats: int = 5) -> float:
         torch.mm(a, b)
         times.append(time.perf_counter() - start)
     return 2 * n ** 3 / min(times) / 1e9
-
-
-def median_time(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 @torch.inference_mode()

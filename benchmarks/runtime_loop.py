@@ -15,23 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 from pathlib import Path
 
 import numpy as np
+from timing import median_time  # benchmarks/ is on sys.path when run as a script
 
 from trm_export.runtime.solver import Solver
 from trm_export.tasks import exact_accuracy, get_task
-
-
-def _median_time(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def loop_overhead(bundle: Path, tokens: np.ndarray, batch: int, threads: int | None, repeats: int) -> dict:
@@ -45,8 +35,8 @@ def loop_overhead(bundle: Path, tokens: np.ndarray, batch: int, threads: int | N
         for _ in range(steps):
             backend.step(batch)
 
-    t_raw = _median_time(raw, repeats)
-    t_loop = _median_time(lambda: solver.solve(work, mode="fixed"), repeats)
+    t_raw = median_time(raw, repeats)
+    t_loop = median_time(lambda: solver.solve(work, mode="fixed"), repeats)
     return {"batch": batch, "steps": steps, "raw_s": t_raw, "loop_s": t_loop, "overhead": t_loop / t_raw - 1}
 
 
@@ -55,7 +45,7 @@ def refill_vs_wait(bundle: Path, data, batch: int, threads: int | None, repeats:
     out = {}
     for name, refill in (("refill", True), ("wait", False)):
         result = solver.solve(data.inputs, mode="adaptive", refill=refill)
-        seconds = _median_time(lambda r=refill: solver.solve(data.inputs, mode="adaptive", refill=r), repeats)
+        seconds = median_time(lambda r=refill: solver.solve(data.inputs, mode="adaptive", refill=r), repeats)
         out[name] = {"puzzles_per_s": len(data) / seconds, "exact_accuracy": exact_accuracy(result.predictions,
                                                                                             data.labels),
                      "mean_steps": float(result.steps_used.mean())}

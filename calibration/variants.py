@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import onnx
 
 from trm_export.calibration.compare import CompareOptions, VariantComparison, compare_graph, run_fp32
@@ -53,7 +52,7 @@ from trm_export.calibration.quantize import (
 )
 from trm_export.export.staging import StagedBundle
 from trm_export.runtime.manifest import GraphSpec, Manifest, read_manifest
-from trm_export.runtime.selfcheck import load_golden, verify_bundle
+from trm_export.runtime.selfcheck import golden_figures, verify_bundle
 from trm_export.runtime.solver import Solver
 from trm_export.targets.engines import write_build_recipes
 from trm_export.targets.registry import get_target
@@ -148,26 +147,10 @@ def _evaluation_puzzles(manifest: Manifest, heldout: PuzzleSet | None, calib: Pu
 
 def _golden_figures(bundle: Path, variant: str, threads: int | None) -> dict[str, float]:
     """What `verify_bundle` measures, as numbers: the basis of the variant's golden tolerances."""
-    solver = Solver(bundle, variant=variant, provider="cpu", threads=threads)
-    golden = load_golden(bundle, solver.manifest.golden["folder"])
-    steps, n = golden["q_halt"].shape
-    q_halt = np.zeros((steps, n), np.float32)
-    q_cont = np.zeros((steps, n), np.float32)
-
-    def record(puzzles: np.ndarray, done: np.ndarray, qh: np.ndarray, qc: np.ndarray) -> None:
-        live = puzzles >= 0
-        q_halt[done[live] - 1, puzzles[live]] = qh[live]
-        q_cont[done[live] - 1, puzzles[live]] = qc[live]
-
-    fixed = solver.solve(golden["tokens"], golden["puzzle_ids"], mode="fixed", max_steps=steps, on_step=record)
-    adaptive = solver.solve(golden["tokens"], golden["puzzle_ids"], mode="adaptive", max_steps=steps)
-    return {"puzzles": n, "steps": steps,
-            "q_abs": float(max(np.abs(q_halt - golden["q_halt"]).max(), np.abs(q_cont - golden["q_continue"]).max())),
-            "q_sign_agreement": float(np.mean((q_halt > 0) == (golden["q_halt"] > 0))),
-            "predictions_identical": float(min(
-                np.mean(np.all(fixed.predictions == golden["predictions"], axis=1)),
-                np.mean(adaptive.steps_used == golden["adaptive_steps"]),
-                np.mean(np.all(adaptive.predictions == golden["adaptive_predictions"], axis=1))))}
+    f = golden_figures(Solver(bundle, variant=variant, provider="cpu", threads=threads))
+    return {"puzzles": f["puzzles"], "steps": f["steps"], "q_abs": max(f["q_halt_abs"], f["q_continue_abs"]),
+            "q_sign_agreement": f["q_sign_agreement"],
+            "predictions_identical": min(f["fixed_identical"], f["adaptive_steps_identical"], f["adaptive_identical"])}
 
 
 def golden_tolerances(figures: dict[str, float]) -> dict[str, float]:

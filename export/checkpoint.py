@@ -9,7 +9,6 @@ dataset.json or explicit overrides, and every disagreement is an error rather th
 
 from __future__ import annotations
 
-import hashlib
 import json
 import pickle
 import re
@@ -22,6 +21,7 @@ import torch
 from trm_export.errors import CheckpointError, ConfigError
 from trm_export.export.config import ModelConfig, prefix_length
 from trm_export.export.model import RecursiveModel
+from trm_export.runtime.manifest import sha256_file
 
 # Longest first: the first prefix shared by every key is the one stripped.
 KEY_PREFIXES = (
@@ -79,14 +79,6 @@ def find_checkpoint_file(path: Path) -> Path:
     found = ", ".join(p.name for p in sorted(path.iterdir())) or "nothing"
     raise CheckpointError(path, "directory holds no checkpoint (looked for step_N, checkpoint, one *.pt); "
                           f"found {found}")
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -336,7 +328,7 @@ def load_checkpoint(path: str | Path, dataset_json: str | Path | None = None,
     stored_dtypes = {k: str(v.dtype).replace("torch.", "") for k, v in state.items()}
     model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
     model.float().eval()
-    return LoadedCheckpoint(path=file, config=config, model=model, key_prefix=prefix, sha256=file_sha256(file),
+    return LoadedCheckpoint(path=file, config=config, model=model, key_prefix=prefix, sha256=sha256_file(file),
                             stored_dtypes=stored_dtypes, dataset=dataset,
                             config_path=config_path if train_config else None, dataset_path=dataset_path,
                             sources=sources)

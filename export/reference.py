@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from trm_export.export.model import RecursiveModel
+from trm_export.runtime.solver import halt_now
 
 
 @dataclass
@@ -39,15 +40,6 @@ class ReferenceTrace:
     @property
     def num_steps(self) -> int:
         return int(self.q_halt.shape[0])
-
-
-def halting_decision(q_halt: np.ndarray, q_continue: np.ndarray, rule: str) -> np.ndarray:
-    """Boolean 'halt now' per puzzle from one step's Q values, by the rule the checkpoint was trained with."""
-    if rule == "q_halt>0":
-        return q_halt > 0
-    if rule == "q_halt>q_continue":
-        return q_halt > q_continue
-    raise ValueError(f"unknown halting rule {rule!r}; known: 'q_halt>0', 'q_halt>q_continue'")
 
 
 @torch.inference_mode()
@@ -100,7 +92,7 @@ def run_reference(model: RecursiveModel, tokens: np.ndarray, puzzle_ids: np.ndar
     if mode == "fixed":
         steps_used = np.full(n, steps, np.int32)
     else:
-        halt = halting_decision(q_halt, q_cont, cfg.halting_rule)
+        halt = halt_now(q_halt, q_cont, cfg.halting_rule)
         halt[: min_steps - 1] = False
         halt[-1] = True
         steps_used = (halt.argmax(axis=0) + 1).astype(np.int32)

@@ -46,15 +46,10 @@ def load_golden(bundle: Path, folder: str) -> dict[str, np.ndarray]:
     return {name: load_array(bundle / folder / f"{name}.npy") for name in GOLDEN_FILES}
 
 
-def verify_bundle(bundle: str | Path, variant: str = "fp32", provider: str | None = None,
-                  threads: int | None = None) -> CheckReport:
-    """Run the golden puzzles through `variant` and compare with the reference values in the bundle."""
-    solver = Solver(bundle, variant=variant, provider=provider, threads=threads, verify=True)
-    golden_spec = solver.manifest.golden
-    golden = load_golden(solver.bundle, golden_spec["folder"])
-    tol = golden_spec["tolerances"].get(variant, golden_spec["tolerances"]["fp32"])
-    steps = golden["q_halt"].shape[0]
-    n = len(golden["tokens"])
+def golden_figures(solver: Solver) -> dict[str, float]:
+    """Run the bundle's golden puzzles through `solver` and measure how close they come to the reference's values."""
+    golden = load_golden(solver.bundle, solver.manifest.golden["folder"])
+    steps, n = golden["q_halt"].shape
     q_halt = np.zeros((steps, n), np.float32)
     q_cont = np.zeros((steps, n), np.float32)
 
@@ -65,22 +60,36 @@ def verify_bundle(bundle: str | Path, variant: str = "fp32", provider: str | Non
 
     fixed = solver.solve(golden["tokens"], golden["puzzle_ids"], mode="fixed", max_steps=steps, on_step=record)
     adaptive = solver.solve(golden["tokens"], golden["puzzle_ids"], mode="adaptive", max_steps=steps)
+    return {
+        "puzzles": n,
+        "steps": steps,
+        "q_halt_abs": float(np.abs(q_halt - golden["q_halt"]).max()),
+        "q_continue_abs": float(np.abs(q_cont - golden["q_continue"]).max()),
+        "q_sign_agreement": float(np.mean((q_halt > 0) == (golden["q_halt"] > 0))),
+        "fixed_identical": float(np.mean(np.all(fixed.predictions == golden["predictions"], axis=1))),
+        "adaptive_steps_identical": float(np.mean(adaptive.steps_used == golden["adaptive_steps"])),
+        "adaptive_identical": float(np.mean(np.all(adaptive.predictions == golden["adaptive_predictions"], axis=1))),
+    }
+
+
+def verify_bundle(bundle: str | Path, variant: str = "fp32", provider: str | None = None,
+                  threads: int | None = None) -> CheckReport:
+    """Run the golden puzzles through `variant` and compare with the reference values in the bundle."""
+    solver = Solver(bundle, variant=variant, provider=provider, threads=threads, verify=True)
+    tolerances = solver.manifest.golden["tolerances"]
+    tol = tolerances.get(variant, tolerances["fp32"])
+    f = golden_figures(solver)
     report = CheckReport(variant, solver.backend.name)
-    err_halt = float(np.abs(q_halt - golden["q_halt"]).max())
-    err_cont = float(np.abs(q_cont - golden["q_continue"]).max())
-    report.figures["max |q_halt - reference|"] = err_halt
-    report.figures["max |q_continue - reference|"] = err_cont
-    report.checks[f"q values at every step within {tol['q_abs']:g} of the reference"] = max(err_halt, err_cont) <= \
-        tol["q_abs"]
-    sign_agree = float(np.mean((q_halt > 0) == (golden["q_halt"] > 0)))
-    report.figures["q_halt sign agreement"] = sign_agree
-    report.checks["q_halt sign agrees at every step"] = sign_agree >= tol["q_sign_agreement"]
-    same_fixed = float(np.mean(np.all(fixed.predictions == golden["predictions"], axis=1)))
-    report.figures["fixed-step predictions identical"] = same_fixed
-    report.checks["fixed-step predictions identical"] = same_fixed >= tol["predictions_identical"]
-    same_steps = float(np.mean(adaptive.steps_used == golden["adaptive_steps"]))
-    same_adaptive = float(np.mean(np.all(adaptive.predictions == golden["adaptive_predictions"], axis=1)))
-    report.figures["adaptive halting steps identical"] = same_steps
+    report.figures["max |q_halt - reference|"] = f["q_halt_abs"]
+    report.figures["max |q_continue - reference|"] = f["q_continue_abs"]
+    report.checks[f"q values at every step within {tol['q_abs']:g} of the reference"] = \
+        max(f["q_halt_abs"], f["q_continue_abs"]) <= tol["q_abs"]
+    report.figures["q_halt sign agreement"] = f["q_sign_agreement"]
+    report.checks["q_halt sign agrees at every step"] = f["q_sign_agreement"] >= tol["q_sign_agreement"]
+    report.figures["fixed-step predictions identical"] = f["fixed_identical"]
+    report.checks["fixed-step predictions identical"] = f["fixed_identical"] >= tol["predictions_identical"]
+    report.figures["adaptive halting steps identical"] = f["adaptive_steps_identical"]
     report.checks["adaptive halting steps and predictions identical"] = (
-        same_steps >= tol["predictions_identical"] and same_adaptive >= tol["predictions_identical"])
+        f["adaptive_steps_identical"] >= tol["predictions_identical"]
+        and f["adaptive_identical"] >= tol["predictions_identical"])
     return report

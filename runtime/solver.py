@@ -42,11 +42,12 @@ class SolveResult:
 
 
 def halt_now(q_halt: np.ndarray, q_continue: np.ndarray, rule: str) -> np.ndarray:
+    """Boolean 'halt now' per puzzle from one step's Q values, by the rule the checkpoint was trained with."""
     if rule == "q_halt>0":
         return q_halt > 0
     if rule == "q_halt>q_continue":
         return q_halt > q_continue
-    raise BundleError(f"unknown halting rule {rule!r} in manifest")
+    raise BundleError(f"unknown halting rule {rule!r}; known: 'q_halt>0', 'q_halt>q_continue'")
 
 
 def _tensorrt_importable() -> bool:
