@@ -177,3 +177,15 @@ def test_run_cli_reads_sudoku_text_and_writes_solutions(bundle, puzzles, referen
     bad.write_text("12345\n")
     result = CliRunner().invoke(cli, ["run", str(bundle / "bundle"), "--input", str(bad)])
     assert result.exit_code != 0 and "bad.txt" in result.output
+
+
+def test_run_cli_npy_in_npz_out(bundle, puzzles, reference, tmp_path):
+    src = tmp_path / "puzzles.npy"
+    np.save(src, puzzles[:5])
+    out = tmp_path / "answers.npz"
+    result = CliRunner().invoke(cli, ["run", str(bundle / "bundle"), "-i", str(src), "-o", str(out), "--mode", "fixed",
+                                      "--max-steps", "8"])
+    assert result.exit_code == 0, result.output
+    saved = np.load(out)
+    assert np.array_equal(saved["predictions"], reference.step_predictions[-1][:5])
+    assert (saved["steps_used"] == 8).all() and not list(tmp_path.glob(".answers.npz.*"))
