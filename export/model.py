@@ -9,7 +9,9 @@ The recursion (one ACT step) is `RecursiveModel.step`; the loop over steps belon
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +26,12 @@ def rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
     x = x.float()
     x = x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps)
     return x.to(dtype)
+
+
+def rms_norm_fusable(x: torch.Tensor, eps: float, unit: torch.Tensor) -> torch.Tensor:
+    """rms_norm in the form ONNX Runtime fuses into one SimplifiedLayerNormalization kernel (x / sqrt(ms + eps)
+    times a scale, here ones), used only when exporting the step graph; equal to rms_norm up to rounding."""
+    return x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps) * unit
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -121,19 +129,25 @@ class Block(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.eps = config.rms_norm_eps
+        self.fusable_norm = False  # set while exporting (RecursiveModel.exporting)
         if config.mlp_t:
             self.mlp_t = SwiGLU(config.total_seq_len, config.expansion)
         else:
             self.self_attn = Attention(config.hidden_size, config.num_heads)
         self.mlp = SwiGLU(config.hidden_size, config.expansion)
+        self.register_buffer("unit_d", torch.ones(config.hidden_size), persistent=False)
+        self.register_buffer("unit_s", torch.ones(config.total_seq_len), persistent=False)
+
+    def norm(self, x: torch.Tensor, unit: torch.Tensor) -> torch.Tensor:
+        return rms_norm_fusable(x, self.eps, unit) if self.fusable_norm else rms_norm(x, self.eps)
 
     def forward(self, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
         if hasattr(self, "mlp_t"):
             t = h.transpose(1, 2)  # [B, D, S]: mix along positions
-            h = rms_norm(t + self.mlp_t(t), self.eps).transpose(1, 2)
+            h = self.norm(t + self.mlp_t(t), self.unit_s).transpose(1, 2)
         else:
-            h = rms_norm(h + self.self_attn(h, rope), self.eps)
-        return rms_norm(h + self.mlp(h), self.eps)
+            h = self.norm(h + self.self_attn(h, rope), self.unit_d)
+        return self.norm(h + self.mlp(h), self.unit_d)
 
 
 class ReasoningStack(nn.Module):
@@ -218,6 +232,18 @@ class RecursiveModel(nn.Module):
         logits = self.lm_head(z_H)[:, self.config.prefix_len:]
         q = self.q_head(z_H[:, 0]).float()
         return logits, q[:, 0], q[:, 1]
+
+    @contextlib.contextmanager
+    def exporting(self) -> Iterator[RecursiveModel]:
+        """Within this block the norms take the form ONNX Runtime fuses (see rms_norm_fusable)."""
+        blocks = [m for m in self.modules() if isinstance(m, Block)]
+        for b in blocks:
+            b.fusable_norm = True
+        try:
+            yield self
+        finally:
+            for b in blocks:
+                b.fusable_norm = False
 
     def step(self, x: torch.Tensor, z_H: torch.Tensor, z_L: torch.Tensor):
         """One ACT step: H_cycles cycles, then the heads. Returns z_H, z_L, logits, q_halt, q_continue."""

@@ -73,7 +73,7 @@ def export_step_graph(model: RecursiveModel, opset: int) -> ExportedGraph:
     example = torch.zeros(_TRACE_BATCH, cfg.total_seq_len, cfg.hidden_size)
     buffer = io.BytesIO()
     dynamic = {name: {0: "batch"} for name in (*STEP_INPUTS, *STEP_OUTPUTS)}
-    with torch.no_grad():
+    with torch.no_grad(), model.exporting():
         torch.onnx.export(StepGraph(model).eval(), (example, example, example), buffer, dynamo=False,
                           opset_version=opset, input_names=list(STEP_INPUTS), output_names=list(STEP_OUTPUTS),
                           dynamic_axes=dynamic, do_constant_folding=True)

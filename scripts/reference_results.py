@@ -42,15 +42,24 @@ def plot_history(name: str, history: list[dict], out: Path) -> None:
     import matplotlib.pyplot as plt
 
     minutes = [h["minutes"] for h in history]
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, (ax, loss) = plt.subplots(1, 2, figsize=(11, 4))
     for step in (1, 2, 4, 8, 16):
         ax.plot(minutes, [100 * h["exact_by_step"][step - 1] for h in history], marker="o", label=f"{step} steps")
-    ax.set_xlabel("training time on 1 CPU core (minutes)")
+    ax.set_xlabel("training time (minutes)")
     ax.set_ylabel("exact accuracy, calibration split (%)")
-    ax.set_title(f"{name}: training curve (EMA weights, fixed steps)")
+    ax.set_title("exact accuracy by fixed step count (EMA weights)")
     ax.set_ylim(0, 100)
     ax.grid(alpha=0.3)
-    ax.legend(title="ACT steps")
+    ax.legend(title="ACT steps", fontsize=8)
+    loss.plot(minutes, [h["lm_loss"] for h in history], marker="o", label="answer cross-entropy (per token)")
+    loss.plot(minutes, [h["q_loss"] for h in history], marker="o", label="Q head BCE (halt = answer right)")
+    loss.set_xlabel("training time (minutes)")
+    loss.set_ylabel("training loss (mean since previous point)")
+    loss.set_yscale("log")
+    loss.set_title("training losses")
+    loss.grid(alpha=0.3, which="both")
+    loss.legend(fontsize=8)
+    fig.suptitle(f"{name}: training on a 2-core CPU")
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
@@ -84,7 +93,7 @@ def main() -> None:
                      f"{f' {task.spec.side}x{task.spec.side}' if task.spec.side else ''}", "",
                      f"{params:,} parameters, hidden {cfg.hidden_size}, {cfg.L_layers} layers, H_cycles "
                      f"{cfg.H_cycles}, L_cycles {cfg.L_cycles}, pos {cfg.pos_encodings}, checkpoint {ck.path.name} "
-                     f"({size:.1f} MB, float32), trained {minutes:.0f} min on one CPU core.", "",
+                     f"({size:.1f} MB, float32), trained {minutes:.0f} min (`scripts/train_reference.py`).", "",
                      format_table(rows), "", "| bar | met | measured |", "|---|---|---|"]
         for text, ok, measured in bars(rows):
             sections.append(f"| {text} | {'yes' if ok else 'NO'} | {measured} |")
