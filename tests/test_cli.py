@@ -1,0 +1,43 @@
+"""The command line as a user meets it: help, targets, inspect, evaluate, and errors as one line."""
+
+from __future__ import annotations
+
+from click.testing import CliRunner
+
+from trm_export.cli import main as cli
+
+
+def test_help_lists_every_command():
+    result = CliRunner().invoke(cli, ["--help"])
+    assert result.exit_code == 0
+    for command in ("export", "verify", "run", "quantize", "check", "report", "build", "targets", "inspect",
+                    "evaluate"):
+        assert command in result.output
+    assert "trm-export MODEL --target cpu -o bundle/" in result.output
+
+
+def test_targets_lists_the_registry():
+    result = CliRunner().invoke(cli, ["targets"])
+    assert result.exit_code == 0
+    assert "jetson-xavier-nx" in result.output and "8.5" in result.output and "jetson, agx-orin" in result.output
+
+
+def test_inspect_and_evaluate_a_checkpoint(sudoku_bundle):
+    result = CliRunner().invoke(cli, ["inspect", str(sudoku_bundle / "ckpt")])
+    assert result.exit_code == 0, result.output
+    assert "key prefix '_orig_mod.model.inner.'" in result.output and "bfloat16" in result.output
+    result = CliRunner().invoke(cli, ["evaluate", str(sudoku_bundle / "ckpt"), "--limit", "4", "--steps", "1,2",
+                                      "--threads", "1"])
+    assert result.exit_code == 0, result.output
+    assert "| fixed | 2 |" in result.output and "| adaptive | 2 |" in result.output
+
+
+def test_errors_are_one_line_without_a_traceback(tmp_path):
+    bad = tmp_path / "model.pt"
+    bad.write_text("not weights")
+    result = CliRunner().invoke(cli, ["inspect", str(bad)])
+    assert result.exit_code == 1
+    assert result.output.startswith("Error: ") and "model.pt: not a PyTorch checkpoint" in result.output
+    assert "Traceback" not in result.output
+    result = CliRunner().invoke(cli, ["evaluate", str(bad), "--steps", "a,b"])
+    assert result.exit_code == 2 and "expected comma-separated integers" in result.output
