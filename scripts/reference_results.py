@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from trm_export.export.accuracy import accuracy_by_budget, format_table, task_for_config
+from trm_export.export.accuracy import BudgetResult, accuracy_by_budget, format_table, task_for_config
 from trm_export.export.checkpoint import load_checkpoint
 from trm_export.reference_models import HERE, TASK_OF_MODEL
 
@@ -69,7 +69,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--models", nargs="*", default=sorted(TASK_OF_MODEL))
+    parser.add_argument("--render-only", action="store_true", help="rewrite RESULTS.md from results.json")
     args = parser.parse_args()
+    published = json.loads((HERE / "results.json").read_text()) if args.render_only else {}
     torch.set_num_threads(args.threads)
 
     sections = ["# Reference models: measured results", "",
@@ -81,8 +83,11 @@ def main() -> None:
         folder = HERE / name
         ck = load_checkpoint(folder)
         task = task_for_config(ck.config)
-        data = task.split("heldout")
-        rows = accuracy_by_budget(ck.model, data, BUDGETS, adaptive=True, progress=True)
+        data = None if args.render_only else task.split("heldout")
+        if args.render_only:
+            rows = [BudgetResult(**r) for r in published[name]]
+        else:
+            rows = accuracy_by_budget(ck.model, data, BUDGETS, adaptive=True, progress=True)
         cfg = ck.config
         params = sum(p.numel() for p in ck.model.parameters())
         size = ck.path.stat().st_size / 1e6
@@ -95,8 +100,11 @@ def main() -> None:
                      f"{cfg.H_cycles}, L_cycles {cfg.L_cycles}, pos {cfg.pos_encodings}, checkpoint {ck.path.name} "
                      f"({size:.1f} MB, float32), trained {minutes:.0f} min (`scripts/train_reference.py`).", "",
                      format_table(rows), "", "| bar | met | measured |", "|---|---|---|"]
-        for text, ok, measured in bars(rows):
-            sections.append(f"| {text} | {'yes' if ok else 'NO'} | {measured} |")
+        for text, ok, figure in bars(rows):
+            sections.append(f"| {text} | {'yes' if ok else 'NO'} | {figure} |")
+        notes = folder / "NOTES.md"  # how it was trained, what fell short: kept beside the model, quoted here
+        if notes.is_file():
+            sections += ["", notes.read_text().strip()]
         if history:
             plot_history(name, history, folder / "training_curve.png")
             sections += ["", f"![training curve]({name}/training_curve.png)"]
