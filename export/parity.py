@@ -4,16 +4,20 @@ Two views, both on the bundle's own runtime path:
 - the step graph, per step: fed the reference's state before step t, does it produce the reference's z_H, z_L,
   logits and q after step t? (max abs error, every step; bar: the tolerance, 1e-4 for fp32). This is what the
   export can guarantee: two float32 implementations of the same step differ by rounding only.
-- the loop, free running: q_halt sign agreement at every step, fixed-step predictions identical, adaptive halting
-  steps and predictions identical (bar: 100%), and, for information, how far the free-running states drift
-  apart. A recursive model amplifies float32 rounding from step to step (trained mlp_t models by ~1e-5 -> 1e-3
-  over 16 steps), so the free-running state error is reported, not held to the per-step bar.
+- the loop, free running: q_halt sign agreement at every step (bar: 100%), fixed-step predictions and adaptive
+  halting steps and predictions identical (bar: 100% of the puzzles on which the reference is itself stable:
+  a puzzle whose float32 reference changes its outcome when recomputed in float64 is rounding-sensitive, and
+  no float32 implementation can promise its answer; those are counted and listed, not excused silently), and,
+  for information, how far the free-running states drift apart. A recursive model amplifies float32 rounding
+  from step to step (the Sudoku reference: 2e-5 after one step, up to O(1) on a few unsolved puzzles after 16),
+  so the free-running state error is reported, not held to the per-step bar.
 The verify stage of the export runs this; its figures go into the manifest and the console, and a failure stops
 the export.
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -40,12 +44,20 @@ class ParityReport:
     adaptive_predictions_identical: float = 1.0
     reference_exact_accuracy: float | None = None
     bundle_exact_accuracy: float | None = None
+    # Puzzles whose loop outcome differs AND on which the reference disagrees with itself in float64: the
+    # recursion amplifies rounding there, so no float32 implementation can promise the reference's answer.
+    rounding_sensitive: list[int] = field(default_factory=list)
+    differing: list[int] = field(default_factory=list)  # every puzzle whose fixed or adaptive outcome differs
+
+    @property
+    def unexplained(self) -> list[int]:
+        """Differing puzzles on which the reference is stable: real disagreements."""
+        return sorted(set(self.differing) - set(self.rounding_sensitive))
 
     @property
     def passed(self) -> bool:
         return (max(self.max_abs_z_H) <= self.tolerance and max(self.max_abs_logits) <= self.tolerance
-                and self.q_halt_sign_agreement == 1.0 and self.predictions_identical == 1.0
-                and self.adaptive_steps_identical == 1.0 and self.adaptive_predictions_identical == 1.0)
+                and self.q_halt_sign_agreement == 1.0 and not self.unexplained)
 
     def failures(self) -> list[str]:
         out = []
@@ -53,10 +65,11 @@ class ParityReport:
             out.append(f"max |z_H - ref| {max(self.max_abs_z_H):.2e} > {self.tolerance:g}")
         if max(self.max_abs_logits) > self.tolerance:
             out.append(f"max |logits - ref| {max(self.max_abs_logits):.2e} > {self.tolerance:g}")
-        for name in ("q_halt_sign_agreement", "predictions_identical", "adaptive_steps_identical",
-                     "adaptive_predictions_identical"):
-            if getattr(self, name) < 1.0:
-                out.append(f"{name.replace('_', ' ')} {100 * getattr(self, name):.2f}% < 100%")
+        if self.q_halt_sign_agreement < 1.0:
+            out.append(f"q_halt sign agreement {100 * self.q_halt_sign_agreement:.2f}% < 100%")
+        if self.unexplained:
+            out.append(f"{len(self.unexplained)} puzzles end differently although the reference is stable on them "
+                       f"(indices {self.unexplained[:10]})")
         return out
 
     def summary(self) -> str:
@@ -66,6 +79,9 @@ class ParityReport:
                 f"q_halt sign agreement {100 * self.q_halt_sign_agreement:.1f}%, fixed predictions identical "
                 f"{100 * self.predictions_identical:.1f}%, adaptive halting identical "
                 f"{100 * min(self.adaptive_steps_identical, self.adaptive_predictions_identical):.1f}%")
+        if self.differing:
+            text += (f" ({len(self.differing)} differing puzzles, {len(self.rounding_sensitive)} of them rounding-"
+                     "sensitive: the float32 reference disagrees with itself in float64 there)")
         if self.bundle_exact_accuracy is not None:
             text += (f"; exact accuracy bundle {100 * self.bundle_exact_accuracy:.1f}% vs reference "
                      f"{100 * self.reference_exact_accuracy:.1f}%")
@@ -114,10 +130,15 @@ def check_parity(model: RecursiveModel, solver: Solver, tokens: np.ndarray, puzz
         fixed = solver.solve(tokens[sl], puzzle_ids[sl], mode="fixed", max_steps=steps, on_step=compare)
         adaptive = solver.solve(tokens[sl], puzzle_ids[sl], mode="adaptive", max_steps=steps)
         final_ref = ref.step_predictions[-1]
-        same_pred += int(np.all(fixed.predictions == final_ref, axis=1).sum())
+        fixed_same = np.all(fixed.predictions == final_ref, axis=1)
+        adaptive_same = (adaptive.steps_used == ref.steps_used) & np.all(adaptive.predictions == ref.predictions, 1)
+        same_pred += int(fixed_same.sum())
         same_steps += int(np.sum(adaptive.steps_used == ref.steps_used))
         same_adaptive += int(np.all(adaptive.predictions == ref.predictions, axis=1).sum())
+        report.differing += [start + int(i) for i in np.flatnonzero(~(fixed_same & adaptive_same))]
         bundle_preds[sl], ref_preds[sl] = fixed.predictions, final_ref
+    if report.differing:
+        report.rounding_sensitive = _rounding_sensitive(model, tokens, puzzle_ids, report.differing, steps)
     report.q_halt_sign_agreement = sign_agree / (n * steps)
     report.predictions_identical = same_pred / n
     report.adaptive_steps_identical = same_steps / n
@@ -126,6 +147,17 @@ def check_parity(model: RecursiveModel, solver: Solver, tokens: np.ndarray, puzz
         report.reference_exact_accuracy = float(np.mean(np.all(ref_preds == labels, axis=1)))
         report.bundle_exact_accuracy = float(np.mean(np.all(bundle_preds == labels, axis=1)))
     return report
+
+
+def _rounding_sensitive(model: RecursiveModel, tokens: np.ndarray, puzzle_ids: np.ndarray, indices: list[int],
+                        steps: int) -> list[int]:
+    """Those of `indices` on which the reference's loop outcome changes when it runs in float64."""
+    idx = np.array(indices)
+    f32 = run_reference(model, tokens[idx], puzzle_ids[idx], mode="adaptive", max_steps=steps)
+    f64 = run_reference(copy.deepcopy(model).double(), tokens[idx], puzzle_ids[idx], mode="adaptive", max_steps=steps)
+    changed = ~np.all(f32.step_predictions[-1] == f64.step_predictions[-1], axis=1)
+    changed |= (f32.steps_used != f64.steps_used) | ~np.all(f32.predictions == f64.predictions, axis=1)
+    return [int(i) for i in idx[changed]]
 
 
 def _step_graph_errors(report: ParityReport, solver: Solver, ref, tokens: np.ndarray, puzzle_ids: np.ndarray) -> None:

@@ -223,3 +223,23 @@ def test_manifest_describes_the_model(tmp_path):
     assert len(manifest["provenance"]["checkpoint_sha256"]) == 64
     assert set(manifest["files"]) == {p.relative_to(path).as_posix() for p in path.rglob("*")
                                       if p.is_file() and p.name != "manifest.json"}
+
+
+def test_rounding_sensitive_puzzles_are_identified_not_silently_excused(tmp_path):
+    # Random mlp_t blocks at gain 1 are chaotic: float32 rounding alone changes some loop outcomes. Those
+    # puzzles must be shown to change under float64 too; a stable model has none.
+    from trm_export.export.checkpoint import load_checkpoint
+    from trm_export.export.parity import _rounding_sensitive
+
+    v = VARIANTS["trm-mlpt"]
+    write_official_checkpoint(tmp_path / "chaotic", v)
+    model = load_checkpoint(tmp_path / "chaotic").model
+    p = random_puzzles(v, n=24)
+    sensitive = _rounding_sensitive(model, p.tokens, p.puzzle_ids, list(range(24)), 16)  # 16 steps: chaos shows
+    assert len(sensitive) > 0
+    write_official_checkpoint(tmp_path / "stable", stable("trm-mlpt"))
+    model = load_checkpoint(tmp_path / "stable").model
+    assert _rounding_sensitive(model, p.tokens, p.puzzle_ids, list(range(24)), 16) == []
+    path, manifest = export(tmp_path, "trm-mlpt")
+    parity = manifest["parity"]["fp32"]
+    assert parity["passed"] and parity["differing"] == [] and parity["rounding_sensitive"] == []
