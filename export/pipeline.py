@@ -34,6 +34,7 @@ from trm_export.runtime.manifest import (
     Manifest,
     TaskEncoding,
 )
+from trm_export.runtime.selfcheck import golden_figures
 from trm_export.runtime.solver import Solver
 from trm_export.targets.engines import write_build_recipes
 from trm_export.targets.registry import Target, get_target
@@ -190,8 +191,13 @@ def export_bundle(checkpoint: str | Path | LoadedCheckpoint, out: str | Path, op
         say(f"parity: {report.summary()}")
         if not report.passed:
             raise ParityError("export failed parity against the PyTorch reference: " + "; ".join(report.failures()))
-        parity = {"fp32": {**report.to_dict(), "puzzles_source": puzzles.source}}
-        manifest = _with_files(manifest, stage, parity=parity)
+        # The golden check on a device must catch a broken graph or engine, not the loop's amplified rounding: its
+        # q tolerance is 1e-3 or twice what this host's own free-running loop shows, whichever is larger.
+        figures = golden_figures(solver)
+        q_abs = max(FP32_TOLERANCES["q_abs"], 2 * max(figures["q_halt_abs"], figures["q_continue_abs"]))
+        tolerances = {"fp32": {**FP32_TOLERANCES, "q_abs": q_abs}}
+        parity = {"fp32": {**report.to_dict(), "puzzles_source": puzzles.source, "golden": figures}}
+        manifest = _with_files(manifest, stage, parity=parity, golden={**manifest.golden, "tolerances": tolerances})
         path = stage.commit(manifest)
     say(f"bundle written: {path}")
     return path, manifest, report
