@@ -148,3 +148,26 @@ def test_build_and_run_engine_matches_golden(tmp_path):
     manifest = build_bundle_engines(path)
     assert "fp32" in manifest.build["engines"]
     assert verify_bundle(path, variant="fp32")
+
+
+@pytest.mark.parametrize("target", ["jetson-xavier-nx", "jetson-orin-nano", "gpu-trt11"])
+def test_quantized_bundle_for_a_target_passes_its_checks_and_recipes(tmp_path, target):
+    from test_export import export, random_puzzles, stable
+
+    from trm_export.calibration import QuantizeOptions, RecordOptions, add_variants, check_bundle
+    from trm_export.calibration.data import PuzzleSet
+
+    path, _ = export(tmp_path, target=target)
+    p = random_puzzles(stable("trm-att-rope"), n=8)
+    puzzles = PuzzleSet(p.tokens, p.puzzle_ids, None, "random test puzzles")
+    options = QuantizeOptions(methods=("minmax",), mixed=False, record=RecordOptions(max_samples=24), threads=1,
+                              progress=False)
+    result = add_variants(path, tmp_path / "q", options, calib=puzzles, heldout=puzzles)
+    assert set(result.manifest.graphs) == {"fp32", "int8-minmax", "fp16"}  # fp16 made for TensorRT targets
+    assert check_bundle(result.path)
+    recipes = result.manifest.build["recipes"]
+    t = get_target(target)
+    for variant, flags in (("int8-minmax", "--int8"), ("fp16", "--fp16")):
+        command = recipes[variant]["trtexec"]
+        assert (flags in command) != t.strongly_typed and ("--stronglyTyped" in command) == t.strongly_typed
+        assert command in (result.path / "build" / "build_engines.sh").read_text()
