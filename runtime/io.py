@@ -59,7 +59,7 @@ def format_solutions(result: SolveResult, encoding: TaskEncoding) -> str:
             body = " ".join(str(int(t)) for t in prediction)
         else:  # a model may predict any token, pad included: every token has a character
             body = "".join(charset[int(t)] for t in prediction)
-            if side:
+            if encoding.name == "maze" and side:  # Sudoku stays one 81-character line, as it is read
                 body = "|".join(body[i:i + side] for i in range(0, len(body), side))
         lines.append(f"{body}\t{int(steps)}")
     return "\n".join(lines) + "\n"

@@ -179,6 +179,19 @@ def test_run_cli_reads_sudoku_text_and_writes_solutions(bundle, puzzles, referen
     assert result.exit_code != 0 and "bad.txt" in result.output
 
 
+def test_sudoku_solutions_are_written_as_they_are_read():
+    from trm_export.runtime.io import format_solutions
+    from trm_export.runtime.manifest import TaskEncoding
+    from trm_export.runtime.solver import SolveResult
+
+    tokens = get_task("sudoku").split("heldout", size=2).labels
+    encoding = TaskEncoding("sudoku", 11, 81, 0, 1, 1, 1, grid_side=9)
+    result = SolveResult(tokens.astype(np.int64), np.array([3, 16]), np.zeros(2), np.zeros(2))
+    lines = format_solutions(result, encoding).splitlines()
+    assert [line.split("\t")[0] for line in lines] == [format_sudoku(t) for t in tokens]
+    assert [line.split("\t")[1] for line in lines] == ["3", "16"]
+
+
 def test_run_cli_npy_in_npz_out(bundle, puzzles, reference, tmp_path):
     src = tmp_path / "puzzles.npy"
     np.save(src, puzzles[:5])
