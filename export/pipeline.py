@@ -146,7 +146,6 @@ def export_bundle(checkpoint: str | Path | LoadedCheckpoint, out: str | Path, op
         say(f"loaded {ck.path} ({cfg.family.upper()}{' mlp_t' if cfg.mlp_t else ''}, "
             f"{sum(p.numel() for p in model.parameters()):,} parameters)")
         puzzles = puzzles or default_puzzles(ck)
-        torch.set_num_threads(max(1, torch.get_num_threads()))
 
         opset = opset_for(target)
         graph = export_step_graph(model, opset)
