@@ -131,7 +131,8 @@ def main() -> None:
             e2e["speedup"] = e2e["runtime_adaptive_puzzles_per_s"] / e2e["official_puzzles_per_s"]
             model_result["end_to_end"] = e2e
             print(f"{name} end to end ({len(data)} puzzles, runtime min_steps {args.min_steps}): official PyTorch "
-                  f"fixed-16 {e2e['official_puzzles_per_s']:.1f} puzzles/s ({100 * e2e['official_exact']:.1f}% exact), runtime "
+                  f"fixed-16 {e2e['official_puzzles_per_s']:.1f} puzzles/s ({100 * e2e['official_exact']:.1f}% exact), "
+                  "runtime "
                   f"adaptive+refill {e2e['runtime_adaptive_puzzles_per_s']:.1f} puzzles/s "
                   f"({100 * e2e['runtime_adaptive_exact']:.1f}% exact, {e2e['runtime_mean_steps']:.2f} steps): "
                   f"{e2e['speedup']:.2f}x", flush=True)
