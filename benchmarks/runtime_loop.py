@@ -20,8 +20,9 @@ from pathlib import Path
 import numpy as np
 from timing import median_time  # benchmarks/ is on sys.path when run as a script
 
+from trm_export.runtime.io import task_for_encoding
 from trm_export.runtime.solver import Solver
-from trm_export.tasks import exact_accuracy, get_task
+from trm_export.tasks import exact_accuracy
 
 
 def loop_overhead(bundle: Path, tokens: np.ndarray, batch: int, threads: int | None, repeats: int) -> dict:
@@ -63,7 +64,7 @@ def main() -> None:
     args = parser.parse_args()
 
     manifest = Solver(args.bundle).manifest
-    task = get_task("maze", size=manifest.task.grid_side) if manifest.task.name == "maze" else get_task("sudoku")
+    task = task_for_encoding(manifest.task)
     data = task.split("heldout", size=args.puzzles)
     results = {"bundle": str(args.bundle), "overhead": [], "scheduling": None}
     for batch in (1, 64):

@@ -21,7 +21,8 @@ from typing import Protocol
 import numpy as np
 
 from trm_export.errors import InputError, TrmExportError
-from trm_export.runtime.manifest import Manifest, TaskEncoding, read_manifest
+from trm_export.runtime.io import task_for_encoding
+from trm_export.runtime.manifest import Manifest, read_manifest
 from trm_export.runtime.validate import validate_puzzles
 
 
@@ -55,17 +56,6 @@ class PuzzleSet:
             raise InputError(f"need at least one puzzle, asked for {n}")
         return PuzzleSet(self.tokens[:n], self.puzzle_ids[:n], None if self.labels is None else self.labels[:n],
                          f"{self.source}, first {n}")
-
-
-def task_for_encoding(encoding: TaskEncoding):
-    """The shipped task (generator with fixed splits) of a bundle, or None for a user's own task."""
-    from trm_export.tasks import get_task
-
-    if encoding.name == "sudoku":
-        return get_task("sudoku")
-    if encoding.name == "maze" and encoding.grid_side:
-        return get_task("maze", size=encoding.grid_side)
-    return None
 
 
 def task_split(manifest: Manifest, split: str, size: int | None = None) -> PuzzleSet:

@@ -16,9 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
+from trm_export.runtime.io import task_for_encoding
 from trm_export.runtime.manifest import Manifest, read_manifest
 from trm_export.runtime.solver import Solver
-from trm_export.tasks import TaskData, exact_accuracy, get_task, token_accuracy
+from trm_export.tasks import TaskData, exact_accuracy, token_accuracy
 
 BUDGETS = (1, 2, 4, 8, 16)
 
@@ -93,12 +94,10 @@ def _peak_rss_mb() -> float | None:
 
 
 def _data_for(manifest: Manifest, count: int) -> TaskData:
-    task = manifest.task
-    if task.name == "sudoku":
-        return get_task("sudoku").split("heldout", size=min(count, 1000))
-    if task.name == "maze":
-        return get_task("maze", size=task.grid_side).split("heldout", size=min(count, 1000))
-    raise ValueError("the report needs labelled puzzles: this bundle's task is not a shipped one")
+    task = task_for_encoding(manifest.task)
+    if task is None:
+        raise ValueError("the report needs labelled puzzles: this bundle's task is not a shipped one")
+    return task.split("heldout", size=min(count, 1000))
 
 
 def _backends(manifest: Manifest, variant: str) -> list[str]:

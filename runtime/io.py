@@ -13,12 +13,13 @@ from trm_export.runtime.manifest import TaskEncoding
 from trm_export.runtime.solver import SolveResult
 
 
-def _task(encoding: TaskEncoding):
+def task_for_encoding(encoding: TaskEncoding):
+    """The shipped task (generator with fixed splits and a text format) of a bundle, or None for a user's own."""
     from trm_export.tasks import get_task
 
     if encoding.name == "sudoku":
         return get_task("sudoku")
-    if encoding.name == "maze":
+    if encoding.name == "maze" and encoding.grid_side:
         return get_task("maze", size=encoding.grid_side)
     return None
 
@@ -30,7 +31,7 @@ def read_puzzles(path: str | Path, encoding: TaskEncoding) -> np.ndarray:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: no such file")
-    task = _task(encoding)
+    task = task_for_encoding(encoding)
     if task is None:
         if path.suffix.lower() != ".npy":
             raise InputError(f"{path}: this bundle's task has no text format; give a .npy of tokens "
