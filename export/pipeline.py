@@ -90,30 +90,23 @@ def default_puzzles(ck: LoadedCheckpoint) -> Puzzles:
 def puzzles_from_file(path: Path, config) -> Puzzles:
     """The user's own puzzles (.npy tokens [N, seq_len], or the matching task's text format), without labels."""
     from trm_export.export.accuracy import task_for_config
+    from trm_export.runtime.io import read_puzzles
     from trm_export.runtime.manifest import TaskEncoding
     from trm_export.runtime.validate import validate_puzzles
-    from trm_export.tasks import load_puzzles
 
     path = Path(path)
     try:
-        task = task_for_config(config)
+        spec = task_for_config(config).spec
     except ValueError:
-        task = None
-    if task is None and path.suffix != ".npy":
-        raise TrmExportError(f"{path}: the model matches no shipped task, so puzzles must be a .npy of tokens "
-                             f"[N, {config.seq_len}]")
-    try:
-        tokens = load_puzzles(path, task) if task is not None else np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise TrmExportError(f"{path}: cannot read puzzles: {exc}") from None
-    encoding = TaskEncoding(None, config.vocab_size, config.seq_len, 0, None, config.prefix_len,
-                            config.num_puzzle_identifiers)
+        spec = None
+    encoding = TaskEncoding(spec.name if spec else None, config.vocab_size, config.seq_len, 0, None,
+                            config.prefix_len, config.num_puzzle_identifiers, spec.side if spec else None)
+    tokens = read_puzzles(path, encoding)  # InputError naming the file: missing, unreadable, no text format
     try:
         tokens, ids = validate_puzzles(tokens, None, encoding)
     except TrmExportError as exc:
         raise TrmExportError(f"{path}: {exc}") from None
-    return Puzzles(tokens, ids, None, f"{path.name} ({len(tokens)} puzzles)", task.spec.name if task else None,
-                   task.spec.side if task else None)
+    return Puzzles(tokens, ids, None, f"{path.name} ({len(tokens)} puzzles)", encoding.name, encoding.grid_side)
 
 
 def opset_for(target: Target) -> int:

@@ -34,7 +34,7 @@ def read_puzzles(path: str | Path, encoding: TaskEncoding) -> np.ndarray:
     task = task_for_encoding(encoding)
     if task is None:
         if path.suffix.lower() != ".npy":
-            raise InputError(f"{path}: this bundle's task has no text format; give a .npy of tokens "
+            raise InputError(f"{path}: this model's task has no text format; give a .npy of tokens "
                              f"[N, {encoding.seq_len}]")
         try:
             return np.load(path, allow_pickle=False)

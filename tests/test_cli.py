@@ -41,3 +41,19 @@ def test_errors_are_one_line_without_a_traceback(tmp_path):
     assert "Traceback" not in result.output
     result = CliRunner().invoke(cli, ["evaluate", str(bad), "--steps", "a,b"])
     assert result.exit_code == 2 and "expected comma-separated integers" in result.output
+
+
+def test_export_takes_the_users_puzzles_and_names_a_bad_file(sudoku_bundle, tmp_path):
+    from trm_export.tasks import format_sudoku, get_task
+
+    good = tmp_path / "mine.txt"
+    good.write_text("\n".join(format_sudoku(p) for p in get_task("sudoku").split("calibration", size=6).inputs))
+    result = CliRunner().invoke(cli, [str(sudoku_bundle / "ckpt"), "-o", str(tmp_path / "b"), "--puzzles", str(good),
+                                      "--threads", "1"])
+    assert result.exit_code == 0, result.output
+    assert "6 puzzles x 8 steps" in result.output and "mine.txt" in result.output
+    bad = tmp_path / "bad.txt"
+    bad.write_text("12345\n")
+    result = CliRunner().invoke(cli, [str(sudoku_bundle / "ckpt"), "-o", str(tmp_path / "c"), "--puzzles", str(bad)])
+    assert result.exit_code == 1 and "bad.txt:1: sudoku line must have 81 characters" in result.output
+    assert not (tmp_path / "c").exists()
