@@ -1,11 +1,12 @@
 """CPU speed, side by side in one run: PyTorch eager reference vs the bundle on ONNX Runtime, and the GEMM peak.
 
-    python benchmarks/cpu_speed.py [MODEL ...] [--threads 2] [--json out.json]
+    python benchmarks/cpu_speed.py [MODEL ...] [--threads 2] [--quantize] [--json out.json]
 
 For each reference model (default: both shipped ones), in one process and with the same thread count:
 - this machine's float32 GEMM peak (a large torch matmul), GFLOP/s;
 - one ACT step at batch 1 and batch 64: PyTorch eager (float32) and every graph variant of the bundle on
-  ONNX Runtime (CPU), median time, achieved GFLOP/s (analytic FLOPs of the step) and fraction of the peak;
+  ONNX Runtime (CPU; --quantize adds int8-entropy and fp16 to the exported bundle first), median time,
+  achieved GFLOP/s (analytic FLOPs of the step) and fraction of the peak;
 - end to end on the held-out split: the official evaluation (PyTorch, 16 fixed steps, batch 64) against the
   runtime with adaptive halting and continuous refill (batch 64): puzzles/s, exact accuracy, their ratio.
 Ratios, not absolute times, are the result: the absolute numbers depend on the machine and its load.
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 from timing import median_time  # benchmarks/ is on sys.path when run as a script
 
+from trm_export.calibration.variants import QuantizeOptions, add_variants
 from trm_export.export.config import ModelConfig
 from trm_export.export.pipeline import ExportOptions, export_bundle
 from trm_export.export.reference import run_reference
@@ -83,6 +85,8 @@ def main() -> None:
     parser.add_argument("--min-steps", type=int, default=1, help="runtime min_steps of the adaptive end-to-end run")
     parser.add_argument("--bundle", type=Path, action="append", default=[],
                         help="Use this bundle for the model of the same index instead of exporting one.")
+    parser.add_argument("--quantize", action="store_true",
+                        help="add int8-entropy and fp16 graphs to each exported bundle and time them too")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -101,6 +105,12 @@ def main() -> None:
             else:
                 bundle, _, _ = export_bundle(ck, Path(tmp) / f"{name}.bundle",
                                              ExportOptions(parity_puzzles=64, progress=False))
+                if args.quantize:  # accuracy of these variants is measured in full by `trm-export quantize`
+                    quantized = Path(tmp) / f"{name}.quantized"
+                    add_variants(bundle, quantized, QuantizeOptions(methods=("entropy",), mixed=False, fp16=True,
+                                                                    eval_puzzles=64, threads=args.threads,
+                                                                    progress=False))
+                    bundle = quantized
             variants = sorted(Solver(bundle).manifest.graphs)
             flops = step_flops(ck.config)
             model_result = {"step_gflop": flops / 1e9, "step": {}, "end_to_end": {}}

@@ -68,10 +68,12 @@ def plot_history(name: str, history: list[dict], out: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--models", nargs="*", default=sorted(TASK_OF_MODEL))
+    parser.add_argument("--models", nargs="*", default=sorted(TASK_OF_MODEL),
+                        help="models to measure again; the others keep their rows from results.json")
     parser.add_argument("--render-only", action="store_true", help="rewrite RESULTS.md from results.json")
     args = parser.parse_args()
-    published = json.loads((HERE / "results.json").read_text()) if args.render_only else {}
+    results_file = HERE / "results.json"
+    published = json.loads(results_file.read_text()) if results_file.is_file() else {}
     torch.set_num_threads(args.threads)
 
     sections = ["# Reference models: measured results", "",
@@ -79,15 +81,16 @@ def main() -> None:
                 "training or calibration). Exact accuracy = every token of the answer right (the official metric). "
                 "Adaptive = halt when the trained Q head says q_halt > 0, capped at 16 steps.", ""]
     summary = {}
-    for name in args.models:
+    for name in sorted(TASK_OF_MODEL):
         folder = HERE / name
         ck = load_checkpoint(folder)
         task = task_for_config(ck.config)
-        data = None if args.render_only else task.split("heldout")
-        if args.render_only:
+        if args.render_only or name not in args.models:
+            if name not in published:
+                raise SystemExit(f"{name} has no rows in {results_file}; measure it (--models {name})")
             rows = [BudgetResult(**r) for r in published[name]]
         else:
-            rows = accuracy_by_budget(ck.model, data, BUDGETS, adaptive=True, progress=True)
+            rows = accuracy_by_budget(ck.model, task.split("heldout"), BUDGETS, adaptive=True, progress=True)
         cfg = ck.config
         params = sum(p.numel() for p in ck.model.parameters())
         size = ck.path.stat().st_size / 1e6

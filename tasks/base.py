@@ -189,7 +189,7 @@ class Task(ABC):
     meta_fields: Mapping[str, Any] = MappingProxyType({})
 
     def __init__(self) -> None:
-        self._split_cache: dict[tuple[str, int], TaskData] = {}
+        self._split_cache: dict[tuple[str, int, tuple], TaskData] = {}
 
     # --- hooks ------------------------------------------------------------------------
     @property
@@ -239,9 +239,12 @@ class Task(ABC):
         """
         return self._generate(n, seed, split=None, **difficulty)
 
-    def split(self, name: str, size: int | None = None) -> TaskData:
+    def split(self, name: str, size: int | None = None, **train_difficulty: Any) -> TaskData:
         """A fixed split: "train" (``size`` puzzles, default 20000), "calibration" (256) or
         "heldout" (1000).
+
+        ``train_difficulty`` (train split only) takes ``generate``'s difficulty keywords, e.g. the
+        short mazes of a training curriculum; the puzzles still come from train's families only.
 
         Splits use fixed seeds and disjoint puzzle families, so every user measures on the
         same held-out puzzles and none of them (nor their solution grid / maze layout) is
@@ -252,6 +255,8 @@ class Task(ABC):
             raise ValueError(f"unknown split {name!r}; valid splits: {', '.join(SPLIT_NAMES)}")
         if name == "train":
             count = self.default_train_size if size is None else size
+        elif train_difficulty:
+            raise ValueError(f"split {name!r} has a fixed difficulty; only 'train' takes difficulty keywords")
         else:
             fixed = self.split_sizes[name]
             count = fixed if size is None else size
@@ -259,9 +264,9 @@ class Task(ABC):
                 raise ValueError(f"split {name!r} has a fixed size of {fixed}; asked for {count}")
         if count < 0:
             raise ValueError(f"split size must be >= 0, got {count}")
-        key = (name, count)
+        key = (name, count, tuple(sorted(train_difficulty.items())))
         if key not in self._split_cache:
-            self._split_cache[key] = self._generate(count, self.split_seeds[name], split=name)
+            self._split_cache[key] = self._generate(count, self.split_seeds[name], split=name, **train_difficulty)
         return self._split_cache[key]
 
     def _generate(self, n: int, seed: int, split: str | None, **difficulty: Any) -> TaskData:

@@ -477,6 +477,23 @@ def test_maze_splits_disjoint_up_to_symmetry(maze: MazeTask) -> None:
         _check_maze(inp, lab, MAZE_SIDE)
 
 
+def test_short_maze_train_split_keeps_train_families(maze: MazeTask) -> None:
+    """A curriculum's short mazes come from train layouts only, and evaluation splits refuse difficulty."""
+    held = maze.split("heldout")
+    short = maze.split("train", size=300, min_path=2, max_path=6)
+    assert short.meta["path_length"].min() >= 2 and short.meta["path_length"].max() <= 6
+    assert held.meta["path_length"].min() >= MAZE_SIDE
+    walls = {w.tobytes() for w in (held.inputs == 1).astype(np.uint8)}
+    perms = [np.rot90(np.arange(81).reshape(9, 9), k) for k in range(4)]
+    perms += [p.T for p in perms]
+    for w in (short.inputs == 1).astype(np.uint8):
+        assert not {w[p.reshape(-1)].tobytes() for p in perms} & walls
+    for inp, lab in zip(short.inputs[:50], short.labels[:50], strict=True):
+        _check_maze(inp, lab, MAZE_SIDE)
+    with pytest.raises(ValueError, match="fixed difficulty"):
+        maze.split("heldout", min_path=2)
+
+
 def test_family_split_is_stable() -> None:
     # Pinned values: changing the hash would silently reshuffle every split.
     assert [family_split(bytes([i])) for i in range(8)] == [
