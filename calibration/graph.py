@@ -6,6 +6,10 @@ not a weight (per-channel, int8 initializer), so those Identities must go. ONNX 
 optimisation (constant folding, Identity / no-op Cast elimination; standard ONNX ops only, opset unchanged)
 does that and folds the exporter's Constant nodes; the result is checked to hold only default-domain ops.
 
+weights on the right: the export form of mlp_t multiplies with its weight on the left (W @ h, faster in ONNX
+Runtime). Quantizers and TensorRT's Q/DQ rules expect the weight as a MatMul's B, per-channel along B's output
+axis, so preparation rewrites W @ h as (h^T @ W^T)^T before any quantizer sees the graph.
+
 groups: quantizable MatMul/Gemm nodes gathered per layer (all unrolled calls of one weight, or of one
 attention product), the unit mixed precision keeps in float. A weight shared by a float call and an int8 call
 would have to be stored twice; per-layer groups keep it once.
@@ -56,7 +60,50 @@ def prepare_graph(model: onnx.ModelProto, threads: int | None = 1) -> onnx.Model
     prepared.ir_version = model.ir_version
     prepared.producer_name, prepared.producer_version = model.producer_name, model.producer_version
     prepared.doc_string = model.doc_string
-    return dedupe_initializers(prepared)
+    return dedupe_initializers(weights_on_the_right(prepared))
+
+
+def weights_on_the_right(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Every MatMul(W, x) with a constant 2-D W becomes Transpose(MatMul(Transpose(x), W^T)); the MatMul keeps its
+    name (its layer label). A W shared by several calls gets one transposed copy."""
+    inits = {i.name: i for i in model.graph.initializer}
+    left = [n for n in model.graph.node if n.op_type == "MatMul" and n.input[0] in inits
+            and n.input[1] not in inits and len(inits[n.input[0]].dims) == 2]
+    if not left:
+        return model
+    inferred = onnx.shape_inference.infer_shapes(model)
+    ranks = {v.name: len(v.type.tensor_type.shape.dim)
+             for v in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]
+             if v.type.tensor_type.HasField("shape")}
+    transposed: dict[str, str] = {}
+    nodes: list[onnx.NodeProto] = []
+    left_ids = {id(n) for n in left}
+    for node in model.graph.node:
+        if id(node) not in left_ids:
+            nodes.append(node)
+            continue
+        weight, x = node.input
+        rank = ranks.get(x)
+        if rank is None or rank < 2:
+            raise CalibrationError(f"MatMul {node.name!r}: the rank of its input {x!r} is unknown or < 2; cannot move "
+                                   "its weight to the right for quantization")
+        if weight not in transposed:
+            w_t = numpy_helper.from_array(np.ascontiguousarray(numpy_helper.to_array(inits[weight]).T), f"{weight}_T")
+            model.graph.initializer.append(w_t)
+            transposed[weight] = w_t.name
+        perm = [*range(rank - 2), rank - 1, rank - 2]
+        x_t, y_t = f"{node.name}/input_T", f"{node.name}/output_T"
+        nodes += [onnx.helper.make_node("Transpose", [x], [x_t], name=f"{node.name}/Transpose_in", perm=perm),
+                  onnx.helper.make_node("MatMul", [x_t, transposed[weight]], [y_t], name=node.name),
+                  onnx.helper.make_node("Transpose", [y_t], list(node.output), name=f"{node.name}/Transpose_out",
+                                        perm=perm)]
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    used = {i for n in model.graph.node for i in n.input}
+    keep = [i for i in model.graph.initializer if i.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep)
+    return model
 
 
 def dedupe_initializers(model: onnx.ModelProto) -> onnx.ModelProto:

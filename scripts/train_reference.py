@@ -59,6 +59,10 @@ RECIPES = {
         # Curriculum by mixture: half the pool are short paths (2-8 moves), whose cells a model can mark
         # from local evidence; they break the "copy the maze" plateau that the 9+ move mazes alone sat on.
         "short_pool": {"size": 6000, "min_path": 2, "max_path": 8},
+        # ACT horizon curriculum: (from iteration, training cap on steps per puzzle). With a 16-step horizon
+        # from the start only 1 sample in 16 is a first step from H_init/L_init, and the maze model sat on its
+        # plateau; trained on fresh starts (1 step, no carry) the same model solves short mazes in 300 steps.
+        "train_max_steps": [[0, 2], [1200, 4], [2400, 8], [3600, 16]],
         "out": "maze_att",
     },
 }
@@ -95,7 +99,8 @@ class Pool:
         return np.array(batch.inputs), np.array(batch.labels)  # writable copies for torch
 
 
-def train_step(model, opt, carry, batch_fill, cfg: ModelConfig, explore: float, gen: torch.Generator):
+def train_step(model, opt, carry, batch_fill, cfg: ModelConfig, explore: float, gen: torch.Generator,
+               max_steps: int):
     """One ACT step of deep supervision for every slot; refills halted slots first."""
     inputs, labels, z_H, z_L, steps, halted = carry
     if halted.any():
@@ -121,9 +126,9 @@ def train_step(model, opt, carry, batch_fill, cfg: ModelConfig, explore: float, 
     opt.step()
     with torch.no_grad():
         steps = steps + 1
-        halted = (steps >= cfg.halt_max_steps) | (q_halt > 0)
+        halted = (steps >= max_steps) | (q_halt > 0)
         explore_mask = torch.rand(len(steps), generator=gen) < explore
-        min_steps = torch.randint(2, cfg.halt_max_steps + 1, (len(steps),), generator=gen) * explore_mask
+        min_steps = torch.randint(2, max_steps + 1, (len(steps),), generator=gen) * explore_mask
         halted = halted & (steps >= min_steps)
     stats = {"lm_loss": lm_loss.item(), "q_loss": q_loss.item(), "acc": float(correct.float().mean()),
              "halted_steps": float(steps[halted].float().mean()) if halted.any() else float("nan")}
@@ -215,7 +220,10 @@ def main(argv: list[str] | None = None) -> int:
         for group in opt.param_groups:
             group["lr"] = lr
         model.train()
-        carry, stats = train_step(model, opt, carry, pool.draw, cfg, recipe["arch"]["halt_exploration_prob"], gen)
+        schedule = recipe.get("train_max_steps", [[0, cfg.halt_max_steps]])
+        horizon = max(cap for start_it, cap in schedule if it >= start_it)
+        carry, stats = train_step(model, opt, carry, pool.draw, cfg, recipe["arch"]["halt_exploration_prob"], gen,
+                                  horizon)
         with torch.no_grad():
             for pe, p in zip(ema.parameters(), model.parameters(), strict=True):
                 pe.lerp_(p, 1 - recipe["ema"])

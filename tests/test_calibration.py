@@ -32,7 +32,7 @@ from trm_export.calibration import (
     validate_qdq,
 )
 from trm_export.calibration.fp16 import Fp16Options, convert_fp16, rms_norm_nodes
-from trm_export.calibration.graph import compact_graph, prepare_graph, quantizable_groups
+from trm_export.calibration.graph import compact_graph, prepare_graph, quantizable_groups, weights_on_the_right
 from trm_export.errors import BundleError, InputError
 from trm_export.export.pipeline import ExportOptions, Puzzles, export_bundle
 from trm_export.runtime.manifest import TaskEncoding, read_manifest
@@ -261,6 +261,32 @@ def test_int32_bias_and_qoperator_ops_are_violations():
         [numpy_helper.from_array(np.array(0.1, np.float32), "s"), numpy_helper.from_array(np.array(0, np.int8), "z")])
     report = validate_qdq(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8))
     assert "qdq-format" in report.failed_rules()
+
+
+def test_left_weight_products_move_to_the_right_unchanged() -> None:
+    """mlp_t's export form computes W @ h; before quantization it becomes (h^T W^T)^T, same values, same node name,
+    the weight as B (one transposed copy even when two calls share it)."""
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((5, 3)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["W", "x"], ["y"], name="/mlp_t/gate_proj/MatMul"),
+             helper.make_node("MatMul", ["W", "x"], ["y2"], name="/mlp_t/gate_proj_1/MatMul"),
+             helper.make_node("Add", ["y", "y2"], ["out"], name="add")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 3, 4])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["b", 5, 4])],
+                              [numpy_helper.from_array(w, "W")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    x = rng.standard_normal((2, 3, 4)).astype(np.float32)
+    before = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})[0]
+    moved = weights_on_the_right(model)
+    onnx.checker.check_model(moved)
+    after = ort.InferenceSession(moved.SerializeToString()).run(None, {"x": x})[0]
+    np.testing.assert_allclose(after, before, rtol=1e-6, atol=1e-6)
+    matmuls = [n for n in moved.graph.node if n.op_type == "MatMul"]
+    assert [n.name for n in matmuls] == ["/mlp_t/gate_proj/MatMul", "/mlp_t/gate_proj_1/MatMul"]
+    assert all(n.input[1] == "W_T" for n in matmuls)
+    assert [i.name for i in moved.graph.initializer] == ["W_T"]
 
 
 def test_quantizer_output_passes_the_checker_for_attention_and_mlp_t(tmp_path, quantized):
