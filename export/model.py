@@ -169,24 +169,26 @@ class Block(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.eps = config.rms_norm_eps
-        self.fusable_norm = False  # set while exporting (RecursiveModel.exporting)
+        self.export_form = False  # set while exporting (RecursiveModel.exporting)
         if config.mlp_t:
             self.mlp_t = SwiGLU(config.total_seq_len, config.expansion)
         else:
             self.self_attn = Attention(config.hidden_size, config.num_heads)
         self.mlp = SwiGLU(config.hidden_size, config.expansion)
         self.register_buffer("unit_d", torch.ones(config.hidden_size), persistent=False)
-        self.register_buffer("unit_s", torch.ones(config.total_seq_len), persistent=False)
 
     def norm(self, x: torch.Tensor, unit: torch.Tensor) -> torch.Tensor:
-        return rms_norm_fusable(x, self.eps, unit) if self.fusable_norm else rms_norm(x, self.eps)
+        return rms_norm_fusable(x, self.eps, unit) if self.export_form else rms_norm(x, self.eps)
 
     def forward(self, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
-        if hasattr(self, "mlp_t") and self.fusable_norm:  # export form: mlp_t mixes h along axis 1 itself
-            h = self.norm((h + self.mlp_t(h)).transpose(1, 2), self.unit_s).transpose(1, 2)
+        if hasattr(self, "mlp_t") and self.export_form:  # export form: mlp_t mixes h along axis 1 itself
+            # The norm over positions is written on axis 1 directly: ONNX Runtime pushes transposes through it
+            # and unfuses it anyway, so a transposed fusable form would only add a multiply by ones.
+            x = h + self.mlp_t(h)
+            h = x / torch.sqrt(x.pow(2).mean(1, keepdim=True) + self.eps)
         elif hasattr(self, "mlp_t"):
             t = h.transpose(1, 2)  # [B, D, S]: mix along positions
-            h = self.norm(t + self.mlp_t(t), self.unit_s).transpose(1, 2)
+            h = rms_norm(t + self.mlp_t(t), self.eps).transpose(1, 2)
         else:
             h = self.norm(h + self.self_attn(h, rope), self.unit_d)
         return self.norm(h + self.mlp(h), self.unit_d)
@@ -283,7 +285,7 @@ class RecursiveModel(nn.Module):
 
         def set_form(on: bool) -> None:
             for b in blocks:
-                b.fusable_norm = on
+                b.export_form = on
                 b.mlp.set_export_form(on)
                 if hasattr(b, "mlp_t"):
                     b.mlp_t.set_export_form(on, along_positions=True)
