@@ -18,6 +18,7 @@ import argparse
 import json
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -51,36 +52,63 @@ def step_flops(cfg: ModelConfig) -> float:
     return float(per_step + 2 * cfg.seq_len * d * v)
 
 
-def gemm_peak(threads: int, n: int = 2048, repeats: int = 5) -> float:
+def gemm_peak(threads: int, n: int = 2048, repeats: int = 5) -> dict[str, float]:
+    """float32 GFLOP/s of an n x n x n matmul in torch and in ONNX Runtime (MLAS): the machine's peak is the
+    better of the two (on an AMD CPU torch's BLAS can be far below MLAS, which would inflate every fraction)."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
     torch.set_num_threads(threads)
     a, b = torch.randn(n, n), torch.randn(n, n)
-    torch.mm(a, b)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        torch.mm(a, b)
-        times.append(time.perf_counter() - start)
-    return 2 * n ** 3 / min(times) / 1e9
+    graph = helper.make_graph([helper.make_node("MatMul", ["a", "b"], ["c"])], "gemm",
+                              [helper.make_tensor_value_info(k, TensorProto.FLOAT, [n, n]) for k in "ab"],
+                              [helper.make_tensor_value_info("c", TensorProto.FLOAT, [n, n])])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    session = ort.InferenceSession(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)],
+                                                     ir_version=8).SerializeToString(), options,
+                                   providers=["CPUExecutionProvider"])
+    feeds = {"a": a.numpy(), "b": b.numpy()}
+    flop = 2 * n**3 / 1e9
+    result = {"torch": flop / median_time(lambda: torch.mm(a, b), repeats),
+              "onnxruntime": flop / median_time(lambda: session.run(None, feeds), repeats)}
+    result["peak"] = max(result.values())
+    return result
 
 
-@torch.inference_mode()
-def torch_step_time(model, tokens: np.ndarray, repeats: int) -> float:
+def torch_step(model, tokens: np.ndarray) -> Callable[[], object]:
     x = model.embed(torch.tensor(tokens, dtype=torch.long), torch.zeros(len(tokens), dtype=torch.long))
     z_H, z_L = model.initial_state(len(tokens))
-    return median_time(lambda: model.step(x, z_H, z_L), repeats)
+
+    def step() -> object:
+        with torch.inference_mode():
+            return model.step(x, z_H, z_L)
+
+    return step
 
 
-def ort_step_time(bundle: Path, variant: str, tokens: np.ndarray, threads: int, repeats: int) -> float:
+def ort_step(bundle: Path, variant: str, tokens: np.ndarray, threads: int) -> Callable[[], object]:
     solver = Solver(bundle, variant=variant, batch_size=len(tokens), threads=threads)
     solver.solve(tokens, mode="fixed", max_steps=1)  # loads the slots
-    return median_time(lambda: solver.backend.step(len(tokens)), repeats)
+    return lambda: solver.backend.step(len(tokens))
+
+
+def interleaved_medians(steps: dict[str, Callable[[], object]], repeats: int, rounds: int) -> dict[str, float]:
+    """Median step time of each callable, measured in `rounds` alternating rounds so that a change in the shared
+    machine's load hits every contender alike (the median of the round medians)."""
+    times: dict[str, list[float]] = {k: [] for k in steps}
+    for _ in range(rounds):
+        for label, fn in steps.items():
+            times[label].append(median_time(fn, repeats))
+    return {k: float(np.median(v)) for k, v in times.items()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("models", nargs="*", default=sorted(TASK_OF_MODEL))
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeats", type=int, default=7, help="timed calls per round")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds over the contenders")
     parser.add_argument("--end-to-end-puzzles", type=int, default=1000)
     parser.add_argument("--min-steps", type=int, default=1, help="runtime min_steps of the adaptive end-to-end run")
     parser.add_argument("--bundle", type=Path, action="append", default=[],
@@ -90,9 +118,11 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    peak = gemm_peak(args.threads)
-    print(f"float32 GEMM peak (torch 2048^3, {args.threads} threads): {peak:.1f} GFLOP/s", flush=True)
-    results = {"threads": args.threads, "gemm_peak_gflops": peak, "models": {}}
+    gemm = gemm_peak(args.threads)
+    peak = gemm["peak"]
+    print(f"float32 GEMM 2048^3, {args.threads} threads: torch {gemm['torch']:.1f}, ONNX Runtime "
+          f"{gemm['onnxruntime']:.1f} GFLOP/s; peak {peak:.1f}", flush=True)
+    results = {"threads": args.threads, "gemm_peak_gflops": peak, "gemm_gflops": gemm, "models": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for i, name in enumerate(args.models):
             from trm_export.export.checkpoint import load_checkpoint
@@ -116,9 +146,10 @@ def main() -> None:
             model_result = {"step_gflop": flops / 1e9, "step": {}, "end_to_end": {}}
             for batch in (1, 64):
                 tokens = data.inputs[:batch]
-                row = {"pytorch_eager": torch_step_time(ck.model, tokens, args.repeats)}
+                steps = {"pytorch_eager": torch_step(ck.model, tokens)}
                 for variant in variants:
-                    row[f"onnxruntime_{variant}"] = ort_step_time(bundle, variant, tokens, args.threads, args.repeats)
+                    steps[f"onnxruntime_{variant}"] = ort_step(bundle, variant, tokens, args.threads)
+                row = interleaved_medians(steps, args.repeats, args.rounds)
                 model_result["step"][batch] = row
                 for label, seconds in row.items():
                     gflops = flops * batch / seconds / 1e9

@@ -4,6 +4,10 @@ Inputs x (embedded puzzle incl. the puzzle prefix), z_H, z_L, all [batch, S, D] 
 z_H, z_L, the answer logits [batch, seq_len, vocab] and q_halt, q_continue [batch]. All
 H_cycles x (L_cycles + 1) network calls are unrolled; each weight is one initializer shared by every call.
 
+The model is traced in its export form (`RecursiveModel.exporting`): the same function written the way ONNX
+Runtime runs fastest (RMS norms in the pattern it fuses, SwiGLU gate/up as two MatMuls, mlp_t as left products
+W @ h instead of transposes); parity with the reference form is checked on every export.
+
 The TorchScript-based exporter is used on purpose: it reaches opset 17 (JetPack 5 / TensorRT 8.5), needs no
 extra dependency, and writes byte-identical files for identical inputs.
 """
