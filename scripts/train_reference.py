@@ -5,12 +5,13 @@
 
 Training follows the TRM recipe at small scale: ACT deep supervision (each batch slot carries its puzzle's
 z_H / z_L from step to step, one optimizer step per ACT step, a slot is refilled when its puzzle halts), only
-the last H cycle of a step takes gradients (the maze recipe: all cycles), the Q head learns to predict whether the current answer is
-exactly right (binary cross-entropy, halt when q_halt > 0), exploration forces a random minimum number of
-steps, and the saved weights are an EMA copy. Data: a pool from the task's train split, freshly augmented
-for every batch. The maze recipe adds two curricula (short paths mixed into the pool; a training horizon that
-grows from 2 to 16 steps), see RECIPES. The output is what the official trainer writes: `step_N` (state dict with the compiled
-`_orig_mod.model.inner.` prefix), `all_config.yaml` with the official field names, and `dataset.json`.
+the last H cycle of a step takes gradients (the maze recipe: all cycles), the Q head learns to predict
+whether the current answer is exactly right (binary cross-entropy, halt when q_halt > 0), exploration forces
+a random minimum number of steps, and the saved weights are an EMA copy. Data: a pool from the task's train
+split, freshly augmented for every batch. The maze recipe adds two curricula (short paths mixed into the
+pool; a training horizon that grows from 2 to 16 steps), see RECIPES. The output is what the official
+trainer writes: `step_N` (state dict with the compiled `_orig_mod.model.inner.` prefix), `all_config.yaml`
+with the official field names, and `dataset.json`.
 
 Resumable: `runs/<task>/train_state.pt` holds model, EMA, optimizer and carry; rerunning continues.
 """
