@@ -70,6 +70,40 @@ def test_every_variant_exports_with_parity_and_verifies(tmp_path, name):
     assert report, str(report)
 
 
+@pytest.mark.parametrize("name", ["trm-mlpt", "trm-att-rope"])
+def test_export_form_is_the_same_step_with_plain_matmuls(tmp_path, name):
+    """The model is exported in a faster form (SwiGLU gate/up as two MatMuls; mlp_t as left products, no
+    transposes): the same step up to rounding, the state dict untouched, named layers for quantization."""
+    import torch
+
+    from trm_export.export.checkpoint import load_checkpoint
+
+    v = stable(name)
+    write_official_checkpoint(tmp_path / "ckpt", v)
+    model = load_checkpoint(tmp_path / "ckpt").model
+    keys = set(model.state_dict())
+    torch.manual_seed(0)
+    s, d = model.config.total_seq_len, model.config.hidden_size
+    x, z_H, z_L = (torch.randn(3, s, d) for _ in range(3))
+    with torch.no_grad():
+        reference = model.step(x, z_H, z_L)
+        with model.exporting():
+            exported = model.step(x, z_H, z_L)
+        again = model.step(x, z_H, z_L)  # the reference form is back after the block
+    for ref, exp, back in zip(reference, exported, again, strict=True):
+        torch.testing.assert_close(exp, ref, rtol=1e-5, atol=1e-5)
+        assert torch.equal(back, ref)
+    assert set(model.state_dict()) == keys
+    path, manifest = export(tmp_path, name)
+    graph = onnx.load(path / manifest["graphs"]["fp32"]["file"])
+    ops = [n.op_type for n in graph.graph.node]
+    assert not [n.name for n in graph.graph.node if n.op_type in ("Slice", "Split") and "/mlp" in n.name]
+    matmul_scopes = {n.name.rsplit("/", 2)[-2] for n in graph.graph.node if n.op_type == "MatMul"}
+    assert {"gate_proj", "up_proj", "down_proj"} <= matmul_scopes
+    if v.mlp_t:
+        assert "Transpose" not in ops
+
+
 def test_weights_are_stored_once_however_many_calls(tmp_path):
     v = stable("trm-att-rope")
     path, manifest = export(tmp_path, "trm-att-rope")
