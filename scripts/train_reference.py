@@ -8,10 +8,10 @@ z_H / z_L from step to step, one optimizer step per ACT step, a slot is refilled
 the last H cycle of a step takes gradients (the maze recipe: all cycles), the Q head learns to predict
 whether the current answer is exactly right (binary cross-entropy, halt when q_halt > 0), exploration forces
 a random minimum number of steps, and the saved weights are an EMA copy. Data: a pool from the task's train
-split, freshly augmented for every batch. The maze recipe adds two curricula (short paths mixed into the
-pool; a training horizon that grows from 2 to 16 steps), see RECIPES. The output is what the official
-trainer writes: `step_N` (state dict with the compiled `_orig_mod.model.inner.` prefix), `all_config.yaml`
-with the official field names, and `dataset.json`.
+split, freshly augmented for every batch. The maze recipe adds short paths to the pool and a curriculum
+(answers grow once the current ones are solved, the training horizon with them), see RECIPES. The output is
+what the official trainer writes: `step_N` (state dict with the compiled `_orig_mod.model.inner.` prefix),
+`all_config.yaml` with the official field names, and `dataset.json`.
 
 Resumable: `runs/<task>/train_state.pt` holds model, EMA, optimizer and carry; rerunning continues.
 """
@@ -61,10 +61,15 @@ RECIPES = {
         # Curriculum by mixture: half the pool are short paths (2-8 moves), whose cells a model can mark
         # from local evidence; they break the "copy the maze" plateau that the 9+ move mazes alone sat on.
         "short_pool": {"size": 6000, "min_path": 2, "max_path": 8},
-        # ACT horizon curriculum: (from iteration, training cap on steps per puzzle). With a 16-step horizon
-        # from the start only 1 sample in 16 is a first step from H_init/L_init, and the maze model sat on its
-        # plateau; trained on fresh starts (1 step, no carry) the same model solves short mazes in 300 steps.
-        "train_max_steps": [[0, 2], [1000, 4], [2000, 8], [3000, 16]],
+        # Curriculum on the answer's size (cells the answer changes: path cells here). Draws only puzzles
+        # with at most `cap` changed cells; `cap` grows by `step` once the puzzles released in the last
+        # `window` iterations were solved at a rate >= `advance_at`. The ACT horizon grows with it
+        # ([cap limit, training cap on steps per puzzle]). Why: mixed with long mazes, the short ones' signal
+        # drowns in the long ones' path cells (the model sat at 5-8% solved for 24 minutes), and with a
+        # 16-step horizon only 1 sample in 16 starts from H_init/L_init; trained on fresh 2-4 move mazes alone,
+        # the same model solved them in 300 iterations.
+        "curriculum": {"start": 3, "step": 2, "advance_at": 0.6, "window": 100,
+                       "horizon": [[7, 2], [11, 4], [15, 8], [10_000, 16]]},
         # Gradients through every H cycle of a step, not only the last (TRM's default, "grad_cycles": 1): the
         # maze model must learn to carry S/G reachability across the grid, and with the 1-cycle gradient it
         # did not learn even 2-8 move mazes in 12 minutes; full backprop through the step solves them in 300
@@ -100,9 +105,13 @@ class Pool:
             np.savez(cache, inputs=self.data.inputs, labels=self.data.labels)
         self.task = task
         self.rng = np.random.default_rng(seed)
+        self.size = (self.data.inputs != self.data.labels).sum(1)  # cells the answer changes
+        self.cap = int(self.size.max())
 
     def draw(self, n: int) -> tuple[np.ndarray, np.ndarray]:
-        batch = self.task.augment(self.data.select(self.rng.integers(0, len(self.data), n)), self.rng)
+        """n puzzles whose answers change at most `cap` cells (all of them unless a curriculum set cap)."""
+        allowed = np.flatnonzero(self.size <= self.cap)
+        batch = self.task.augment(self.data.select(allowed[self.rng.integers(0, len(allowed), n)]), self.rng)
         return np.array(batch.inputs), np.array(batch.labels)  # writable copies for torch
 
 
@@ -138,7 +147,8 @@ def train_step(model, opt, carry, batch_fill, cfg: ModelConfig, explore: float, 
         min_steps = torch.randint(2, max_steps + 1, (len(steps),), generator=gen) * explore_mask
         halted = halted & (steps >= min_steps)
     stats = {"lm_loss": lm_loss.item(), "q_loss": q_loss.item(), "acc": float(correct.float().mean()),
-             "halted_steps": float(steps[halted].float().mean()) if halted.any() else float("nan")}
+             "halted_steps": float(steps[halted].float().mean()) if halted.any() else float("nan"),
+             "released": int(halted.sum()), "released_solved": int((halted & correct).sum())}
     return (inputs, labels, z_H.detach(), z_L.detach(), steps, halted), stats
 
 
@@ -185,6 +195,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-every", type=float, default=300.0, help="seconds between evaluations/saves")
     parser.add_argument("--runs", type=Path, default=ROOT / "runs")
     parser.add_argument("--out", type=Path, default=None, help="default: reference_models/<name>")
+    parser.add_argument("--init-from", type=Path, default=None,
+                        help="start from a saved checkpoint folder (e.g. the shipped model) instead of random weights "
+                             "when there is no train_state.pt to resume: weights and EMA from it, a fresh optimizer, "
+                             "the curriculum cap it recorded")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -217,7 +231,25 @@ def main(argv: list[str] | None = None) -> int:
         carry, it, trained_seconds, history = st["carry"], st["it"], st["seconds"], st["history"]
         pool.rng = np.random.default_rng(st["rng_seed"] + it)
         print(f"resumed at iteration {it} ({trained_seconds / 60:.1f} min trained)", flush=True)
+    elif args.init_from:
+        from trm_export.export.checkpoint import load_checkpoint
+
+        loaded = load_checkpoint(args.init_from)
+        model.load_state_dict(loaded.model.state_dict())
+        ema.load_state_dict(loaded.model.state_dict())
+        saved = yaml.safe_load((loaded.path.parent / "all_config.yaml").read_text())
+        it = int(loaded.path.name.removeprefix("step_"))
+        trained_seconds = 60 * float(saved.get("train_minutes", 0.0))
+        history_file = loaded.path.parent / "training_history.json"
+        history = json.loads(history_file.read_text()) if history_file.is_file() else []
+        st = {"cap": saved["curriculum_cap"]} if "curriculum_cap" in saved else {}
+        print(f"initialised from {loaded.path} (iteration {it}, fresh optimizer)", flush=True)
     gen = torch.Generator().manual_seed(1234 + it)
+    curriculum = recipe.get("curriculum")
+    full_cap = pool.cap
+    if curriculum:
+        pool.cap = st["cap"] if (state_file.is_file() or args.init_from) and "cap" in st else curriculum["start"]
+    released = []
 
     start = time.time()
     last_eval = start
@@ -227,8 +259,9 @@ def main(argv: list[str] | None = None) -> int:
         for group in opt.param_groups:
             group["lr"] = lr
         model.train()
-        schedule = recipe.get("train_max_steps", [[0, cfg.halt_max_steps]])
-        horizon = max(cap for start_it, cap in schedule if it >= start_it)
+        horizon = cfg.halt_max_steps
+        if curriculum:
+            horizon = next(h for limit, h in curriculum["horizon"] if pool.cap <= limit)
         carry, stats = train_step(model, opt, carry, pool.draw, cfg, recipe["arch"]["halt_exploration_prob"], gen,
                                   horizon, grad_all_cycles=recipe.get("grad_cycles") == "all")
         with torch.no_grad():
@@ -236,6 +269,15 @@ def main(argv: list[str] | None = None) -> int:
                 pe.lerp_(p, 1 - recipe["ema"])
         it += 1
         window.append(stats)
+        if curriculum and pool.cap < full_cap:
+            released.append((stats["released"], stats["released_solved"]))
+            if len(released) >= curriculum["window"]:
+                total, solved = (sum(r[i] for r in released) for i in (0, 1))
+                if total and solved / total >= curriculum["advance_at"]:
+                    pool.cap = min(full_cap, pool.cap + curriculum["step"])
+                    print(f"[{args.task}] it {it}: {solved}/{total} released puzzles solved -> answers of up to "
+                          f"{pool.cap} cells", flush=True)
+                released = []
         now = time.time()
         done = now - start >= args.minutes * 60
         if now - last_eval >= args.eval_every or done:
@@ -244,16 +286,20 @@ def main(argv: list[str] | None = None) -> int:
             mean = {k: float(np.mean([w[k] for w in window if not math.isnan(w[k])] or [math.nan]))
                     for k in window[0]}
             history.append({"it": it, "minutes": elapsed / 60, **mean, "exact_by_step": accs,
-                            "changed_token_acc": changed_acc})
+                            "changed_token_acc": changed_acc, "curriculum_cap": pool.cap})
             print(f"[{args.task}] it {it} {elapsed / 60:.1f} min lm {mean['lm_loss']:.3f} q {mean['q_loss']:.3f} "
                   f"train-acc {mean['acc']:.3f} halt@ {mean['halted_steps']:.1f} | calib exact "
                   f"1:{accs[0]:.3f} 2:{accs[1]:.3f} 4:{accs[3]:.3f} 8:{accs[7]:.3f} 16:{accs[15]:.3f} "
-                  f"changed-cells {changed_acc:.3f}", flush=True)
+                  f"changed-cells {changed_acc:.3f} cap {pool.cap}", flush=True)
             window = []
-            save_official(out, ema, cfg, recipe, spec, it, {"train_minutes": round(elapsed / 60, 1)})
+            extra = {"train_minutes": round(elapsed / 60, 1)}
+            if curriculum:
+                extra["curriculum_cap"] = int(pool.cap)
+            save_official(out, ema, cfg, recipe, spec, it, extra)
             run_dir.mkdir(parents=True, exist_ok=True)
             torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                        "carry": carry, "it": it, "seconds": elapsed, "history": history, "rng_seed": 7},
+                        "carry": carry, "it": it, "seconds": elapsed, "history": history, "rng_seed": 7,
+                        "cap": pool.cap},
                        run_dir / "train_state.tmp")
             os.replace(run_dir / "train_state.tmp", state_file)
             (run_dir / "history.json").write_text(json.dumps(history, indent=1))
