@@ -3,7 +3,7 @@
     python benchmarks/cpu_speed.py [MODEL ...] [--threads 2] [--quantize] [--json out.json]
 
 For each reference model (default: both shipped ones), in one process and with the same thread count:
-- this machine's float32 GEMM peak (a large torch matmul), GFLOP/s;
+- this machine's float32 GEMM peak (the better of torch and ONNX Runtime on a 2048^3 matmul), GFLOP/s;
 - one ACT step at batch 1 and batch 64: PyTorch eager (float32) and every graph variant of the bundle on
   ONNX Runtime (CPU; --quantize adds int8-entropy and fp16 to the exported bundle first), median time,
   achieved GFLOP/s (analytic FLOPs of the step) and fraction of the peak;
