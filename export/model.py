@@ -178,8 +178,9 @@ class Block(nn.Module):
         self.mlp = SwiGLU(config.hidden_size, config.expansion)
         self.register_buffer("unit_d", torch.ones(config.hidden_size), persistent=False)
 
-    def norm(self, x: torch.Tensor, unit: torch.Tensor) -> torch.Tensor:
-        return rms_norm_fusable(x, self.eps, unit) if self.export_form else rms_norm(x, self.eps)
+    def norm(self, x: torch.Tensor) -> torch.Tensor:
+        """RMS norm over the hidden axis (in the pattern ONNX Runtime fuses while exporting)."""
+        return rms_norm_fusable(x, self.eps, self.unit_d) if self.export_form else rms_norm(x, self.eps)
 
     def forward(self, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
         if hasattr(self, "mlp_t") and self.export_form:  # export form: mlp_t mixes h along axis 1 itself
@@ -191,8 +192,8 @@ class Block(nn.Module):
             t = h.transpose(1, 2)  # [B, D, S]: mix along positions
             h = rms_norm(t + self.mlp_t(t), self.eps).transpose(1, 2)
         else:
-            h = self.norm(h + self.self_attn(h, rope), self.unit_d)
-        return self.norm(h + self.mlp(h), self.unit_d)
+            h = self.norm(h + self.self_attn(h, rope))
+        return self.norm(h + self.mlp(h))
 
 
 class ReasoningStack(nn.Module):
