@@ -2,15 +2,24 @@
 
 Two views, both on the bundle's own runtime path:
 - the step graph, per step: fed the reference's state before step t, does it produce the reference's z_H, z_L,
-  logits and q after step t? (max abs error, every step; bar: the tolerance, 1e-4 for fp32). This is what the
-  export can guarantee: two float32 implementations of the same step differ by rounding only.
-- the loop, free running: q_halt sign agreement at every step (bar: 100%), fixed-step predictions and adaptive
-  halting steps and predictions identical (bar: 100% of the puzzles on which the reference is itself stable:
-  a puzzle whose float32 reference changes its outcome when recomputed in float64 is rounding-sensitive, and
-  no float32 implementation can promise its answer; those are counted and listed, not excused silently), and,
-  for information, how far the free-running states drift apart. A recursive model amplifies float32 rounding
-  from step to step (the Sudoku reference: 2e-5 after one step, up to O(1) on a few unsolved puzzles after 16),
-  so the free-running state error is reported, not held to the per-step bar.
+  logits and q after step t? (max abs error, every step; bar: the tolerance, 1e-4 for fp32 on z_H and logits).
+  This is what the export can guarantee: two float32 implementations of the same step differ by rounding only.
+  Where a puzzle-step misses the bar, the exact answer decides: the same step in float64 on the same input. If
+  float32 itself cannot reach the tolerance there (the reference, or the reference in its export form, is more
+  than tolerance / ROUNDING_FACTOR away from float64), the step amplifies rounding on that input and the graph
+  is held to ROUNDING_FACTOR times float32's own error instead; such puzzle-steps are counted as rounding-limited.
+  A broken graph still fails: it misses the bar where float32 is accurate, which is nearly everywhere (the maze
+  curriculum checkpoint: median float32 error 5e-6, 12 of 4,096 puzzle-steps over 1e-4 on z_H).
+- the loop, free running: q_halt sign agreement at every step, fixed-step predictions and adaptive halting steps
+  and predictions identical (bar: 100% of the puzzles on which the reference is itself stable), and, for
+  information, how far the free-running states drift apart. A recursive model amplifies float32 rounding from
+  step to step (the Sudoku reference: 2e-5 after one step, up to O(1) on a few unsolved puzzles after 16), so
+  the free-running state error is reported, not held to the per-step bar. A differing puzzle is
+  rounding-sensitive, and no float32 implementation can promise its answer, when another rounding of the same
+  model changes its loop outcome or q_halt signs, or drifts from the float32 reference by more than CHAOS_DRIFT,
+  or when one of the loop's decisions (an answer's argmax, a halting sign) has a margin within ROUNDING_FACTOR x
+  the drift those samples show (the rounding samples: the reference in float64, and in float32 in its export
+  form, whose op order the graph follows). Those puzzles are counted and listed, not excused silently.
 The verify stage of the export runs this; its figures go into the manifest and the console, and a failure stops
 the export.
 """
@@ -21,10 +30,20 @@ import copy
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
+import torch
 
 from trm_export.export.model import RecursiveModel
 from trm_export.export.reference import run_reference
 from trm_export.runtime.solver import Solver
+
+# How far the graph may be from the exact (float64) step on a rounding-limited puzzle-step, in units of float32's
+# own error there. Measured on the maze curriculum checkpoint (256 puzzles x 16 steps): the exported graph needed
+# at most 1.49x the larger of the two float32 torch forms' errors; 4 leaves room for other kernels' orderings.
+ROUNDING_FACTOR = 4.0
+# A free-running state this far (max abs, z_H) from the float32 reference's means the loop has amplified rounding
+# (1e-6 to 1e-5 per step) at least a thousandfold on that puzzle: its outcome is no longer set by the model alone.
+CHAOS_DRIFT = 1e-2
+_GATED = ("z_H", "logits")  # the outputs held to the per-step bar (q only by its sign, in the loop view)
 
 
 @dataclass
@@ -44,10 +63,17 @@ class ParityReport:
     adaptive_predictions_identical: float = 1.0
     reference_exact_accuracy: float | None = None
     bundle_exact_accuracy: float | None = None
-    # Puzzles whose loop outcome differs AND on which the reference disagrees with itself in float64: the
+    # Differing puzzles on which another rounding of the reference disagrees with it (see the module docstring): the
     # recursion amplifies rounding there, so no float32 implementation can promise the reference's answer.
     rounding_sensitive: list[int] = field(default_factory=list)
-    differing: list[int] = field(default_factory=list)  # every puzzle whose fixed or adaptive outcome differs
+    differing: list[int] = field(default_factory=list)  # every puzzle whose outcome or any q_halt sign differs
+    # Puzzle-steps (z_H or logits) beyond the tolerance against the float32 reference but within ROUNDING_FACTOR x
+    # float32's own error against float64 on that input; and their worst errors against float64.
+    rounding_limited: int = 0
+    rounding_limited_max_abs_vs_float64: dict[str, float] = field(default_factory=dict)
+    float32_rounding_max_abs: dict[str, float] = field(default_factory=dict)  # float32 torch vs float64, same inputs
+    # Puzzle-steps beyond every bar: {"puzzle", "step" (1-based), "output", "vs_reference", "vs_float64", "bar"}.
+    step_graph_violations: list[dict] = field(default_factory=list)
 
     @property
     def unexplained(self) -> list[int]:
@@ -56,20 +82,22 @@ class ParityReport:
 
     @property
     def passed(self) -> bool:
-        return (max(self.max_abs_z_H) <= self.tolerance and max(self.max_abs_logits) <= self.tolerance
-                and self.q_halt_sign_agreement == 1.0 and not self.unexplained)
+        return not self.step_graph_violations and not self.unexplained
 
     def failures(self) -> list[str]:
         out = []
-        if max(self.max_abs_z_H) > self.tolerance:
-            out.append(f"max |z_H - ref| {max(self.max_abs_z_H):.2e} > {self.tolerance:g}")
-        if max(self.max_abs_logits) > self.tolerance:
-            out.append(f"max |logits - ref| {max(self.max_abs_logits):.2e} > {self.tolerance:g}")
-        if self.q_halt_sign_agreement < 1.0:
-            out.append(f"q_halt sign agreement {100 * self.q_halt_sign_agreement:.2f}% < 100%")
+        for name in _GATED:
+            bad = [v for v in self.step_graph_violations if v["output"] == name]
+            if bad:
+                worst = max(bad, key=lambda v: v["vs_float64"] / v["bar"])
+                out.append(f"max |{name} - ref| {max(getattr(self, 'max_abs_' + name)):.2e} > {self.tolerance:g} on "
+                           f"{len(bad)} puzzle-steps, not explained by float32 rounding (worst: puzzle "
+                           f"{worst['puzzle']} step {worst['step']}, {worst['vs_float64']:.2e} from the float64 step, "
+                           f"bar {worst['bar']:.2e})")
         if self.unexplained:
-            out.append(f"{len(self.unexplained)} puzzles end differently although the reference is stable on them "
-                       f"(indices {self.unexplained[:10]})")
+            out.append(f"{len(self.unexplained)} puzzles end differently or flip a q_halt sign although the reference "
+                       f"is stable on them (indices {self.unexplained[:10]}; q_halt sign agreement "
+                       f"{100 * self.q_halt_sign_agreement:.2f}% over all puzzles)")
         return out
 
     def summary(self) -> str:
@@ -79,9 +107,13 @@ class ParityReport:
                 f"q_halt sign agreement {100 * self.q_halt_sign_agreement:.1f}%, fixed predictions identical "
                 f"{100 * self.predictions_identical:.1f}%, adaptive halting identical "
                 f"{100 * min(self.adaptive_steps_identical, self.adaptive_predictions_identical):.1f}%")
+        if self.rounding_limited:
+            text += (f" ({self.rounding_limited} puzzle-steps over {self.tolerance:g} are rounding-limited: float32 "
+                     f"itself is up to {max(self.float32_rounding_max_abs.values()):.1e} from float64 there, the graph "
+                     f"{max(self.rounding_limited_max_abs_vs_float64.values()):.1e})")
         if self.differing:
             text += (f" ({len(self.differing)} differing puzzles, {len(self.rounding_sensitive)} of them rounding-"
-                     "sensitive: the float32 reference disagrees with itself in float64 there)")
+                     "sensitive: another rounding of the reference disagrees with it there)")
         if self.bundle_exact_accuracy is not None:
             text += (f"; exact accuracy bundle {100 * self.bundle_exact_accuracy:.1f}% vs reference "
                      f"{100 * self.reference_exact_accuracy:.1f}%")
@@ -102,9 +134,11 @@ def check_parity(model: RecursiveModel, solver: Solver, tokens: np.ndarray, puzz
                           max_abs_z_L=list(zeros), max_abs_logits=list(zeros), free_running_max_abs_z_H=list(zeros),
                           free_running_max_abs_logits=list(zeros))
     chunk = solver.backend.capacity
-    sign_agree = same_pred = same_steps = same_adaptive = 0
+    sign_flips = np.zeros(n, np.int64)
+    same_pred = same_steps = same_adaptive = 0
     bundle_preds = np.zeros((n, model.config.seq_len), np.int64)
     ref_preds = np.zeros((n, model.config.seq_len), np.int64)
+    exact = _ExactStep(model)
     starts = range(0, n, chunk)
     if progress:
         from tqdm import tqdm
@@ -113,11 +147,10 @@ def check_parity(model: RecursiveModel, solver: Solver, tokens: np.ndarray, puzz
     for start in starts:
         sl = slice(start, min(start + chunk, n))
         ref = run_reference(model, tokens[sl], puzzle_ids[sl], mode="adaptive", max_steps=steps, record_states=True)
-        _step_graph_errors(report, solver, ref, tokens[sl], puzzle_ids[sl])
+        _step_graph_errors(report, solver, ref, tokens[sl], puzzle_ids[sl], exact, first=start)
 
         def compare(puzzles: np.ndarray, steps_done: np.ndarray, q_halt: np.ndarray, q_cont: np.ndarray,
-                    ref=ref) -> None:
-            nonlocal sign_agree
+                    ref=ref, first=start) -> None:
             t = int(steps_done[0]) - 1  # fixed mode, one chunk per call: every slot is at the same step
             z_H, _ = solver.backend.state(len(puzzles))
             logits = solver.backend.logits(np.arange(len(puzzles)))
@@ -125,7 +158,7 @@ def check_parity(model: RecursiveModel, solver: Solver, tokens: np.ndarray, puzz
                                                      float(np.abs(z_H - ref.z_H[t, puzzles]).max()))
             report.free_running_max_abs_logits[t] = max(report.free_running_max_abs_logits[t],
                                                         float(np.abs(logits - ref.logits[t, puzzles]).max()))
-            sign_agree += int(np.sum((q_halt > 0) == (ref.q_halt[t, puzzles] > 0)))
+            sign_flips[first + puzzles] += (q_halt > 0) != (ref.q_halt[t, puzzles] > 0)
 
         fixed = solver.solve(tokens[sl], puzzle_ids[sl], mode="fixed", max_steps=steps, on_step=compare)
         adaptive = solver.solve(tokens[sl], puzzle_ids[sl], mode="adaptive", max_steps=steps)
@@ -135,11 +168,12 @@ def check_parity(model: RecursiveModel, solver: Solver, tokens: np.ndarray, puzz
         same_pred += int(fixed_same.sum())
         same_steps += int(np.sum(adaptive.steps_used == ref.steps_used))
         same_adaptive += int(np.all(adaptive.predictions == ref.predictions, axis=1).sum())
-        report.differing += [start + int(i) for i in np.flatnonzero(~(fixed_same & adaptive_same))]
+        flipped = sign_flips[sl] > 0
+        report.differing += [start + int(i) for i in np.flatnonzero(~(fixed_same & adaptive_same) | flipped)]
         bundle_preds[sl], ref_preds[sl] = fixed.predictions, final_ref
     if report.differing:
         report.rounding_sensitive = _rounding_sensitive(model, tokens, puzzle_ids, report.differing, steps)
-    report.q_halt_sign_agreement = sign_agree / (n * steps)
+    report.q_halt_sign_agreement = 1.0 - sign_flips.sum() / (n * steps)
     report.predictions_identical = same_pred / n
     report.adaptive_steps_identical = same_steps / n
     report.adaptive_predictions_identical = same_adaptive / n
@@ -151,17 +185,70 @@ def check_parity(model: RecursiveModel, solver: Solver, tokens: np.ndarray, puzz
 
 def _rounding_sensitive(model: RecursiveModel, tokens: np.ndarray, puzzle_ids: np.ndarray, indices: list[int],
                         steps: int) -> list[int]:
-    """Those of `indices` on which the reference's loop outcome changes when it runs in float64."""
+    """Those of `indices` on which another rounding of the reference changes the loop (see rounding_sensitive)."""
     idx = np.array(indices)
-    f32 = run_reference(model, tokens[idx], puzzle_ids[idx], mode="adaptive", max_steps=steps)
-    f64 = run_reference(copy.deepcopy(model).double(), tokens[idx], puzzle_ids[idx], mode="adaptive", max_steps=steps)
-    changed = ~np.all(f32.step_predictions[-1] == f64.step_predictions[-1], axis=1)
-    changed |= (f32.steps_used != f64.steps_used) | ~np.all(f32.predictions == f64.predictions, axis=1)
-    return [int(i) for i in idx[changed]]
+    return [int(i) for i in idx[rounding_sensitive(model, tokens[idx], puzzle_ids[idx], steps)]]
 
 
-def _step_graph_errors(report: ParityReport, solver: Solver, ref, tokens: np.ndarray, puzzle_ids: np.ndarray) -> None:
-    """Feed the step graph the reference's state before each step; compare its outputs with the reference's."""
+def rounding_sensitive(model: RecursiveModel, tokens: np.ndarray, puzzle_ids: np.ndarray,
+                       steps: int | None = None) -> np.ndarray:
+    """Per puzzle: can float32 rounding change its loop? Yes when another rounding of the reference (float64, and
+    float32 in the export form) changes its outcome or q_halt signs or drifts beyond CHAOS_DRIFT, or when a
+    decision is closer than ROUNDING_FACTOR x the drift seen: an argmax margin (top two logits) at the fixed or
+    the adaptive answer's step, or the halting margin at any step."""
+    steps = int(steps or model.config.halt_max_steps)
+    n = len(tokens)
+
+    def trace(m: RecursiveModel):
+        return run_reference(m, tokens, puzzle_ids, mode="adaptive", max_steps=steps, record_states=True)
+
+    f32 = trace(model)
+    with model.exporting() as form:
+        form32 = trace(form)
+    halting = f32.q_halt - (f32.q_continue if model.config.halting_rule == "q_halt>q_continue" else 0)
+    changed = np.zeros(n, bool)
+    logit_drift, halting_drift = np.zeros(n), np.zeros(n)
+    for other in (form32, trace(copy.deepcopy(model).double())):
+        changed |= ~np.all(f32.step_predictions[-1] == other.step_predictions[-1], axis=1)
+        changed |= (f32.steps_used != other.steps_used) | ~np.all(f32.predictions == other.predictions, axis=1)
+        changed |= np.any((f32.q_halt > 0) != (other.q_halt > 0), axis=0)
+        changed |= np.abs(f32.z_H - other.z_H).reshape(steps, n, -1).max(axis=(0, 2)) > CHAOS_DRIFT
+        logit_drift = np.maximum(logit_drift, np.abs(f32.logits - other.logits).reshape(steps, n, -1).max(axis=(0, 2)))
+        other_halting = other.q_halt - (other.q_continue if model.config.halting_rule == "q_halt>q_continue" else 0)
+        halting_drift = np.maximum(halting_drift, np.abs(halting - other_halting).max(axis=0))
+    changed |= np.abs(halting).min(axis=0) < ROUNDING_FACTOR * halting_drift
+    changed |= np.abs(f32.q_halt).min(axis=0) < ROUNDING_FACTOR * halting_drift  # its sign is checked too
+    for deciding in (np.full(n, steps - 1), f32.steps_used - 1):
+        top2 = np.sort(f32.logits[deciding, np.arange(n)], axis=-1)[..., -2:]
+        changed |= (top2[..., 1] - top2[..., 0]).min(axis=1) < ROUNDING_FACTOR * logit_drift
+    return changed
+
+
+class _ExactStep:
+    """The step in float64 and, for a second float32 rounding sample, in the export form (built on first use)."""
+
+    def __init__(self, model: RecursiveModel):
+        self.model = model
+        self._double: RecursiveModel | None = None
+
+    @torch.inference_mode()
+    def __call__(self, x: np.ndarray, z_H: np.ndarray, z_L: np.ndarray) -> tuple[dict, dict]:
+        """(float64 outputs, float32 export-form outputs) of one step, as {"z_H": ..., "logits": ...}."""
+        if self._double is None:
+            self._double = copy.deepcopy(self.model).double()
+        inputs = [torch.from_numpy(np.ascontiguousarray(a)) for a in (x, z_H, z_L)]
+        out64 = self._double.step(*(a.double() for a in inputs))
+        with self.model.exporting() as form:
+            out32 = form.step(*inputs)
+        return ({"z_H": out64[0].numpy(), "logits": out64[2].numpy()},
+                {"z_H": out32[0].numpy(), "logits": out32[2].numpy()})
+
+
+def _step_graph_errors(report: ParityReport, solver: Solver, ref, tokens: np.ndarray, puzzle_ids: np.ndarray,
+                       exact: _ExactStep, first: int = 0) -> None:
+    """Feed the step graph the reference's state before each step; compare its outputs with the reference's.
+
+    Puzzle-steps over the tolerance are judged against the float64 step (see the module docstring)."""
     n = len(tokens)
     slots = np.arange(n)
     x = solver.embedder(tokens, puzzle_ids)
@@ -171,9 +258,41 @@ def _step_graph_errors(report: ParityReport, solver: Solver, ref, tokens: np.nda
         q_halt, q_cont = solver.backend.step(n)
         out_H, out_L = solver.backend.state(n)
         logits = solver.backend.logits(slots)
-        report.max_abs_z_H[t] = max(report.max_abs_z_H[t], float(np.abs(out_H - ref.z_H[t]).max()))
+        graph = {"z_H": out_H, "logits": logits}
+        errors = {name: _per_puzzle_max(graph[name] - getattr(ref, name)[t]) for name in _GATED}
+        report.max_abs_z_H[t] = max(report.max_abs_z_H[t], float(errors["z_H"].max()))
         report.max_abs_z_L[t] = max(report.max_abs_z_L[t], float(np.abs(out_L - ref.z_L[t]).max()))
-        report.max_abs_logits[t] = max(report.max_abs_logits[t], float(np.abs(logits - ref.logits[t]).max()))
+        report.max_abs_logits[t] = max(report.max_abs_logits[t], float(errors["logits"].max()))
         report.max_abs_q = max(report.max_abs_q, float(np.abs(q_halt - ref.q_halt[t]).max()),
                                float(np.abs(q_cont - ref.q_continue[t]).max()))
+        over = np.flatnonzero(np.maximum(errors["z_H"], errors["logits"]) > report.tolerance)
+        if len(over):
+            _judge_against_float64(report, exact, t, over, first, graph, ref, x, z_H, z_L)
         z_H, z_L = ref.z_H[t], ref.z_L[t]
+
+
+def _judge_against_float64(report: ParityReport, exact: _ExactStep, t: int, rows: np.ndarray, first: int,
+                           graph: dict, ref, x: np.ndarray, z_H: np.ndarray, z_L: np.ndarray) -> None:
+    """Rounding-limited or violation, for each puzzle-step of `rows` that missed the tolerance at step t."""
+    out64, form32 = exact(x[rows], z_H[rows], z_L[rows])
+    for name in _GATED:
+        vs_ref = _per_puzzle_max(graph[name][rows] - getattr(ref, name)[t, rows])
+        vs_64 = _per_puzzle_max(graph[name][rows] - out64[name])
+        rounding = np.maximum(_per_puzzle_max(getattr(ref, name)[t, rows] - out64[name]),
+                              _per_puzzle_max(form32[name] - out64[name]))
+        bar = np.maximum(report.tolerance, ROUNDING_FACTOR * rounding)
+        for i in np.flatnonzero(vs_ref > report.tolerance):
+            if vs_64[i] <= bar[i]:
+                report.rounding_limited += 1
+                report.rounding_limited_max_abs_vs_float64[name] = max(
+                    report.rounding_limited_max_abs_vs_float64.get(name, 0.0), float(vs_64[i]))
+                report.float32_rounding_max_abs[name] = max(report.float32_rounding_max_abs.get(name, 0.0),
+                                                            float(rounding[i]))
+            else:
+                report.step_graph_violations.append({
+                    "puzzle": first + int(rows[i]), "step": t + 1, "output": name, "vs_reference": float(vs_ref[i]),
+                    "vs_float64": float(vs_64[i]), "bar": float(bar[i])})
+
+
+def _per_puzzle_max(diff: np.ndarray) -> np.ndarray:
+    return np.abs(diff).reshape(len(diff), -1).max(axis=1)

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+import torch
 from click.testing import CliRunner
 from official_format import VARIANTS, write_official_checkpoint
 
@@ -157,11 +158,81 @@ def test_force_never_replaces_a_folder_that_is_not_a_bundle(tmp_path):
     assert (tmp_path / "bundle" / "notes.txt").read_text() == "mine"
 
 
-def test_failed_parity_writes_nothing(tmp_path):
-    with pytest.raises(ParityError, match=r"max \|z_H - ref\| .* > 1e-12"):
-        export(tmp_path, tolerance=1e-12)
+def _exports_a_broken_graph(monkeypatch, relative_error: float = 1e-3) -> None:
+    """An exporter bug: the graph is traced from the model with one weight off by `relative_error`."""
+    import copy
+
+    from trm_export.export import pipeline
+
+    original = pipeline.export_step_graph
+
+    def broken(model, opset):
+        model = copy.deepcopy(model)
+        with torch.no_grad():
+            next(p for name, p in model.named_parameters() if "down_proj" in name).mul_(1 + relative_error)
+        return original(model, opset)
+
+    monkeypatch.setattr(pipeline, "export_step_graph", broken)
+
+
+def test_failed_parity_writes_nothing(tmp_path, monkeypatch):
+    _exports_a_broken_graph(monkeypatch)
+    with pytest.raises(ParityError, match=r"max \|z_H - ref\| .* > 0.0001 on \d+ puzzle-steps, not explained by "
+                                          r"float32 rounding"):
+        export(tmp_path)
     assert not (tmp_path / "bundle").exists()
     assert not list(tmp_path.glob(".bundle.*"))
+
+
+def test_a_tolerance_below_float32_rounding_is_judged_against_float64(tmp_path):
+    # Asked for 1e-12, the step graph misses it everywhere; float32 itself cannot reach it (the reference is ~1e-6
+    # from the float64 step), so every puzzle-step is rounding-limited and the export passes, saying so.
+    path, manifest = export(tmp_path, tolerance=1e-12)
+    parity = manifest["parity"]["fp32"]
+    assert parity["passed"] and parity["step_graph_violations"] == []
+    assert parity["rounding_limited"] >= 12 * VARIANTS["trm-att-rope"].halt_max_steps
+    assert 1e-8 < max(parity["float32_rounding_max_abs"].values()) < 1e-4
+
+
+CURRICULUM = Path(__file__).resolve().parent.parent / "reference_models" / "maze_att_curriculum" / "step_5234"
+# Puzzles of the maze held-out split: 31 is one on which a step amplifies float32 rounding (the reference is 1.2e-3
+# from float64 on z_H at step 9, the graph 2.8e-3 from the reference); the others are ones on which the loop is
+# rounding-stable (on puzzles 0 and 2 to 5 this half-trained model is chaotic: see parity.rounding_sensitive).
+ILL_CONDITIONED = [1, 6, 7, 8, 9, 10, 11, 12, 31]
+
+
+def _maze_puzzles():
+    from trm_export.export.checkpoint import load_checkpoint
+    from trm_export.export.pipeline import default_puzzles
+
+    ck = load_checkpoint(CURRICULUM)
+    p = default_puzzles(ck)
+    return ck, dataclasses.replace(p, tokens=p.tokens[ILL_CONDITIONED], puzzle_ids=p.puzzle_ids[ILL_CONDITIONED],
+                                   labels=p.labels[ILL_CONDITIONED])
+
+
+def test_an_ill_conditioned_real_model_exports_with_rounding_limited_steps(tmp_path):
+    # The maze curriculum checkpoint's float32 reference is itself up to 1e-3 from float64 on some inputs: no
+    # float32 graph can be within 1e-4 of it there. Judged against float64, the export passes and its own
+    # self-check passes on golden puzzles chosen among the rounding-stable ones.
+    ck, puzzles = _maze_puzzles()
+    path, manifest, report = export_bundle(ck, tmp_path / "maze", OPTIONS, puzzles=puzzles)
+    assert report.passed and report.rounding_limited > 0 and max(report.max_abs_z_H) > 1e-4
+    assert report.step_graph_violations == []
+    assert max(report.rounding_limited_max_abs_vs_float64.values()) <= 4 * max(report.float32_rounding_max_abs.values())
+    golden = json.loads((path / "manifest.json").read_text())["golden"]
+    assert golden["rounding_stable"] == golden["count"] == 8
+    assert verify_bundle(path)
+
+
+def test_an_ill_conditioned_model_does_not_excuse_a_broken_graph(tmp_path, monkeypatch):
+    # 1e-4 relative on one weight: on the ordinary puzzles float32 is accurate, so the error shows there.
+    _exports_a_broken_graph(monkeypatch, relative_error=1e-4)
+    ck, puzzles = _maze_puzzles()
+    with pytest.raises(ParityError, match="not explained by float32 rounding") as failure:
+        export_bundle(ck, tmp_path / "maze", OPTIONS, puzzles=puzzles)
+    assert "puzzle-steps" in str(failure.value)
+    assert not (tmp_path / "maze").exists()
 
 
 def test_unknown_target_lists_the_valid_ones(tmp_path):
@@ -277,3 +348,20 @@ def test_rounding_sensitive_puzzles_are_identified_not_silently_excused(tmp_path
     path, manifest = export(tmp_path, "trm-mlpt")
     parity = manifest["parity"]["fp32"]
     assert parity["passed"] and parity["differing"] == [] and parity["rounding_sensitive"] == []
+
+
+def test_golden_vectors_of_a_chaotic_model_are_its_rounding_stable_puzzles(tmp_path):
+    # Random mlp_t blocks at gain 1 are chaotic: on most random puzzles float32 rounding can change the loop. The
+    # golden set takes the stable ones first, and the self-check's bars are the stable fraction, so a correct
+    # engine passes its own check while a broken one still fails it.
+    v = VARIANTS["trm-mlpt"]
+    write_official_checkpoint(tmp_path / "ckpt", v)
+    options = dataclasses.replace(OPTIONS, golden_puzzles=12)
+    path, manifest, report = export_bundle(tmp_path / "ckpt", tmp_path / "bundle", options,
+                                           puzzles=random_puzzles(v, n=24))
+    assert report.passed and set(report.unexplained) == set()
+    golden = json.loads((path / "manifest.json").read_text())["golden"]
+    stable = golden["rounding_stable"]
+    assert 0 < stable < golden["count"] == 12
+    assert golden["tolerances"]["fp32"]["predictions_identical"] == pytest.approx(stable / 12)
+    assert verify_bundle(path)
