@@ -186,7 +186,8 @@ def _rounding_sensitive(model: RecursiveModel, tokens: np.ndarray, puzzle_ids: n
                         steps: int) -> list[int]:
     """Those of `indices` on which another rounding of the reference changes the loop (see rounding_sensitive)."""
     idx = np.array(indices)
-    return [int(i) for i in idx[rounding_sensitive(model, tokens[idx], puzzle_ids[idx], steps)]]
+    chunks = [idx[i:i + 64] for i in range(0, len(idx), 64)]  # three traces with states: bound the memory
+    return [int(i) for c in chunks for i in c[rounding_sensitive(model, tokens[c], puzzle_ids[c], steps)]]
 
 
 def rounding_sensitive(model: RecursiveModel, tokens: np.ndarray, puzzle_ids: np.ndarray,
