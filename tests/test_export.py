@@ -194,21 +194,21 @@ def test_a_tolerance_below_float32_rounding_is_judged_against_float64(tmp_path):
     assert 1e-8 < max(parity["float32_rounding_max_abs"].values()) < 1e-4
 
 
-CURRICULUM = Path(__file__).resolve().parent.parent / "reference_models" / "maze_att_curriculum" / "step_5234"
+ILL_CONDITIONED_MAZE = Path(__file__).resolve().parent / "data" / "maze_ill_conditioned" / "step_5234"
 # Puzzles of the maze held-out split: 31 is one on which a step amplifies float32 rounding (the reference is 1.2e-3
 # from float64 on z_H at step 9, the graph 2.8e-3 from the reference); the others are ones on which the loop is
 # rounding-stable (on puzzles 0 and 2 to 5 this half-trained model is chaotic: see parity.rounding_sensitive).
-ILL_CONDITIONED = [1, 6, 7, 8, 9, 10, 11, 12, 31]
+MAZE_PUZZLES = [1, 6, 7, 8, 9, 10, 11, 12, 31]
 
 
 def _maze_puzzles():
     from trm_export.export.checkpoint import load_checkpoint
     from trm_export.export.pipeline import default_puzzles
 
-    ck = load_checkpoint(CURRICULUM)
+    ck = load_checkpoint(ILL_CONDITIONED_MAZE)
     p = default_puzzles(ck)
-    return ck, dataclasses.replace(p, tokens=p.tokens[ILL_CONDITIONED], puzzle_ids=p.puzzle_ids[ILL_CONDITIONED],
-                                   labels=p.labels[ILL_CONDITIONED])
+    return ck, dataclasses.replace(p, tokens=p.tokens[MAZE_PUZZLES], puzzle_ids=p.puzzle_ids[MAZE_PUZZLES],
+                                   labels=p.labels[MAZE_PUZZLES])
 
 
 def test_an_ill_conditioned_real_model_exports_with_rounding_limited_steps(tmp_path):
