@@ -205,7 +205,11 @@ def rounding_sensitive(model: RecursiveModel, tokens: np.ndarray, puzzle_ids: np
     f32 = trace(model)
     with model.exporting() as form:
         form32 = trace(form)
-    halting = f32.q_halt - (f32.q_continue if model.config.halting_rule == "q_halt>q_continue" else 0)
+    rule = model.config.halting_rule
+
+    def halting(tr) -> np.ndarray:  # [T, N] what the halting rule compares with 0
+        return tr.q_halt - tr.q_continue if rule == "q_halt>q_continue" else tr.q_halt
+
     changed = np.zeros(n, bool)
     logit_drift, halting_drift = np.zeros(n), np.zeros(n)
     for other in (form32, trace(copy.deepcopy(model).double())):
@@ -214,9 +218,8 @@ def rounding_sensitive(model: RecursiveModel, tokens: np.ndarray, puzzle_ids: np
         changed |= np.any((f32.q_halt > 0) != (other.q_halt > 0), axis=0)
         changed |= np.abs(f32.z_H - other.z_H).reshape(steps, n, -1).max(axis=(0, 2)) > CHAOS_DRIFT
         logit_drift = np.maximum(logit_drift, np.abs(f32.logits - other.logits).reshape(steps, n, -1).max(axis=(0, 2)))
-        other_halting = other.q_halt - (other.q_continue if model.config.halting_rule == "q_halt>q_continue" else 0)
-        halting_drift = np.maximum(halting_drift, np.abs(halting - other_halting).max(axis=0))
-    changed |= np.abs(halting).min(axis=0) < ROUNDING_FACTOR * halting_drift
+        halting_drift = np.maximum(halting_drift, np.abs(halting(f32) - halting(other)).max(axis=0))
+    changed |= np.abs(halting(f32)).min(axis=0) < ROUNDING_FACTOR * halting_drift
     changed |= np.abs(f32.q_halt).min(axis=0) < ROUNDING_FACTOR * halting_drift  # its sign is checked too
     for deciding in (np.full(n, steps - 1), f32.steps_used - 1):
         top2 = np.sort(f32.logits[deciding, np.arange(n)], axis=-1)[..., -2:]
