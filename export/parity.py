@@ -186,8 +186,7 @@ def _rounding_sensitive(model: RecursiveModel, tokens: np.ndarray, puzzle_ids: n
                         steps: int) -> list[int]:
     """Those of `indices` on which another rounding of the reference changes the loop (see rounding_sensitive)."""
     idx = np.array(indices)
-    chunks = [idx[i:i + 64] for i in range(0, len(idx), 64)]  # three traces with states: bound the memory
-    return [int(i) for c in chunks for i in c[rounding_sensitive(model, tokens[c], puzzle_ids[c], steps)]]
+    return [int(i) for i in idx[rounding_sensitive(model, tokens[idx], puzzle_ids[idx], steps)]]
 
 
 def rounding_sensitive(model: RecursiveModel, tokens: np.ndarray, puzzle_ids: np.ndarray,
@@ -197,6 +196,9 @@ def rounding_sensitive(model: RecursiveModel, tokens: np.ndarray, puzzle_ids: np
     decision is closer than ROUNDING_FACTOR x the drift seen: an argmax margin (top two logits) at the fixed or
     the adaptive answer's step, or the halting margin at any step."""
     steps = int(steps or model.config.halt_max_steps)
+    if len(tokens) > 64:  # three traces with every step's states: bound the memory
+        return np.concatenate([rounding_sensitive(model, tokens[i:i + 64], puzzle_ids[i:i + 64], steps)
+                               for i in range(0, len(tokens), 64)])
     n = len(tokens)
 
     def trace(m: RecursiveModel):
