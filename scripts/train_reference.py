@@ -13,7 +13,9 @@ split, freshly augmented for every batch. The maze recipe adds short paths to th
 what the official trainer writes: `step_N` (state dict with the compiled `_orig_mod.model.inner.` prefix),
 `all_config.yaml` with the official field names, and `dataset.json`.
 
-Resumable: `runs/<task>/train_state.pt` holds model, EMA, optimizer and carry; rerunning continues.
+Resumable: `runs/<task>/train_state.pt` holds model, EMA, optimizer and carry; rerunning continues. The shipped
+maze model took 175 minutes at the constant rate, then a resumed run with `--anneal 0.1`, stopped after 25 of
+its 80 minutes (why: reference_models/maze_att/NOTES.md).
 """
 
 from __future__ import annotations
@@ -199,6 +201,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="start from a saved checkpoint folder (e.g. the shipped model) instead of random weights "
                              "when there is no train_state.pt to resume: weights and EMA from it, a fresh optimizer, "
                              "the curriculum cap it recorded")
+    parser.add_argument("--anneal", type=float, default=None, metavar="FLOOR",
+                        help="cosine-decay the learning rate over this run's --minutes, from the recipe's rate to "
+                             "FLOOR times it (a final phase; the shipped maze model's last run used 0.1)")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -258,6 +263,9 @@ def main(argv: list[str] | None = None) -> int:
     window: list[dict] = []
     while True:
         lr = recipe["lr"] * min(1.0, (it + 1) / recipe["warmup"])
+        if args.anneal is not None:
+            progress = min(1.0, (time.time() - start) / (args.minutes * 60))
+            lr *= args.anneal + (1 - args.anneal) * 0.5 * (1 + math.cos(math.pi * progress))
         for group in opt.param_groups:
             group["lr"] = lr
         model.train()
@@ -287,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
             elapsed = trained_seconds + now - start
             mean = {k: float(np.mean([w[k] for w in window if not math.isnan(w[k])] or [math.nan]))
                     for k in window[0]}
-            history.append({"it": it, "minutes": elapsed / 60, **mean, "exact_by_step": accs,
+            history.append({"it": it, "minutes": elapsed / 60, "lr": lr, **mean, "exact_by_step": accs,
                             "changed_token_acc": changed_acc, "curriculum_cap": pool.cap})
             print(f"[{args.task}] it {it} {elapsed / 60:.1f} min lm {mean['lm_loss']:.3f} q {mean['q_loss']:.3f} "
                   f"train-acc {mean['acc']:.3f} halt@ {mean['halted_steps']:.1f} | calib exact "
@@ -297,6 +305,9 @@ def main(argv: list[str] | None = None) -> int:
             extra = {"train_minutes": round(elapsed / 60, 1)}
             if curriculum:
                 extra["curriculum_cap"] = int(pool.cap)
+            if args.anneal is not None:
+                extra["lr_anneal"] = {"floor": args.anneal, "over_minutes": args.minutes,
+                                      "from_minutes": round(trained_seconds / 60, 1)}
             save_official(out, ema, cfg, recipe, spec, it, extra)
             run_dir.mkdir(parents=True, exist_ok=True)
             torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),

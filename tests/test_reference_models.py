@@ -49,9 +49,10 @@ def test_first_held_out_puzzles_match_the_published_table(name):
     # The full-split numbers are within a few points of any 100-puzzle prefix.
     for key in (("fixed", 1), ("fixed", 16), ("adaptive", 16)):
         assert abs(rows[key].exact_accuracy - published[key]["exact_accuracy"]) <= 0.08, key
-    if name == "sudoku_mlpt":  # the model that clears the bar: the recursion must matter
-        assert rows["fixed", 16].exact_accuracy >= 0.8
-        assert rows["fixed", 16].exact_accuracy - rows["fixed", 1].exact_accuracy >= 0.15
+    # Both models clear the bar on the full split; on 100 puzzles, with room for the prefix's spread:
+    # they solve the task, and the recursion matters.
+    assert rows["fixed", 16].exact_accuracy >= 0.8
+    assert rows["fixed", 16].exact_accuracy - rows["fixed", 1].exact_accuracy >= 0.15
 
 
 @pytest.mark.slow
