@@ -15,10 +15,12 @@ Ratios, not absolute times, are the result: the absolute numbers depend on the m
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import tempfile
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -93,13 +95,21 @@ def ort_step(bundle: Path, variant: str, tokens: np.ndarray, threads: int) -> Ca
     return lambda: solver.backend.step(len(tokens))
 
 
-def interleaved_medians(steps: dict[str, Callable[[], object]], repeats: int, rounds: int) -> dict[str, float]:
-    """Median step time of each callable, measured in `rounds` alternating rounds so that a change in the shared
-    machine's load hits every contender alike (the median of the round medians)."""
-    times: dict[str, list[float]] = {k: [] for k in steps}
+def interleaved_medians(makers: dict[str, Callable[[], Callable[[], object]]], repeats: int,
+                        rounds: int) -> dict[str, float]:
+    """Median step time of each contender, measured in `rounds` alternating rounds so that a change in the shared
+    machine's load hits every contender alike (the median of the round medians). Each contender is built afresh
+    for its turn and dropped after it, so only one ONNX Runtime session is alive while it is timed: a session's
+    intra-op threads spin after every run, and with several sessions alive on two cores the spinning pools slowed
+    whichever one was timed, at random (the same int8 maze graph took 2.4 or 6.5 ms per step at batch 1 from one
+    process to the next; 3.1-3.2 ms every time with spinning off)."""
+    times: dict[str, list[float]] = {k: [] for k in makers}
     for _ in range(rounds):
-        for label, fn in steps.items():
-            times[label].append(median_time(fn, repeats))
+        for label, make in makers.items():
+            step = make()
+            times[label].append(median_time(step, repeats))
+            del step
+            gc.collect()
     return {k: float(np.median(v)) for k, v in times.items()}
 
 
@@ -146,10 +156,10 @@ def main() -> None:
             model_result = {"step_gflop": flops / 1e9, "step": {}, "end_to_end": {}}
             for batch in (1, 64):
                 tokens = data.inputs[:batch]
-                steps = {"pytorch_eager": torch_step(ck.model, tokens)}
+                makers = {"pytorch_eager": partial(torch_step, ck.model, tokens)}
                 for variant in variants:
-                    steps[f"onnxruntime_{variant}"] = ort_step(bundle, variant, tokens, args.threads)
-                row = interleaved_medians(steps, args.repeats, args.rounds)
+                    makers[f"onnxruntime_{variant}"] = partial(ort_step, bundle, variant, tokens, args.threads)
+                row = interleaved_medians(makers, args.repeats, args.rounds)
                 model_result["step"][batch] = row
                 for label, seconds in row.items():
                     gflops = flops * batch / seconds / 1e9

@@ -213,7 +213,7 @@ def rounding_sensitive(model: RecursiveModel, tokens: np.ndarray, puzzle_ids: np
         return tr.q_halt - tr.q_continue if rule == "q_halt>q_continue" else tr.q_halt
 
     changed = np.zeros(n, bool)
-    logit_drift, halting_drift = np.zeros(n), np.zeros(n)
+    logit_drift, halting_drift, q_halt_drift = np.zeros(n), np.zeros(n), np.zeros(n)
     for other in (form32, trace(copy.deepcopy(model).double())):
         changed |= ~np.all(f32.step_predictions[-1] == other.step_predictions[-1], axis=1)
         changed |= (f32.steps_used != other.steps_used) | ~np.all(f32.predictions == other.predictions, axis=1)
@@ -221,8 +221,9 @@ def rounding_sensitive(model: RecursiveModel, tokens: np.ndarray, puzzle_ids: np
         changed |= np.abs(f32.z_H - other.z_H).reshape(steps, n, -1).max(axis=(0, 2)) > CHAOS_DRIFT
         logit_drift = np.maximum(logit_drift, np.abs(f32.logits - other.logits).reshape(steps, n, -1).max(axis=(0, 2)))
         halting_drift = np.maximum(halting_drift, np.abs(halting(f32) - halting(other)).max(axis=0))
+        q_halt_drift = np.maximum(q_halt_drift, np.abs(f32.q_halt - other.q_halt).max(axis=0))
     changed |= np.abs(halting(f32)).min(axis=0) < ROUNDING_FACTOR * halting_drift
-    changed |= np.abs(f32.q_halt).min(axis=0) < ROUNDING_FACTOR * halting_drift  # its sign is checked too
+    changed |= np.abs(f32.q_halt).min(axis=0) < ROUNDING_FACTOR * q_halt_drift  # its sign is checked too
     for deciding in (np.full(n, steps - 1), f32.steps_used - 1):
         top2 = np.sort(f32.logits[deciding, np.arange(n)], axis=-1)[..., -2:]
         changed |= (top2[..., 1] - top2[..., 0]).min(axis=1) < ROUNDING_FACTOR * logit_drift

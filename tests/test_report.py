@@ -35,6 +35,13 @@ def test_recommendation_is_the_fastest_within_the_accuracy_budget():
     assert best.budget == 4
 
 
+def test_a_drop_of_exactly_the_budget_is_within_it():
+    # The maze report (fp32 96.5% at 16 steps, 96.0% at 4): float subtraction made 0.5 points 0.50000000000000044.
+    rows = [m("fp32", "fp32", 26, 0.965), m("fp32", "fp32", 7, 0.960, budget=4), m("fp16", "fp16", 16, 0.965)]
+    best, _ = recommend(rows, max_drop_points=0.5)
+    assert (best.variant, best.budget) == ("fp32", 4)
+
+
 @pytest.fixture(scope="module")
 def report_folder(sudoku_bundle, tmp_path_factory):
     options = ReportOptions(puzzles=24, latency_samples=3, budgets=(1, 2, 8), threads=1, progress=False)
