@@ -7,9 +7,10 @@ Two views, both on the bundle's own runtime path:
   Where a puzzle-step misses the bar, the exact answer decides: the same step in float64 on the same input. The
   graph must then be within the tolerance plus ROUNDING_FACTOR times float32's own error on that input (estimated
   from several roundings, see _ExactStep) of the float64 step; such puzzle-steps are counted as rounding-limited.
-  On an ill-conditioned input float32 cannot reach 1e-4 at all (the maze curriculum checkpoint: its float32
-  reference is up to 5e-2 from float64 on a few of 16,000 puzzle-steps). A broken graph still fails: it misses
-  the bar where float32 is accurate, which is nearly everywhere (same checkpoint: median float32 error 5e-6).
+  On an ill-conditioned input float32 cannot reach 1e-4 at all (an early maze checkpoint, the test fixture
+  tests/data/maze_ill_conditioned: its float32 reference is up to 5e-2 from float64 on a few of 16,000
+  puzzle-steps). A broken graph still fails: it misses the bar where float32 is accurate, which is nearly
+  everywhere (same checkpoint: median float32 error 5e-6).
 - the loop, free running: q_halt sign agreement at every step, fixed-step predictions and adaptive halting steps
   and predictions identical (bar: 100% of the puzzles on which the reference is itself stable), and, for
   information, how far the free-running states drift apart. A recursive model amplifies float32 rounding from
@@ -234,8 +235,8 @@ class _ExactStep:
     """The step in float64, and float32's own error on the same inputs, estimated from several roundings: the
     reference's float32 result (given), the export form in float32, and float64 steps whose inputs or weights
     carry one float32 rounding (relative noise of 2^-24). One or two samples are not enough: on a moderately
-    ill-conditioned input the float32 forms can land close to float64 by chance while the graph does not (maze
-    curriculum checkpoint, puzzle 677 step 5: both torch forms 1e-5 from float64, the graph 1.6e-4, the perturbed
+    ill-conditioned input the float32 forms can land close to float64 by chance while the graph does not (the
+    ill-conditioned maze fixture, puzzle 677 step 5: both torch forms 1e-5 from float64, the graph 1.6e-4, the perturbed
     samples 2e-6 to 6e-5)."""
 
     SAMPLES = 4  # of each perturbation kind; seeded, so an export is reproducible

@@ -212,7 +212,7 @@ def _maze_puzzles():
 
 
 def test_an_ill_conditioned_real_model_exports_with_rounding_limited_steps(tmp_path):
-    # The maze curriculum checkpoint's float32 reference is itself up to 1e-3 from float64 on some inputs: no
+    # The early maze checkpoint's float32 reference is itself up to 1e-3 from float64 on some inputs: no
     # float32 graph can be within 1e-4 of it there. Judged against float64, the export passes and its own
     # self-check passes on golden puzzles chosen among the rounding-stable ones.
     ck, puzzles = _maze_puzzles()
