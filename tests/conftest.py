@@ -1,8 +1,13 @@
-"""Shared fixtures: small official-format models exported once per test session."""
+"""Shared fixtures: small official-format models exported once per test session.
+
+TRM_TEST_THREADS=N runs the whole suite with N intra-op threads in torch and in every ONNX Runtime session that
+does not set its own count, so that a numeric bar can be checked under each thread count (see .ci/run).
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import numpy as np
 import pytest
@@ -13,6 +18,25 @@ from trm_export.export.checkpoint import load_checkpoint
 from trm_export.export.pipeline import ExportOptions, Puzzles, export_bundle
 from trm_export.export.reference import run_reference
 from trm_export.tasks import get_task
+
+
+def pytest_configure(config):
+    threads = os.environ.get("TRM_TEST_THREADS")
+    if not threads:
+        return
+    import onnxruntime as ort
+
+    n = int(threads)
+    torch.set_num_threads(n)
+    plain = ort.SessionOptions
+
+    def with_threads():
+        options = plain()
+        options.intra_op_num_threads = n
+        return options
+
+    ort.SessionOptions = with_threads  # the runtime may still set its own count on the object it gets
+
 
 SUDOKU_SHAPED = dataclasses.replace(VARIANTS["trm-att-rope"], name="sudoku-shaped", seq_len=81, vocab_size=11,
                                     num_puzzle_identifiers=1, halt_max_steps=8, gain=0.5)

@@ -128,9 +128,8 @@ def attention(h: np.ndarray, qkv_w: np.ndarray, o_w: np.ndarray, num_heads: int,
 class NumpyRecursiveModel:
     """TRM (one network L_level for both z_L and z_H) or HRM (L_level for z_L, H_level for z_H)."""
 
-    def __init__(self, state: dict[str, np.ndarray], cfg: Any, dtype: Any = np.float64):
-        # dtype float32 exists only to measure how much plain float32 rounding drifts over the recursion
-        self.dtype = np.dtype(dtype)
+    def __init__(self, state: dict[str, np.ndarray], cfg: Any):
+        self.dtype = np.dtype(np.float64)  # the judge: float64, whose rounding is far below any bar
         self.w = {k: v.astype(self.dtype) for k, v in state.items()}
         self.family = cfg.family
         self.d = int(cfg.hidden_size)
@@ -222,8 +221,9 @@ class NumpyRecursiveModel:
 
     def run(self, tokens: np.ndarray, puzzle_ids: np.ndarray, *, mode: str = "fixed",
             max_steps: int | None = None, min_steps: int = 1,
-            given_states: tuple[np.ndarray, np.ndarray] | None = None) -> NumpyTrace:
-        """Run `max_steps` ACT steps (default halt_max_steps) from H_init / L_init.
+            given_states: tuple[np.ndarray, np.ndarray] | None = None,
+            start: tuple[np.ndarray, np.ndarray] | None = None) -> NumpyTrace:
+        """Run `max_steps` ACT steps (default halt_max_steps) from H_init / L_init, or from `start` = (z_H, z_L).
 
         `given_states` = (z_H, z_L) [T, N, S, D] from another implementation switches to one-step
         ("teacher-forced") mode: step t starts from given_states[.][t - 1] (step 1 from the init) instead of
@@ -239,8 +239,11 @@ class NumpyRecursiveModel:
             given_L = np.asarray(given_states[1], dtype=self.dtype)
             assert given_H.shape[:2] == given_L.shape[:2] == (steps, b), (given_H.shape, steps, b)
         x = self.embed(tokens, puzzle_ids)
-        z_H = np.broadcast_to(self.w["H_init"], (b, self.total, self.d)).copy()
-        z_L = np.broadcast_to(self.w["L_init"], (b, self.total, self.d)).copy()
+        if start is not None:
+            z_H, z_L = (np.asarray(z, dtype=self.dtype).copy() for z in start)
+        else:
+            z_H = np.broadcast_to(self.w["H_init"], (b, self.total, self.d)).copy()
+            z_L = np.broadcast_to(self.w["L_init"], (b, self.total, self.d)).copy()
         zh, zl, lg, qh, qc = [], [], [], [], []
         for t in range(steps):
             if given_states is not None and t > 0:
