@@ -51,7 +51,7 @@ from trm_export.calibration.quantize import (
     quantize_int8,
 )
 from trm_export.export.staging import StagedBundle
-from trm_export.runtime.manifest import GraphSpec, Manifest, read_manifest
+from trm_export.runtime.manifest import GraphSpec, Manifest, member, read_manifest
 from trm_export.runtime.selfcheck import golden_figures, verify_bundle
 from trm_export.runtime.solver import Solver
 from trm_export.targets.engines import write_build_recipes
@@ -189,7 +189,7 @@ def add_variants(bundle: str | Path, out: str | Path, options: QuantizeOptions =
         work = Path(tmp)
         for rel in manifest.files:  # copied as files: a puzzle table (ARC) can be larger than memory allows
             (stage.path / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(bundle / rel, stage.path / rel)
+            shutil.copyfile(member(bundle, rel), stage.path / rel)  # paths checked: inside, no links out
         fp32_spec = manifest.graphs["fp32"]
         fp32_model = onnx.load(bundle / fp32_spec.file)
         fp32_size = (bundle / fp32_spec.file).stat().st_size

@@ -6,6 +6,7 @@ where only the runtime is installed.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import click
 
 from trm_export import __version__
 from trm_export.errors import TrmExportError
+from trm_export.runtime.solver import MAX_STEPS
 
 # Options that fill config fields neither the checkpoint's files nor its tensor shapes tell.
 _OVERRIDE_OPTIONS = [
@@ -55,8 +57,37 @@ class _Group(click.Group):
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise
         except TrmExportError as exc:
-            raise click.ClickException(str(exc)) from None
+            raise click.ClickException(_one_line(str(exc))) from None
+        except FileNotFoundError as exc:
+            raise click.ClickException(f"{exc.filename}: no such file or folder") from None
+        except IsADirectoryError as exc:
+            raise click.ClickException(f"{exc.filename}: is a folder, expected a file") from None
+        except PermissionError as exc:
+            raise click.ClickException(f"{exc.filename}: permission denied") from None
+        except OSError as exc:
+            where = f"{exc.filename}: " if exc.filename else ""
+            raise click.ClickException(f"{where}{exc.strerror or exc}") from None
+        except MemoryError:
+            raise click.ClickException("out of memory: use fewer puzzles or a smaller --batch-size") from None
+        except KeyboardInterrupt:
+            raise click.ClickException("interrupted; nothing was written (earlier outputs are untouched)") from None
+        except Exception as exc:
+            if os.environ.get("TRM_EXPORT_TRACEBACK"):
+                raise
+            raise click.ClickException(
+                f"internal error, a bug in trm-export: {type(exc).__name__}: {_one_line(str(exc))} (set "
+                "TRM_EXPORT_TRACEBACK=1 to see where, and please report it)") from None
+
+
+def _one_line(text: str) -> str:
+    """Errors are one line at the command line: the first line, and how many more there were."""
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    if len(lines) <= 1:
+        return text.strip()
+    return f"{lines[0]} (+{len(lines) - 1} more lines)"
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -183,22 +214,30 @@ def verify(bundle: Path, variant: str, provider: str | None) -> None:
               help="Write solutions here (.txt lines, or .npz with predictions and steps); default: print.")
 @click.option("--force", is_flag=True, help="Replace an existing --output file.")
 @click.option("--mode", type=click.Choice(["adaptive", "fixed"]), default="adaptive", show_default=True)
-@click.option("--max-steps", type=int, default=None, help="Step budget (default: the trained halt_max_steps).")
-@click.option("--min-steps", type=int, default=1, show_default=True)
-@click.option("--batch-size", type=int, default=64, show_default=True, help="Batch slots (refilled as puzzles halt).")
+@click.option("--max-steps", type=click.IntRange(1, MAX_STEPS), default=None,
+              help="Step budget (default: the trained halt_max_steps).")
+@click.option("--min-steps", type=click.IntRange(1, MAX_STEPS), default=1, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1, 1 << 20), default=64, show_default=True,
+              help="Batch slots (refilled as puzzles halt).")
 @click.option("--variant", default="fp32", show_default=True, help="Which graph of the bundle to run.")
 @click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default=None)
-@click.option("--threads", type=int, default=None, help="ONNX Runtime intra-op threads.")
+@click.option("--threads", type=click.IntRange(1, 1024), default=None, help="ONNX Runtime intra-op threads.")
+@click.option("--skip-selfcheck", is_flag=True,
+              help="Do not run the bundle's golden puzzles first (they take a few steps; they catch a swapped graph).")
 def run(bundle: Path, input_path: Path, output: Path | None, force: bool, mode: str, max_steps: int | None,
-        min_steps: int, batch_size: int, variant: str, provider: str | None, threads: int | None) -> None:
+        min_steps: int, batch_size: int, variant: str, provider: str | None, threads: int | None,
+        skip_selfcheck: bool) -> None:
     """Solve puzzles with a bundle (runtime only: numpy + onnxruntime)."""
-    from trm_export.runtime.io import read_puzzles, write_solutions
+    from trm_export.runtime.io import check_output_file, read_puzzles, write_solutions
+    from trm_export.runtime.selfcheck import check_golden
     from trm_export.runtime.solver import Solver
 
-    if output is not None and output.exists() and not force:
-        raise click.ClickException(f"{output} already exists; pass --force to replace it")
+    if output is not None:
+        check_output_file(output, force)
     solver = Solver(bundle, variant=variant, provider=provider, batch_size=batch_size, threads=threads)
     tokens = read_puzzles(input_path, solver.task)
+    if not skip_selfcheck:
+        check_golden(solver)
     result = solver.solve(tokens, mode=mode, max_steps=max_steps, min_steps=min_steps)
     text = write_solutions(result, solver.task, output)
     if output is None:

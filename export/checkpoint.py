@@ -81,6 +81,14 @@ def find_checkpoint_file(path: Path) -> Path:
                           f"found {found}")
 
 
+def _torch_reason(exc: BaseException) -> str:
+    """torch's first line, without its advice to load with weights_only=False: we never run a file's code."""
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    if "weights_only" in first or "WeightsUnpickler" in first:
+        return "the weights-only loader rejected its contents"
+    return first[:300]
+
+
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """torch.load with weights_only=True; anything that is not a plain state dict of tensors is refused."""
     try:
@@ -95,9 +103,9 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
                 path, "refused: the file is a pickle that would import or run code beyond tensors "
                 "(torch.load weights_only=True rejected it). Re-save a plain state dict: "
                 "torch.save(model.state_dict(), path)") from None
-        raise CheckpointError(path, f"not a PyTorch checkpoint ({exc})") from None
+        raise CheckpointError(path, f"not a PyTorch checkpoint ({_torch_reason(exc)})") from None
     except Exception as exc:  # zip errors, truncated files, text files: all "not a checkpoint"
-        raise CheckpointError(path, f"not a PyTorch checkpoint ({type(exc).__name__}: {exc})") from None
+        raise CheckpointError(path, f"not a PyTorch checkpoint ({type(exc).__name__}: {_torch_reason(exc)})") from None
     if isinstance(obj, dict) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
         for wrapper in ("state_dict", "model", "model_state_dict"):
             if isinstance(obj.get(wrapper), dict):
@@ -108,6 +116,11 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
     if bad:
         raise CheckpointError(path, f"expected a state dict of tensors; non-tensor entries: {bad[:5]}")
+    broken = [k for k, v in obj.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if broken:
+        raise CheckpointError(path, f"{len(broken)} tensor(s) hold NaN or infinite values ({', '.join(broken[:3])}"
+                              f"{' ...' if len(broken) > 3 else ''}): the training run diverged or the file is "
+                              "damaged; export an earlier checkpoint")
     return obj
 
 

@@ -74,6 +74,8 @@ class ParityReport:
     worst_rounding_ratio: float = 0.0  # max of (graph vs float64) / (float32's own error) over the judged puzzle-steps
     # Puzzle-steps beyond every bar: {"puzzle", "step" (1-based), "output", "vs_reference", "vs_float64", "bar"}.
     step_graph_violations: list[dict] = field(default_factory=list)
+    # Puzzle-steps where the graph or the reference produced NaN or inf (NaN compares false with every bar).
+    non_finite: int = 0
 
     @property
     def unexplained(self) -> list[int]:
@@ -82,10 +84,13 @@ class ParityReport:
 
     @property
     def passed(self) -> bool:
-        return not self.step_graph_violations and not self.unexplained
+        return not self.step_graph_violations and not self.unexplained and not self.non_finite
 
     def failures(self) -> list[str]:
         out = []
+        if self.non_finite:
+            out.append(f"{self.non_finite} puzzle-steps produce NaN or infinite values (graph or reference): the "
+                       "model overflows in float32")
         for name in _GATED:
             bad = [v for v in self.step_graph_violations if v["output"] == name]
             if bad:
@@ -296,6 +301,9 @@ def _step_graph_errors(report: ParityReport, solver: Solver, ref, tokens: np.nda
         out_H, out_L = solver.backend.state(n)
         logits = solver.backend.logits(slots)
         graph = {"z_H": out_H, "logits": logits}
+        finite = [np.isfinite(a).reshape(n, -1).all(axis=1) for a in (out_H, out_L, logits, q_halt[:, None],
+                                                                        q_cont[:, None], ref.z_H[t], ref.logits[t])]
+        report.non_finite += int(n - np.logical_and.reduce(finite).sum())
         errors = {name: _per_puzzle_max(graph[name] - getattr(ref, name)[t]) for name in _GATED}
         report.max_abs_z_H[t] = max(report.max_abs_z_H[t], float(errors["z_H"].max()))
         report.max_abs_z_L[t] = max(report.max_abs_z_L[t], float(np.abs(out_L - ref.z_L[t]).max()))

@@ -1,17 +1,23 @@
 """Write a bundle so that it is either complete or absent.
 
 Files go to a hidden sibling directory `.NAME.partial-PID`; only a finished, checksummed bundle is renamed to
-NAME. An existing NAME is never touched without `force`; with it, the old bundle is moved aside first and
-removed only after the new one is in place. A failed or interrupted export removes its partial directory
-(SIGTERM included); one left by SIGKILL is removed by the next export to the same place.
+NAME. An existing NAME is never touched without `force`; with it, the new bundle and the old one trade places in
+one atomic step (Linux renameat2 RENAME_EXCHANGE), so whatever instant a kill lands, NAME holds the old bundle or
+the new one; the old one, left at the staging name, is removed afterwards. Where the exchange is not available
+the old bundle is renamed aside to `.NAME.replaced-PID` first; a kill between the two renames leaves NAME absent
+for an instant, and the next run to the same place puts the old bundle back. A failed or interrupted export
+removes its partial directory (SIGTERM included); one left by SIGKILL is removed by the next run.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import io
 import os
 import shutil
 import signal
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +42,8 @@ class StagedBundle:
     def __init__(self, out: str | Path, force: bool = False):
         self.out = Path(out)
         self.force = force
+        check_writable(self.out)
+        recover(self.out)
         if self.out.exists() and not force:
             raise BundleError(f"{self.out} already exists; pass --force to replace it")
         if self.out.exists() and not (self.out / MANIFEST_NAME).is_file():
@@ -45,10 +53,8 @@ class StagedBundle:
 
     def __enter__(self) -> StagedBundle:
         self.out.parent.mkdir(parents=True, exist_ok=True)
-        for stale in self.out.parent.glob(f".{self.out.name}.partial-*"):
-            pid = stale.name.rsplit("-", 1)[-1]
-            if (pid.isdigit() and not _pid_alive(int(pid))) or stale == self.path:
-                shutil.rmtree(stale, ignore_errors=True)
+        if self.path.exists():
+            shutil.rmtree(self.path, ignore_errors=True)
         self.path.mkdir()
         if hasattr(signal, "SIGTERM"):
             try:
@@ -92,13 +98,84 @@ class StagedBundle:
         if self.out.exists():
             if not self.force:
                 raise BundleError(f"{self.out} appeared while exporting; pass --force to replace it")
-            aside = self.out.parent / f".{self.out.name}.replaced-{os.getpid()}"
-            os.replace(self.out, aside)
-            os.replace(self.path, self.out)
-            shutil.rmtree(aside, ignore_errors=True)
+            if _exchange(self.path, self.out):
+                shutil.rmtree(self.path, ignore_errors=True)  # now the old bundle; a kill here: removed next run
+            else:
+                aside = self.out.parent / f".{self.out.name}.replaced-{os.getpid()}"
+                os.replace(self.out, aside)
+                os.replace(self.path, self.out)
+                shutil.rmtree(aside, ignore_errors=True)
         else:
             os.replace(self.path, self.out)
+        _fsync_dir(self.out.parent)
         return self.out
+
+
+def check_writable(out: Path) -> None:
+    """Refuse an output path that cannot be written, before any work starts."""
+    if out.is_symlink():
+        raise BundleError(f"{out} is a symbolic link; give the bundle folder's real path")
+    ancestor = out.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise BundleError(f"{out}: cannot create it, {ancestor} is a file, not a folder; choose another --output")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise BundleError(f"{out}: cannot create it, {ancestor} is not writable; choose another --output")
+
+
+def _leftovers(out: Path, kind: str) -> list[Path]:
+    """`.NAME.<kind>-PID` siblings of `out` whose process is gone."""
+    found = []
+    for p in out.parent.glob(f".{out.name}.{kind}-*"):
+        pid = p.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and (int(pid) == os.getpid() or not _pid_alive(int(pid))):
+            found.append(p)
+    return found
+
+
+def recover(out: str | Path) -> None:
+    """Undo what a killed run left next to `out`: an old bundle moved aside goes back where `out` is missing (the
+    kill fell between the two renames), otherwise it is removed; partial stagings are removed."""
+    out = Path(out)
+    for aside in sorted(_leftovers(out, "replaced")):
+        if not out.exists() and (aside / MANIFEST_NAME).is_file():
+            os.replace(aside, out)
+        else:
+            shutil.rmtree(aside, ignore_errors=True)
+    for stale in _leftovers(out, "partial"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two directories in one atomic step (Linux renameat2 RENAME_EXCHANGE); False where not available."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # a C library without renameat2 (glibc < 2.28, musl)
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):  # kernel or file system without the flag
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _raise_on_sigterm(signum, frame):  # noqa: ARG001 - signal handler signature

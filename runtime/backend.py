@@ -39,6 +39,11 @@ class Backend(Protocol):
         """z_H, z_L [n, S, D] of slots [0, n) (copies on the host; for verification and drift)."""
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:300] if text else type(exc).__name__
+
+
 def onnxruntime_providers(requested: str | None) -> list[str]:
     """Execution providers for `requested` ('cpu', 'cuda', 'tensorrt' or None = best available)."""
     import onnxruntime as ort
@@ -73,7 +78,15 @@ class OnnxRuntimeBackend:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
         self.providers = onnxruntime_providers(provider)
-        self.session = ort.InferenceSession(str(model_path), options, providers=self.providers)
+        try:
+            self.session = ort.InferenceSession(str(model_path), options, providers=self.providers)
+        except Exception as exc:  # ONNX Runtime's own exception types: a broken or foreign graph
+            raise BundleError(f"{model_path}: ONNX Runtime cannot load this graph ({_first_line(exc)}); "
+                              "re-export the bundle") from None
+        names = ({i.name for i in self.session.get_inputs()}, {o.name for o in self.session.get_outputs()})
+        if names[0] != set(STEP_INPUTS) or not set(STEP_OUTPUTS) <= names[1]:
+            raise BundleError(f"{model_path}: not a step graph (inputs {sorted(names[0])}, outputs "
+                              f"{sorted(names[1])}; expected {list(STEP_INPUTS)} -> {list(STEP_OUTPUTS)})")
         self.name = f"onnxruntime ({self.session.get_providers()[0]})"
         self.capacity = capacity
         s, d = state_shape
@@ -111,7 +124,10 @@ class OnnxRuntimeBackend:
         self._bind("logits", self.logit_buf[:n], output=True)
         self._bind("q_halt", self.q[0, :n], output=True)
         self._bind("q_continue", self.q[1, :n], output=True)
-        self.session.run_with_iobinding(self.binding)
+        try:
+            self.session.run_with_iobinding(self.binding)
+        except Exception as exc:  # shapes the graph does not take, a kernel failure
+            raise BundleError(f"step graph failed in ONNX Runtime: {_first_line(exc)}") from None
         self.current = dst
         return self.q[0, :n].copy(), self.q[1, :n].copy()
 

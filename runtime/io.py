@@ -8,9 +8,12 @@ from pathlib import Path
 
 import numpy as np
 
-from trm_export.errors import InputError
+from trm_export.errors import BundleError, InputError
+from trm_export.runtime.embedding import load_array
 from trm_export.runtime.manifest import TaskEncoding
 from trm_export.runtime.solver import SolveResult
+
+MAX_PUZZLE_FILE_BYTES = 4 << 30
 
 
 def task_for_encoding(encoding: TaskEncoding):
@@ -29,17 +32,22 @@ def read_puzzles(path: str | Path, encoding: TaskEncoding) -> np.ndarray:
     from trm_export.tasks import load_puzzles
 
     path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{path}: is a folder; give a puzzle file (.txt or .npy)")
     if not path.is_file():
         raise InputError(f"{path}: no such file")
+    if path.stat().st_size > MAX_PUZZLE_FILE_BYTES:
+        raise InputError(f"{path}: {path.stat().st_size / 2**30:.1f} GiB; puzzle files are read whole, at most "
+                         f"{MAX_PUZZLE_FILE_BYTES >> 30} GiB: split it")
     task = task_for_encoding(encoding)
     if task is None:
         if path.suffix.lower() != ".npy":
             raise InputError(f"{path}: this model's task has no text format; give a .npy of tokens "
                              f"[N, {encoding.seq_len}]")
         try:
-            return np.load(path, allow_pickle=False)
-        except (OSError, ValueError) as exc:
-            raise InputError(f"{path}: cannot read tokens: {exc}") from None
+            return load_array(path, kinds="iu")
+        except BundleError as exc:
+            raise InputError(f"cannot read tokens: {exc}") from None
     try:
         return load_puzzles(path, task)
     except (OSError, ValueError) as exc:
@@ -66,6 +74,18 @@ def format_solutions(result: SolveResult, encoding: TaskEncoding) -> str:
     return "\n".join(lines) + "\n"
 
 
+def check_output_file(output: Path, force: bool) -> None:
+    """Before any work: the output file can be written (its folder exists and is writable, no file is lost)."""
+    if output.is_dir():
+        raise InputError(f"{output}: is a folder; give a file name for the solutions")
+    if output.exists() and not force:
+        raise InputError(f"{output} already exists; pass --force to replace it")
+    if not output.parent.is_dir():
+        raise InputError(f"{output}: folder {output.parent} does not exist; create it or choose another --output")
+    if not os.access(output.parent, os.W_OK | os.X_OK):
+        raise InputError(f"{output}: folder {output.parent} is not writable; choose another --output")
+
+
 def write_solutions(result: SolveResult, encoding: TaskEncoding, output: str | Path | None) -> str:
     """Format, and write atomically when `output` is given (.npz: arrays; anything else: text lines)."""
     text = format_solutions(result, encoding)
@@ -80,6 +100,9 @@ def write_solutions(result: SolveResult, encoding: TaskEncoding, output: str | P
                          q_continue=result.q_continue)
             else:
                 f.write(text.encode())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; a solutions file is an ordinary file
         os.replace(tmp, output)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -12,43 +12,56 @@ from pathlib import Path
 
 import numpy as np
 
+from trm_export.errors import BundleError
 from trm_export.runtime.embedding import load_array
-from trm_export.runtime.solver import Solver
-
-GOLDEN_FILES = ("tokens", "puzzle_ids", "q_halt", "q_continue", "predictions", "adaptive_steps",
-                "adaptive_predictions")
+from trm_export.runtime.manifest import GOLDEN_ARRAYS, member, unlisted_files
+from trm_export.runtime.solver import MAX_STEPS, Solver
 
 
 @dataclass
 class CheckReport:
-    """Truthy when every check passed; `str()` gives a 'Passed: x/y' summary with the failures."""
+    """Truthy when every check passed; `str()` gives a 'Passed: x/y' summary, each check with its figure and bar."""
 
     variant: str
     backend: str
     checks: dict[str, bool] = field(default_factory=dict)
     figures: dict[str, float] = field(default_factory=dict)
+    measured: dict[str, str] = field(default_factory=dict)  # check -> "figure (bar)"
+    notes: list[str] = field(default_factory=list)
 
     def __bool__(self) -> bool:
         return all(self.checks.values())
+
+    def add(self, name: str, ok: bool, measured: str) -> None:
+        self.checks[name], self.measured[name] = bool(ok), measured
 
     def __str__(self) -> str:
         passed = sum(self.checks.values())
         lines = [f"{'PASSED' if self else 'FAILED'} {self.variant} on {self.backend}: "
                  f"Passed: {passed}/{len(self.checks)}"]
         for name, ok in self.checks.items():
-            lines.append(f"  [{'ok' if ok else 'FAIL'}] {name}")
-        for name, value in self.figures.items():
-            lines.append(f"  {name}: {value:.3g}")
+            lines.append(f"  [{'ok' if ok else 'FAIL'}] {name}: {self.measured.get(name, '')}".rstrip(": "))
+        lines += [f"  note: {note}" for note in self.notes]
         return "\n".join(lines)
 
 
-def load_golden(bundle: Path, folder: str) -> dict[str, np.ndarray]:
-    return {name: load_array(bundle / folder / f"{name}.npy") for name in GOLDEN_FILES}
+def load_golden(solver: Solver) -> dict[str, np.ndarray]:
+    """The golden arrays, each checked for the shape the manifest implies before use."""
+    n, seq_len = solver.manifest.golden["count"], solver.task.seq_len
+    shapes = {"tokens": (n, seq_len), "puzzle_ids": (n,), "q_halt": (None, n), "q_continue": (None, n),
+              "predictions": (n, seq_len), "adaptive_steps": (n,), "adaptive_predictions": (n, seq_len)}
+    folder = solver.manifest.golden["folder"]
+    golden = {name: load_array(member(solver.bundle, f"{folder}/{name}.npy"), shapes[name],
+                               kinds="f" if name.startswith("q_") else "iu") for name in GOLDEN_ARRAYS}
+    if golden["q_halt"].shape != golden["q_continue"].shape or not 1 <= len(golden["q_halt"]) <= MAX_STEPS:
+        raise BundleError(f"{solver.bundle}: golden q_halt / q_continue shapes {golden['q_halt'].shape} / "
+                          f"{golden['q_continue'].shape} do not fit; re-export the bundle")
+    return golden
 
 
 def golden_figures(solver: Solver) -> dict[str, float]:
     """Run the bundle's golden puzzles through `solver` and measure how close they come to the reference's values."""
-    golden = load_golden(solver.bundle, solver.manifest.golden["folder"])
+    golden = load_golden(solver)
     steps, n = golden["q_halt"].shape
     q_halt = np.zeros((steps, n), np.float32)
     q_cont = np.zeros((steps, n), np.float32)
@@ -75,21 +88,41 @@ def golden_figures(solver: Solver) -> dict[str, float]:
 def verify_bundle(bundle: str | Path, variant: str = "fp32", provider: str | None = None,
                   threads: int | None = None) -> CheckReport:
     """Run the golden puzzles through `variant` and compare with the reference values in the bundle."""
-    solver = Solver(bundle, variant=variant, provider=provider, threads=threads, verify=True)
+    return golden_report(Solver(bundle, variant=variant, provider=provider, threads=threads, verify=True))
+
+
+def check_golden(solver: Solver) -> None:
+    """Refuse to go on (BundleError) when the solver's graph misses its golden bars: a swapped or broken graph."""
+    report = golden_report(solver)
+    if not report:
+        failed = "; ".join(f"{name}: {report.measured[name]}" for name, ok in report.checks.items() if not ok)
+        raise BundleError(f"{solver.bundle}: the {solver.variant} graph fails the bundle's golden self-check "
+                          f"({failed}); it does not compute what was exported. Run `trm-export verify "
+                          f"{solver.bundle} --variant {solver.variant}` and re-export")
+
+
+def golden_report(solver: Solver) -> CheckReport:
+    """The self-check of `solver`'s variant: its golden puzzles against the reference values in the manifest."""
+    variant = solver.variant
     tolerances = solver.manifest.golden["tolerances"]
     tol = tolerances.get(variant, tolerances["fp32"])
     f = golden_figures(solver)
     report = CheckReport(variant, solver.backend.name)
-    report.figures["max |q_halt - reference|"] = f["q_halt_abs"]
-    report.figures["max |q_continue - reference|"] = f["q_continue_abs"]
-    report.checks[f"q values at every step within {tol['q_abs']:g} of the reference"] = \
-        max(f["q_halt_abs"], f["q_continue_abs"]) <= tol["q_abs"]
-    report.figures["q_halt sign agreement"] = f["q_sign_agreement"]
-    report.checks["q_halt sign agrees at every step"] = f["q_sign_agreement"] >= tol["q_sign_agreement"]
-    report.figures["fixed-step predictions identical"] = f["fixed_identical"]
-    report.checks["fixed-step predictions identical"] = f["fixed_identical"] >= tol["predictions_identical"]
-    report.figures["adaptive halting steps identical"] = f["adaptive_steps_identical"]
-    report.checks["adaptive halting steps and predictions identical"] = (
-        f["adaptive_steps_identical"] >= tol["predictions_identical"]
-        and f["adaptive_identical"] >= tol["predictions_identical"])
+    report.add("manifest digest and file checksums", True, f"{len(solver.manifest.files)} files")
+    q_err = max(f["q_halt_abs"], f["q_continue_abs"])
+    report.figures.update({"max |q_halt - reference|": f["q_halt_abs"],
+                           "max |q_continue - reference|": f["q_continue_abs"]})
+    report.add("Q values at every step", q_err <= tol["q_abs"], f"max error {q_err:.3g} (bar <= {tol['q_abs']:g})")
+    checks = (("q_halt sign at every step", "q_sign_agreement", "q_sign_agreement", "agree"),
+              ("fixed-step predictions", "fixed_identical", "predictions_identical", "identical"),
+              ("adaptive halting steps", "adaptive_steps_identical", "predictions_identical", "identical"),
+              ("adaptive predictions", "adaptive_identical", "predictions_identical", "identical"))
+    for name, figure, bar, verb in checks:
+        report.figures[f"{name} {verb}"] = f[figure]
+        report.add(name, f[figure] >= tol[bar], f"{f[figure]:.3g} {verb} (bar >= {tol[bar]:.3g}, "
+                   f"{f['puzzles']} golden puzzles)")
+    extra = unlisted_files(solver.bundle, solver.manifest)
+    if extra:
+        report.notes.append(f"{len(extra)} file(s) in the bundle folder are not listed in the manifest (not "
+                            f"checksummed, never read): {', '.join(extra[:10])}{' ...' if len(extra) > 10 else ''}")
     return report

@@ -9,10 +9,16 @@ trained Q head says so (after at least `min_steps`, at most `max_steps`, which m
 Puzzles stream through `batch_size` slots; with `refill` (default) a halted puzzle's slot takes the next puzzle
 on the next step, so the batch stays full. A puzzle's computation never mixes with its neighbours' (every op
 of the step graph is per sample), so its answer does not depend on what else is in the batch.
+
+Threads: a Solver may be shared. Its backend holds one batch of state, so `solve` calls on one Solver run one at
+a time (a lock; a second thread waits for the first to finish). For parallel throughput give each thread its own
+Solver: they share nothing.
 """
 
 from __future__ import annotations
 
+import os
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,10 +28,25 @@ import numpy as np
 from trm_export.errors import BundleError, InputError
 from trm_export.runtime.backend import Backend, OnnxRuntimeBackend
 from trm_export.runtime.embedding import Embedder
-from trm_export.runtime.manifest import Manifest, read_manifest
+from trm_export.runtime.manifest import Manifest, member, read_manifest
 from trm_export.runtime.validate import validate_puzzles
 
 MODES = ("fixed", "adaptive")
+# A step budget beyond any use (the papers evaluate 16 steps; HRM's accuracy knob goes to a few times that).
+MAX_STEPS = 4096
+
+
+def state_bytes(batch_size: int, state_shape: tuple[int, int], seq_len: int, vocab: int) -> int:
+    """Host memory a backend allocates for `batch_size` slots: x, two states twice (ping-pong), logits."""
+    s, d = state_shape
+    return 4 * batch_size * (5 * s * d + seq_len * vocab + 2)
+
+
+def _memory_bytes() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
 
 
 @dataclass(frozen=True)
@@ -66,11 +87,17 @@ class Solver:
         self.manifest: Manifest = read_manifest(self.bundle, verify=verify)
         if variant not in self.manifest.graphs:
             raise BundleError(f"requested variant {variant!r}; this bundle has {sorted(self.manifest.graphs)}")
-        if batch_size < 1:
-            raise InputError(f"batch_size must be >= 1, got {batch_size}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise InputError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        task = self.manifest.task
         self.variant = variant
-        self.embedder = Embedder(self.bundle, self.manifest.embedding, self.manifest.task)
+        self.embedder = Embedder(self.bundle, self.manifest.embedding, task)
+        need, have = state_bytes(batch_size, self.embedder.state_shape, task.seq_len, task.vocab_size), _memory_bytes()
+        if have is not None and need > have // 2:
+            raise InputError(f"batch_size {batch_size} needs {need / 2**30:.1f} GiB of buffers for this model; this "
+                             f"machine has {have / 2**30:.1f} GiB: use a smaller --batch-size")
         self.backend: Backend = self._make_backend(backend, provider, batch_size, threads)
+        self._lock = threading.Lock()
 
     def _make_backend(self, backend: str, provider: str | None, batch_size: int, threads: int | None) -> Backend:
         graph = self.manifest.graphs[self.variant]
@@ -85,10 +112,10 @@ class Solver:
             from trm_export.runtime.tensorrt_backend import TensorRTBackend, check_engine_here
 
             check_engine_here(engine)
-            return TensorRTBackend(self.bundle / engine["file"], batch_size, self.embedder.state_shape, task.seq_len,
-                                   task.vocab_size)
-        return OnnxRuntimeBackend(self.bundle / graph.file, batch_size, self.embedder.state_shape, task.seq_len,
-                                  task.vocab_size, provider=provider, threads=threads)
+            return TensorRTBackend(member(self.bundle, engine["file"]), batch_size, self.embedder.state_shape,
+                                   task.seq_len, task.vocab_size)
+        return OnnxRuntimeBackend(member(self.bundle, graph.file), batch_size, self.embedder.state_shape,
+                                  task.seq_len, task.vocab_size, provider=provider, threads=threads)
 
     @property
     def task(self):
@@ -106,10 +133,19 @@ class Solver:
         """
         if mode not in MODES:
             raise InputError(f"mode must be one of {MODES}, got {mode!r}")
-        limit = int(max_steps or self.manifest.loop.halt_max_steps)
-        if limit < 1 or not 1 <= min_steps <= limit:
-            raise InputError(f"need 1 <= min_steps ({min_steps}) <= max_steps ({limit})")
+        limit = self.manifest.loop.halt_max_steps if max_steps is None else max_steps
+        for name, value in (("max_steps", limit), ("min_steps", min_steps)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+                raise InputError(f"{name} must be an integer, got {value!r}")
+        limit = int(limit)
+        if not 1 <= min_steps <= limit <= MAX_STEPS:
+            raise InputError(f"need 1 <= min_steps ({min_steps}) <= max_steps ({limit}) <= {MAX_STEPS}")
         tokens, ids = validate_puzzles(puzzles, puzzle_ids, self.task)
+        with self._lock:  # one batch of state in the backend: solves on one Solver take turns
+            return self._solve(tokens, ids, mode, limit, int(min_steps), refill, on_step)
+
+    def _solve(self, tokens: np.ndarray, ids: np.ndarray, mode: str, limit: int, min_steps: int, refill: bool,
+               on_step: Callable | None) -> SolveResult:
         n_total, capacity = len(tokens), self.backend.capacity
         rule = self.manifest.loop.halting_rule
 
@@ -135,6 +171,10 @@ class Solver:
         active = load(np.arange(capacity))
         while active:
             q_halt, q_cont = self.backend.step(active)
+            if not (np.isfinite(q_halt).all() and np.isfinite(q_cont).all()):
+                raise BundleError(f"{self.bundle}: the {self.variant} step graph produced NaN or infinite Q values; "
+                                  f"the graph is broken: run `trm-export verify {self.bundle} --variant "
+                                  f"{self.variant}` and re-export")
             live = slot_puzzle[:active] >= 0
             slot_steps[:active] += live
             if on_step is not None:

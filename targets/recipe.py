@@ -15,7 +15,7 @@ import shlex
 from dataclasses import dataclass
 
 from trm_export.errors import TrmExportError
-from trm_export.runtime.manifest import GraphSpec
+from trm_export.runtime.manifest import NAME_PATTERN, GraphSpec
 from trm_export.targets.registry import Target
 
 
@@ -70,6 +70,8 @@ def _major(version: str) -> int:
 def make_recipe(target: Target, variant: str, graph: GraphSpec, dla_core: int | None = None,
                 batch: tuple[int, int, int] | None = None) -> BuildRecipe:
     """The build of `graph` (a bundle graph) for `target`. Raises RecipeError when the target cannot take it."""
+    if not NAME_PATTERN.fullmatch(variant):
+        raise RecipeError(f"variant name {variant!r} does not match {NAME_PATTERN.pattern}")
     if target.tensorrt is None:
         raise RecipeError(f"target {target.name!r} runs ONNX Runtime; there is no TensorRT engine to build")
     if graph.opset > target.max_opset:
@@ -120,6 +122,6 @@ def build_script(recipes: list[BuildRecipe], target: Target) -> str:
              "# Then: trm-export verify . --variant <name>   (or: trm-export build . on the device does the same)",
              "set -eu", 'cd "$(dirname "$0")/.."', "mkdir -p engines",
              'command -v trtexec >/dev/null 2>&1 || PATH="$PATH:/usr/src/tensorrt/bin"  # JetPack location', ""]
-    for r in recipes:
-        lines += [f"echo 'building {r.variant} -> {r.engine_file}'", r.trtexec_command(), ""]
+    for r in recipes:  # names come from a manifest (a stranger's file): quoted, and checked on read
+        lines += [shlex.join(["echo", f"building {r.variant} -> {r.engine_file}"]), r.trtexec_command(), ""]
     return "\n".join(lines)

@@ -44,7 +44,7 @@ def load_puzzles(path: str | os.PathLike[str], task: Task | str) -> np.ndarray:
     if suffix == ".npy":
         return _load_npy(p, resolved)
     if suffix == ".txt":
-        text = p.read_text(encoding="utf-8")
+        text = p.read_text(encoding="utf-8-sig")  # a BOM (Windows editors) is not part of the first puzzle
         if resolved is None or isinstance(resolved, MazeTask):
             return _load_maze_txt(p, text, resolved)
         if isinstance(resolved, SudokuTask):
@@ -104,11 +104,13 @@ def _load_maze_txt(path: Path, text: str, task: MazeTask | None) -> np.ndarray:
 
 def _load_npy(path: Path, task: Task | None) -> np.ndarray:
     try:
-        arr = np.load(path, allow_pickle=False)
-    except ValueError as err:
+        # memory-mapped: a header that claims more elements than the file holds fails here, before any allocation
+        arr = np.load(path, allow_pickle=False, mmap_mode="r")
+    except (ValueError, OSError) as err:
         raise ValueError(f"{path}: not a plain numpy array file ({err})") from None
     if not np.issubdtype(arr.dtype, np.integer):
         raise ValueError(f"{path}: expected integer tokens, got dtype {arr.dtype}")
+    arr = np.array(arr)  # off the file: small once the dtype is known to be plain integers
     if task is None:  # maze by name: infer the side from the array
         side = arr.shape[-1] if arr.ndim == 3 else int(round(arr.shape[-1] ** 0.5))
         task = get_task("maze", size=side)

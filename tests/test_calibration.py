@@ -427,14 +427,14 @@ def test_new_bundle_is_atomic_and_never_overwrites_without_force(bundle, tmp_pat
 def test_check_bundle_flags_a_precision_the_graph_does_not_hold(quantized, tmp_path):
     import shutil
 
-    from trm_export.runtime.manifest import sha256_file
+    from trm_export.runtime.manifest import seal, sha256_file
 
     copy = tmp_path / "copy.bundle"
     shutil.copytree(quantized.path, copy)
     data = json.loads((copy / "manifest.json").read_text())
     data["graphs"]["int8-minmax"]["file"] = data["graphs"]["fp32"]["file"]  # claims int8, holds fp32
     data["files"] = {k: sha256_file(copy / k) for k in data["files"]}
-    (copy / "manifest.json").write_text(json.dumps(data))
+    (copy / "manifest.json").write_text(seal(data))
     report = check_bundle(copy)
     assert not report and not report.graphs["int8-minmax"] and report.graphs["fp16"]
     assert "no MatMul/Gemm is quantized" in str(report)

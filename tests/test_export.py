@@ -134,7 +134,7 @@ def test_export_is_deterministic(tmp_path):
         if rel != "manifest.json":
             assert (first / rel).read_bytes() == (second / rel).read_bytes(), rel
     for m in (m1, m2):
-        del m["provenance"]["created_at"]
+        del m["provenance"]["created_at"], m["digest"]  # the digest covers created_at
     assert m1 == m2
 
 
@@ -299,15 +299,15 @@ def test_verify_cli_passes_and_fails(tmp_path):
     path, _ = export(tmp_path)
     result = CliRunner().invoke(cli, ["verify", str(path)])
     assert result.exit_code == 0, result.output
-    assert "Passed: 4/4" in result.output
+    assert "Passed: 6/6" in result.output
     golden = path / "golden" / "q_halt.npy"
     q = np.load(golden)
     np.save(golden, -q)  # a wrong golden vector, with the manifest updated so only the numbers disagree
     manifest = json.loads((path / "manifest.json").read_text())
-    from trm_export.runtime.manifest import sha256_file
+    from trm_export.runtime.manifest import seal, sha256_file
 
     manifest["files"]["golden/q_halt.npy"] = sha256_file(golden)
-    (path / "manifest.json").write_text(json.dumps(manifest))
+    (path / "manifest.json").write_text(seal(manifest))
     result = CliRunner().invoke(cli, ["verify", str(path)])
     assert result.exit_code == 1 and "FAIL" in result.output
 
@@ -321,7 +321,7 @@ def test_puzzle_table_in_float16(tmp_path):
 def test_manifest_describes_the_model(tmp_path):
     path, manifest = export(tmp_path, "hrm")
     v = stable("hrm")
-    assert manifest["format_version"] == 1 and manifest["model"]["family"] == "hrm"
+    assert manifest["format_version"] == 2 and manifest["model"]["family"] == "hrm"
     assert manifest["loop"] == {"halt_max_steps": v.halt_max_steps, "halting_rule": "q_halt>q_continue",
                                 "uses_q_continue": True}
     assert manifest["task"]["seq_len"] == v.seq_len and manifest["task"]["prefix_len"] == v.prefix_len

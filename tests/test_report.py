@@ -12,6 +12,7 @@ from trm_export.cli import main as cli
 from trm_export.report import ReportOptions, measure_bundle, write_report
 from trm_export.report.measure import Measurement
 from trm_export.report.render import pareto_front, recommend
+from trm_export.runtime.manifest import seal
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -77,7 +78,7 @@ def test_no_invented_numbers_for_absent_hardware(sudoku_bundle, tmp_path):
     shutil.copytree(sudoku_bundle / "bundle", bundle)
     manifest = json.loads((bundle / "manifest.json").read_text())
     manifest["target"] = "jetson-orin-nano"
-    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    (bundle / "manifest.json").write_text(seal(manifest))
     data = measure_bundle(bundle, ReportOptions(puzzles=4, latency_samples=1, budgets=(1,), threads=1,
                                                 progress=False))
     assert any("no engine in this bundle" in item for item in data.not_measured)
