@@ -282,8 +282,12 @@ def report(bundle: Path, quick: bool, puzzles: int | None, max_accuracy_drop: fl
     """Measure accuracy versus latency of every variant and step budget here; write Markdown, JSON and plots."""
     from trm_export.report import ReportOptions, measure_bundle, write_report
 
+    folder = output or bundle / "report"
+    if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
+        raise click.ClickException(f"{folder} is a symbolic link or a file; a report folder must be a plain folder "
+                                   "(remove it, or give --output)")
     data = measure_bundle(bundle, ReportOptions(quick=quick, puzzles=puzzles, threads=threads))
-    folder = write_report(data, output or bundle / "report", max_accuracy_drop)
+    folder = write_report(data, folder, max_accuracy_drop)
     click.echo(f"report written: {folder / 'REPORT.md'}")
 
 

@@ -98,7 +98,8 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             head = f.read(4)
         # A zip (torch.save) or a pickle (protocol >= 2 starts with 0x80) that the weights-only loader rejects
         # imports or runs something beyond tensors; any other bytes are simply not a checkpoint.
-        if "Unsupported global" in str(exc) or head.startswith((b"PK\x03\x04", b"\x80")):
+        if ("Unsupported global" in str(exc) or "Weights only load failed" in str(exc)
+                or head.startswith((b"PK\x03\x04", b"\x80"))):
             raise CheckpointError(
                 path, "refused: the file is a pickle that would import or run code beyond tensors "
                 "(torch.load weights_only=True rejected it). Re-save a plain state dict: "
