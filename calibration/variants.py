@@ -28,6 +28,7 @@ from typing import Any
 
 import onnx
 
+from trm_export.calibration.choice import choose_variant, step_latency_ms
 from trm_export.calibration.compare import CompareOptions, VariantComparison, compare_graph, run_fp32
 from trm_export.calibration.data import (
     CalibrationError,
@@ -89,6 +90,9 @@ class QuantizeOptions:
     force: bool = False
     threads: int | None = None
     progress: bool = True
+    # The variant the bundle runs by default (calibration.choice): "int8", "fp16", "fp32" or "best", chosen within
+    # mixed_options.max_accuracy_drop; None keeps the source bundle's.
+    choose: str | None = None
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.methods if m not in METHODS]
@@ -257,6 +261,13 @@ def add_variants(bundle: str | Path, out: str | Path, options: QuantizeOptions =
         # Manifest with the new graphs, golden tolerances measured on the staged bundle, then the self-checks.
         tolerances = dict(manifest.golden["tolerances"])
         new_manifest = dataclasses.replace(manifest, graphs=graphs)
+        if options.choose is not None:
+            stage.write_manifest(dataclasses.replace(new_manifest, files=stage.checksums()))
+            latency = step_latency_ms(stage.path, sorted(graphs), threads=options.threads)
+            chosen, record = choose_variant(options.choose, comparisons, options.mixed_options.max_accuracy_drop,
+                                            latency)
+            new_manifest = dataclasses.replace(new_manifest, default_variant=chosen, choice=record)
+            say(f"chosen: {chosen}" + (f" ({record['fallback']})" if "fallback" in record else ""))
         build = write_build_recipes(stage.path, new_manifest)  # TensorRT targets: recipes for the new graphs too
         if build:
             build["engines"] = dict(manifest.build.get("engines", {}))

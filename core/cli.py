@@ -164,39 +164,81 @@ def evaluate(model: Path | None, split: str, limit: int | None, steps: str, adap
 @click.option("--puzzles", type=click.Path(path_type=Path), default=None,
               help="Real puzzles for the parity check and golden vectors (.npy tokens or the task's text format); "
                    "default: the matching task's held-out split.")
-@click.option("--parity-puzzles", type=int, default=None,
-              help="Check parity on the first N puzzles only (default: all of them).")
+@click.option("--parity-puzzles", default=None, metavar="N|all",
+              help="Check parity on the first N puzzles, or all (default: as many as fit --parity-seconds).")
+@click.option("--parity-seconds", type=click.FloatRange(1, None), default=60.0, show_default=True,
+              help="Time budget of the default parity sample (whole batches, at least one).")
 @click.option("--puzzle-table-dtype", type=click.Choice(["float32", "float16"]), default="float32",
               show_default=True, help="Storage of the puzzle-embedding table (float16 halves large ARC tables).")
-@click.option("--threads", type=int, default=None, help="torch threads for the reference (default: all cores).")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8", "best"]), default=None,
+              help="Precision the bundle runs by default (default: the target's, see `trm-export targets`); "
+                   "best = the fastest variant within --max-accuracy-drop, measured here.")
+@click.option("--max-accuracy-drop", type=click.FloatRange(0, 100), default=0.5, show_default=True,
+              help="Points of exact accuracy a reduced-precision variant may lose against fp32 and still be chosen.")
+@click.option("--calib", type=click.Path(path_type=Path), default=None,
+              help="Calibration puzzles (.npy tokens or the task's text format); default: the task's calibration "
+                   "split, never the held-out one.")
+@click.option("--calib-puzzles", type=click.IntRange(1, None), default=None,
+              help="Calibrate on the first N calibration puzzles (default: all).")
+@click.option("--eval-puzzles", type=click.IntRange(1, None), default=None,
+              help="Measure each variant on the first N held-out puzzles (default: all).")
+@click.option("--threads", type=click.IntRange(1, 1024), default=None,
+              help="torch and ONNX Runtime threads (default: all cores).")
 @override_options
 def export(model: Path | None, target: str, output: Path | None, force: bool, puzzles: Path | None,
-           parity_puzzles: int | None, puzzle_table_dtype: str, threads: int | None, dataset_json: Path | None,
+           parity_puzzles: str | None, parity_seconds: float, puzzle_table_dtype: str, precision: str | None,
+           max_accuracy_drop: float, calib: Path | None, calib_puzzles: int | None, eval_puzzles: int | None,
+           threads: int | None, dataset_json: Path | None,
            **overrides) -> None:
-    """Export MODEL to a self-verifying bundle: one recursion step as ONNX, tables, golden vectors, manifest."""
+    """Export MODEL to a self-verifying bundle at the target's precision (INT8 for Jetsons: calibrated, measured,
+    chosen within the accuracy budget, fp32 and fp16 kept beside it)."""
     import torch
 
-    from trm_export.export.pipeline import ExportOptions, export_bundle, puzzles_from_file
+    from trm_export.deploy import DeployOptions, deploy, resolve_precision
+    from trm_export.export.pipeline import ExportOptions, puzzles_from_file
     from trm_export.targets.registry import get_target
 
     if threads:
         torch.set_num_threads(threads)
-    get_target(target)  # unknown target: fail before loading anything
+    target = get_target(target).name  # unknown target: fail before loading anything
+    resolve_precision(target, precision)
+    if calib is not None and not calib.is_file():
+        raise click.BadParameter(f"{calib}: no such file", param_hint="--calib")
     ck = _load(model, dataset_json, **overrides)
     out = output or Path(f"{ck.path.parent.name}-{target}.bundle")
     given = puzzles_from_file(puzzles, ck.config) if puzzles else None
-    options = ExportOptions(target=target, force=force, parity_puzzles=parity_puzzles,
-                            puzzle_table_dtype=puzzle_table_dtype)
-    path, _, _ = export_bundle(ck, out, options, puzzles=given)
-    click.echo(f"next: trm-export verify {path}   |   trm-export run {path} --input puzzles.txt")
+    options = DeployOptions(
+        export=ExportOptions(target=target, force=force, parity_puzzles=_parity_count(parity_puzzles),
+                             parity_seconds=parity_seconds, puzzle_table_dtype=puzzle_table_dtype),
+        precision=precision, max_accuracy_drop=max_accuracy_drop, calib=calib, calib_puzzles=calib_puzzles,
+        eval_puzzles=eval_puzzles, threads=threads)
+    result = deploy(ck, out, options, puzzles=given, log=lambda m: click.echo(m))
+    click.echo("")
+    click.echo(result.table())
+    click.echo("stage times: " + ", ".join(f"{name} {seconds:.0f} s" for name, seconds in
+                                           result.stage_seconds.items()))
+    path = result.path
+    runs_on = get_target(target).description
+    click.echo(f"copy {path} to the device ({runs_on}); there: trm-export verify {path}   |   "
+               f"trm-export run {path} --input puzzles.txt")
+
+
+def _parity_count(value: str | None) -> int | None:
+    if value is None:
+        return None
+    if value == "all":
+        return 1 << 62
+    if not value.isdigit() or int(value) < 1:
+        raise click.BadParameter(f"expected a number >= 1 or 'all', got {value!r}", param_hint="--parity-puzzles")
+    return int(value)
 
 
 @main.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
-@click.option("--variant", default="fp32", show_default=True, help="Which graph of the bundle to check.")
+@click.option("--variant", default=None, help="Which graph of the bundle to check (default: the bundle's chosen one).")
 @click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default=None,
               help="ONNX Runtime execution provider (default: the best available).")
-def verify(bundle: Path, variant: str, provider: str | None) -> None:
+def verify(bundle: Path, variant: str | None, provider: str | None) -> None:
     """Check a bundle: manifest checksums, then its golden puzzles against the reference's values."""
     from trm_export.runtime.selfcheck import verify_bundle
 
@@ -219,13 +261,13 @@ def verify(bundle: Path, variant: str, provider: str | None) -> None:
 @click.option("--min-steps", type=click.IntRange(1, MAX_STEPS), default=1, show_default=True)
 @click.option("--batch-size", type=click.IntRange(1, 1 << 20), default=64, show_default=True,
               help="Batch slots (refilled as puzzles halt).")
-@click.option("--variant", default="fp32", show_default=True, help="Which graph of the bundle to run.")
+@click.option("--variant", default=None, help="Which graph of the bundle to run (default: the bundle's chosen one).")
 @click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default=None)
 @click.option("--threads", type=click.IntRange(1, 1024), default=None, help="ONNX Runtime intra-op threads.")
 @click.option("--skip-selfcheck", is_flag=True,
               help="Do not run the bundle's golden puzzles first (they take a few steps; they catch a swapped graph).")
 def run(bundle: Path, input_path: Path, output: Path | None, force: bool, mode: str, max_steps: int | None,
-        min_steps: int, batch_size: int, variant: str, provider: str | None, threads: int | None,
+        min_steps: int, batch_size: int, variant: str | None, provider: str | None, threads: int | None,
         skip_selfcheck: bool) -> None:
     """Solve puzzles with a bundle (runtime only: numpy + onnxruntime)."""
     from trm_export.runtime.io import check_output_file, read_puzzles, write_solutions

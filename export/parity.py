@@ -28,6 +28,7 @@ the export.
 from __future__ import annotations
 
 import copy
+import time
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -76,6 +77,7 @@ class ParityReport:
     step_graph_violations: list[dict] = field(default_factory=list)
     # Puzzle-steps where the graph or the reference produced NaN or inf (NaN compares false with every bar).
     non_finite: int = 0
+    offered: int | None = None  # puzzles offered when a time budget chose the first `puzzles` of them
 
     @property
     def unexplained(self) -> list[int]:
@@ -106,8 +108,10 @@ class ParityReport:
         return out
 
     def summary(self) -> str:
-        text = (f"{self.puzzles} puzzles x {self.steps} steps: step graph max |z_H - ref| {max(self.max_abs_z_H):.1e}, "
-                f"max |logits - ref| {max(self.max_abs_logits):.1e}, max |q - ref| {self.max_abs_q:.1e}; loop "
+        sample = f" (the first {self.puzzles} of {self.offered}, by time budget)" if self.offered else ""
+        text = (f"{self.puzzles} puzzles{sample} x {self.steps} steps: step graph max |z_H - ref| "
+                f"{max(self.max_abs_z_H):.1e}, max |logits - ref| {max(self.max_abs_logits):.1e}, "
+                f"max |q - ref| {self.max_abs_q:.1e}; loop "
                 f"(free running) max |z_H - ref| {max(self.free_running_max_abs_z_H):.1e}, "
                 f"q_halt sign agreement {100 * self.q_halt_sign_agreement:.1f}%, fixed predictions identical "
                 f"{100 * self.predictions_identical:.1f}%, adaptive halting identical "
@@ -130,8 +134,11 @@ class ParityReport:
 
 def check_parity(model: RecursiveModel, solver: Solver, tokens: np.ndarray, puzzle_ids: np.ndarray,
                  labels: np.ndarray | None = None, steps: int | None = None, tolerance: float = 1e-4,
-                 progress: bool = False) -> ParityReport:
-    """Compare `solver` (any backend) with `model` on the given puzzles, chunk by chunk to bound memory."""
+                 progress: bool = False, time_budget: float | None = None) -> ParityReport:
+    """Compare `solver` (any backend) with `model` on the given puzzles, chunk by chunk to bound memory.
+
+    With `time_budget` (seconds), chunks are checked in order until the next one would exceed the budget (at least
+    one): the report then covers the first `report.puzzles` puzzles and says of how many (`report.offered`)."""
     steps = int(steps or model.config.halt_max_steps)
     n = len(tokens)
     zeros = [0.0] * steps
@@ -149,8 +156,14 @@ def check_parity(model: RecursiveModel, solver: Solver, tokens: np.ndarray, puzz
         from tqdm import tqdm
 
         starts = tqdm(starts, desc="parity vs PyTorch", unit="batch")
+    began, checked = time.perf_counter(), 0
     for start in starts:
+        if time_budget is not None and start:  # the next chunk would take about as long as the mean one so far
+            elapsed = time.perf_counter() - began
+            if elapsed * (start + chunk) / start > time_budget:
+                break
         sl = slice(start, min(start + chunk, n))
+        checked = sl.stop
         ref = run_reference(model, tokens[sl], puzzle_ids[sl], mode="adaptive", max_steps=steps, record_states=True)
         _step_graph_errors(report, solver, ref, tokens[sl], puzzle_ids[sl], exact, first=start)
 
@@ -176,6 +189,12 @@ def check_parity(model: RecursiveModel, solver: Solver, tokens: np.ndarray, puzz
         flipped = sign_flips[sl] > 0
         report.differing += [start + int(i) for i in np.flatnonzero(~(fixed_same & adaptive_same) | flipped)]
         bundle_preds[sl], ref_preds[sl] = fixed.predictions, final_ref
+    if checked < n:  # the time budget ended the check: the report covers the first `checked` puzzles
+        if progress:
+            starts.close()
+        report.puzzles, report.offered, n = checked, n, checked
+        sign_flips, bundle_preds, ref_preds = sign_flips[:n], bundle_preds[:n], ref_preds[:n]
+        labels = None if labels is None else labels[:n]
     if report.differing:
         report.rounding_sensitive = _rounding_sensitive(model, tokens, puzzle_ids, report.differing, steps)
     report.q_halt_sign_agreement = 1.0 - sign_flips.sum() / (n * steps)

@@ -124,12 +124,12 @@ def check_writable(out: Path) -> None:
         raise BundleError(f"{out}: cannot create it, {ancestor} is not writable; choose another --output")
 
 
-def _leftovers(out: Path, kind: str) -> list[Path]:
-    """`.NAME.<kind>-PID` siblings of `out` whose process is gone."""
+def _leftovers(out: Path, kind: str, include_own: bool = True) -> list[Path]:
+    """`.NAME.<kind>-PID` siblings of `out` whose process is gone (or is this one, with `include_own`)."""
     found = []
     for p in out.parent.glob(f".{out.name}.{kind}-*"):
         pid = p.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and (int(pid) == os.getpid() or not _pid_alive(int(pid))):
+        if pid.isdigit() and ((include_own and int(pid) == os.getpid()) or not _pid_alive(int(pid))):
             found.append(p)
     return found
 
@@ -143,8 +143,8 @@ def recover(out: str | Path) -> None:
             os.replace(aside, out)
         else:
             shutil.rmtree(aside, ignore_errors=True)
-    for stale in _leftovers(out, "partial"):
-        shutil.rmtree(stale, ignore_errors=True)
+    for stale in _leftovers(out, "partial") + _leftovers(out, "source", include_own=False):
+        shutil.rmtree(stale, ignore_errors=True)  # "source": the fp32 bundle of a killed one-command export
 
 
 def _exchange(a: Path, b: Path) -> bool:

@@ -91,6 +91,10 @@ class Manifest:
     golden: dict[str, Any]  # {"folder": ..., "count": ..., "tolerances": {...}}
     parity: dict[str, Any] = field(default_factory=dict)
     build: dict[str, Any] = field(default_factory=dict)  # engines, on-device recipes
+    # The variant the runtime runs unless told otherwise: the target's precision as measured at export; `choice`
+    # says why (each variant's accuracy drop against the budget).
+    default_variant: str = "fp32"
+    choice: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> str:
         """The manifest as written: its fields plus `digest`, the sha256 of their canonical form."""
@@ -138,7 +142,9 @@ def canonical_digest(data: dict[str, Any]) -> str:
 
 def seal(data: dict[str, Any]) -> str:
     """manifest.json text for `data`, with its digest: any later edit of any field is refused on read."""
-    body = {k: v for k, v in data.items() if k != "digest"}
+    # the digest is of what a reader will parse: JSON turns int keys into strings (which then sort differently)
+    # and tuples into lists, so take the JSON form first
+    body = json.loads(json.dumps({k: v for k, v in data.items() if k != "digest"}))
     return json.dumps({**body, "digest": canonical_digest(body)}, indent=2, sort_keys=True) + "\n"
 
 
@@ -299,7 +305,10 @@ def _parse(data: Any) -> Manifest:
     manifest = Manifest(format_version=version, model=root.obj("model"), task=task, embedding=embedding, loop=loop,
                         graphs=graphs, target=root.str("target", pattern=NAME_PATTERN), files=files,
                         provenance=root.obj("provenance"), golden=golden, parity=root.obj("parity", optional=True),
-                        build=build)
+                        build=build, default_variant=root.str("default_variant", pattern=NAME_PATTERN),
+                        choice=root.obj("choice", optional=True))
+    if manifest.default_variant not in graphs:
+        raise BundleError(f"{MANIFEST_NAME}: default_variant {manifest.default_variant!r} has no graph")
     unlisted = sorted(rel for rel in manifest.referenced_files() if rel not in files)
     if unlisted:
         raise BundleError(f"{MANIFEST_NAME}: {', '.join(unlisted)} named by the manifest but not listed in files "

@@ -85,7 +85,7 @@ def golden_figures(solver: Solver) -> dict[str, float]:
     }
 
 
-def verify_bundle(bundle: str | Path, variant: str = "fp32", provider: str | None = None,
+def verify_bundle(bundle: str | Path, variant: str | None = None, provider: str | None = None,
                   threads: int | None = None) -> CheckReport:
     """Run the golden puzzles through `variant` and compare with the reference values in the bundle."""
     return golden_report(Solver(bundle, variant=variant, provider=provider, threads=threads, verify=True))

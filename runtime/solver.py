@@ -78,13 +78,16 @@ def _tensorrt_importable() -> bool:
 
 
 class Solver:
-    """Runs a bundle's step graph in a loop. Verifies the bundle's checksums on load."""
+    """Runs a bundle's step graph in a loop. Verifies the bundle's checksums on load.
 
-    def __init__(self, bundle: str | Path, *, variant: str = "fp32", backend: str = "auto",
+    `variant` None: the bundle's default (`manifest.default_variant`, the target's precision chosen at export)."""
+
+    def __init__(self, bundle: str | Path, *, variant: str | None = None, backend: str = "auto",
                  provider: str | None = None, batch_size: int = 64, threads: int | None = None,
                  verify: bool = True):
         self.bundle = Path(bundle)
         self.manifest: Manifest = read_manifest(self.bundle, verify=verify)
+        variant = self.manifest.default_variant if variant is None else variant
         if variant not in self.manifest.graphs:
             raise BundleError(f"requested variant {variant!r}; this bundle has {sorted(self.manifest.graphs)}")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:

@@ -21,7 +21,8 @@ BUILD_SCRIPT = "build/build_engines.sh"
 
 def recipes_for(manifest: Manifest, target: Target, dla_core: int | None = None,
                 variants: list[str] | None = None) -> list[BuildRecipe]:
-    names = variants or sorted(manifest.graphs)
+    """Recipes for `variants` (default: every graph, the bundle's chosen variant first)."""
+    names = variants or sorted(manifest.graphs, key=lambda v: (v != manifest.default_variant, v))
     unknown = sorted(set(names) - set(manifest.graphs))
     if unknown:
         from trm_export.errors import BundleError

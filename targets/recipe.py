@@ -35,7 +35,7 @@ class BuildRecipe:
     tensorrt_major: int
     precision: str  # fp32 | fp16 | int8 | mixed
     strongly_typed: bool
-    precision_flags: tuple[str, ...]  # ("fp16",), ("int8", "fp16"), () for fp32 / strongly typed
+    precision_flags: tuple[str, ...]  # ("fp16",), ("int8",), ("int8", "fp16") on DLA, () fp32 / strongly typed
     shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]  # input -> (min, opt, max)
     workspace_mb: int | None
     dla_core: int | None
@@ -86,8 +86,10 @@ def make_recipe(target: Target, variant: str, graph: GraphSpec, dla_core: int | 
         flags: tuple[str, ...] = ()
     elif graph.precision == "fp16":
         flags = ("fp16",)
-    else:  # int8 / mixed: explicit Q/DQ graph; fp16 lets the float layers between Q/DQ pairs run in half
+    elif dla_core is not None:  # DLA runs no float32: the float layers between Q/DQ pairs run in half there
         flags = ("int8", "fp16")
+    else:  # int8 / mixed: explicit Q/DQ graph, float layers in float32 as measured (INT8+FP16 was never measured)
+        flags = ("int8",)
     if dla_core is not None:
         if target.dla_cores == 0:
             raise RecipeError(f"{target.name} has no DLA cores")

@@ -666,3 +666,14 @@ def test_dataclass_manifest_round_trips_with_its_digest(good):
     again = json.loads(m.to_json())
     assert again["digest"] == json.loads((good[0] / MANIFEST_NAME).read_text())["digest"]
     assert dataclasses.asdict(m)["graphs"]["fp32"]["file"] == "graphs/step_fp32.onnx"
+
+
+def test_digest_holds_for_what_json_changes(good, tmp_path):
+    """Int keys become strings (and sort differently: 10 before 2) and tuples lists: the digest is of the JSON form."""
+    b = tmp_path / "b"
+    shutil.copytree(good[0], b)
+    m = read_manifest(b)
+    details = {"per_step": {2: 1, 10: 3, 1: 5}, "shape": (1, 2)}
+    graphs = {**m.graphs, "fp32": dataclasses.replace(m.graphs["fp32"], details=details)}
+    (b / MANIFEST_NAME).write_text(dataclasses.replace(m, graphs=graphs).to_json())
+    assert read_manifest(b).graphs["fp32"].details == {"per_step": {"1": 5, "10": 3, "2": 1}, "shape": [1, 2]}

@@ -1,0 +1,119 @@
+"""The headline job, `trm-export MODEL --target T`: export, then the target's precision, in one call.
+
+Stages, each timed: export (fp32 step graph, parity against PyTorch on a time-budgeted sample) -> for a target
+whose precision is not fp32: recursion-aware calibration, every method measured, mixed precision, fp16, the
+variant chosen within the accuracy budget (calibration.choice), fp32 and the others kept as fallbacks. The fp32
+bundle of the first stage is a hidden sibling of the output that is removed afterwards; the output itself is
+written atomically by the last stage, so a failure leaves any earlier bundle at the output untouched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from trm_export.errors import TrmExportError
+from trm_export.export.checkpoint import LoadedCheckpoint
+from trm_export.export.pipeline import ExportOptions, Puzzles, export_bundle
+from trm_export.export.staging import check_writable
+from trm_export.runtime.manifest import Manifest, read_manifest
+from trm_export.targets.registry import get_target
+
+
+@dataclass(frozen=True)
+class DeployOptions:
+    export: ExportOptions = ExportOptions()
+    precision: str | None = None  # None: the target's default_precision; fp32 | fp16 | int8 | best
+    max_accuracy_drop: float = 0.5  # points of exact accuracy below fp32
+    calib: Path | None = None  # calibration puzzles file; None: the task's calibration split
+    calib_puzzles: int | None = None  # the first N calibration puzzles (None: all)
+    eval_puzzles: int | None = None  # the first N held-out puzzles each variant is measured on (None: all)
+    threads: int | None = None
+
+
+@dataclass
+class DeployResult:
+    path: Path
+    manifest: Manifest
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+
+    def table(self) -> str:
+        """variant, exact accuracy, drop, size, ms/step here, chosen: one line each."""
+        m = self.manifest
+        choice = m.choice or {}
+        drops = choice.get("accuracy_drop_points", {})
+        ms = choice.get("ms_per_step_here", {})
+        fp32_size = (self.path / m.graphs["fp32"].file).stat().st_size
+        lines = [f"{'variant':<14}{'exact acc.':>11}{'drop':>8}{'size':>9}{'ms/step here':>14}  chosen"]
+        for name in sorted(m.graphs, key=lambda v: (v != m.default_variant, v)):
+            parity = m.parity.get(name, {})
+            acc = parity.get("exact_accuracy") if name != "fp32" else next(
+                (p["fp32_exact_accuracy"] for p in m.parity.values() if p.get("fp32_exact_accuracy") is not None),
+                parity.get("bundle_exact_accuracy"))  # fp32 on the variants' evaluation puzzles, where there are
+            size = (self.path / m.graphs[name].file).stat().st_size
+            lines.append(f"{name:<14}{f'{100 * acc:.1f}%' if acc is not None else '-':>11}"
+                         f"{f'-{drops[name]:.2f}' if name in drops else '-':>8}{f'{100 * size / fp32_size:.0f}%':>9}"
+                         f"{f'{ms[name]:.1f}' if name in ms else '-':>14}  {'<-' if name == m.default_variant else ''}")
+        return "\n".join(lines)
+
+
+def resolve_precision(target: str, precision: str | None) -> str:
+    resolved = precision or get_target(target).default_precision
+    from trm_export.calibration.choice import PRECISIONS
+
+    if resolved not in PRECISIONS:
+        raise TrmExportError(f"unknown precision {resolved!r}; choose one of {', '.join(PRECISIONS)}")
+    return resolved
+
+
+def deploy(checkpoint: LoadedCheckpoint, out: Path, options: DeployOptions, puzzles: Puzzles | None = None,
+           log: Callable[[str], None] = print) -> DeployResult:
+    """Export `checkpoint` to `out` at the target's precision (see the module docstring)."""
+    out = Path(out)
+    precision = resolve_precision(options.export.target, options.precision)
+    check_writable(out)
+    if out.exists() and not options.export.force:
+        raise TrmExportError(f"{out} already exists; pass --force to replace it")
+    if precision != "fp32" and options.calib is None:
+        _check_calibration_split(checkpoint)
+    times: dict[str, float] = {}
+    start = time.perf_counter()
+    if precision == "fp32":
+        path, manifest, _ = export_bundle(checkpoint, out, options.export, puzzles=puzzles)
+        times["export + parity"] = time.perf_counter() - start
+        return DeployResult(path, manifest, times)
+
+    from trm_export.calibration import MixedOptions, QuantizeOptions, add_variants
+
+    source = out.parent / f".{out.name}.source-{os.getpid()}"
+    try:
+        export_bundle(checkpoint, source, dataclasses.replace(options.export, force=True), puzzles=puzzles)
+        times["export + parity"] = time.perf_counter() - start
+        start = time.perf_counter()
+        log(f"{precision} for target {options.export.target}: calibrating on every step's state, every method "
+            f"measured, chosen within {options.max_accuracy_drop:g} points of fp32")
+        result = add_variants(source, out, QuantizeOptions(
+            fp16=True, mixed_options=MixedOptions(max_accuracy_drop=options.max_accuracy_drop), choose=precision,
+            force=options.export.force, threads=options.threads, progress=options.export.progress,
+            calib_puzzles=options.calib_puzzles, eval_puzzles=options.eval_puzzles),
+            calib=options.calib, log=log)
+        times["calibrate + quantize + measure"] = time.perf_counter() - start
+    finally:
+        shutil.rmtree(source, ignore_errors=True)
+    return DeployResult(result.path, read_manifest(result.path), times)
+
+
+def _check_calibration_split(checkpoint: LoadedCheckpoint) -> None:
+    """Calibration puzzles must exist before the export starts: the task's split, or the user's file."""
+    from trm_export.export.accuracy import task_for_config
+
+    try:
+        task_for_config(checkpoint.config)
+    except ValueError as exc:
+        raise TrmExportError(f"INT8/FP16 needs calibration puzzles and {exc}: give --calib FILE (real puzzles of "
+                             "the training distribution, never the evaluation set) or --precision fp32") from None

@@ -1,0 +1,109 @@
+"""`trm-export MODEL --target T` does the whole job: the target's precision, chosen on measured accuracy, recorded
+as the bundle's default, built first on the device; parity on a time-budgeted sample that says what it covers."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+from conftest import SUDOKU_SHAPED
+from official_format import write_official_checkpoint
+
+from trm_export.calibration.choice import choose_variant
+from trm_export.calibration.compare import VariantComparison
+from trm_export.cli import main as cli
+from trm_export.export.pipeline import ExportOptions, Puzzles, export_bundle
+from trm_export.runtime.manifest import read_manifest
+from trm_export.runtime.solver import Solver
+from trm_export.tasks import get_task
+
+
+def _cmp(variant: str, accuracy: float, drift: float = 0.01) -> VariantComparison:
+    return VariantComparison(variant=variant, puzzles=1000, steps=16, source="held-out", drift_puzzles=8,
+                             predictions_identical=0.99, q_halt_sign_agreement=1.0, rel_error=[drift],
+                             cosine=[1.0], exact_accuracy=accuracy, fp32_exact_accuracy=0.965)
+
+
+MS = {"fp32": 2.0, "fp16": 3.0, "int8-minmax": 4.0, "int8-entropy": 4.1, "int8-mixed": 5.0}
+
+
+def test_int8_is_chosen_within_the_budget_and_the_best_method_wins():
+    comparisons = {"int8-minmax": _cmp("int8-minmax", 0.963), "int8-entropy": _cmp("int8-entropy", 0.962),
+                   "int8-mixed": _cmp("int8-mixed", 0.964), "fp16": _cmp("fp16", 0.965)}
+    chosen, record = choose_variant("int8", comparisons, 0.5, MS)
+    assert chosen == "int8-minmax"  # a pure int8 graph before the mixed one, the more accurate method first
+    assert record["missed_budget"] == {} and "fallback" not in record
+    assert record["accuracy_drop_points"]["int8-minmax"] == pytest.approx(0.2)
+
+
+def test_a_drop_of_exactly_the_budget_is_within_it():
+    chosen, _ = choose_variant("int8", {"int8-minmax": _cmp("int8-minmax", 0.960)}, 0.5, MS)
+    assert chosen == "int8-minmax"  # 0.965 - 0.960 is 0.5000000000000004 points in floats
+
+
+def test_int8_that_misses_the_budget_is_reported_and_not_chosen():
+    comparisons = {"int8-minmax": _cmp("int8-minmax", 0.950), "int8-mixed": _cmp("int8-mixed", 0.955),
+                   "fp16": _cmp("fp16", 0.965)}
+    chosen, record = choose_variant("int8", comparisons, 0.5, MS)
+    assert chosen == "fp16"
+    assert set(record["missed_budget"]) == {"int8-minmax", "int8-mixed"}
+    assert "no int8 variant is within 0.5 points" in record["fallback"]
+    comparisons["fp16"] = _cmp("fp16", 0.95)
+    assert choose_variant("int8", comparisons, 0.5, MS)[0] == "fp32"
+
+
+def test_best_is_the_fastest_within_the_budget():
+    comparisons = {"int8-minmax": _cmp("int8-minmax", 0.963), "fp16": _cmp("fp16", 0.965)}
+    assert choose_variant("best", comparisons, 0.5, {**MS, "int8-minmax": 1.0})[0] == "int8-minmax"
+    assert choose_variant("best", comparisons, 0.5, MS)[0] == "fp32"
+
+
+def test_parity_sample_is_bounded_by_time_and_says_so(tmp_path):
+    write_official_checkpoint(tmp_path / "ck", SUDOKU_SHAPED)
+    p = get_task("sudoku").split("calibration", size=24)
+    puzzles = Puzzles(p.inputs, p.puzzle_ids, p.labels, "calibration", "sudoku")
+    _, manifest, report = export_bundle(tmp_path / "ck", tmp_path / "b", ExportOptions(
+        progress=False, batch_size=8, parity_seconds=1e-6), puzzles=puzzles)
+    assert (report.puzzles, report.offered) == (8, 24)  # one chunk: always at least one
+    assert "the first 8 of 24 puzzles" in manifest.parity["fp32"]["sample"]
+    assert "(the first 8 of 24, by time budget)" in report.summary()
+    _, manifest, report = export_bundle(tmp_path / "ck", tmp_path / "all", ExportOptions(
+        progress=False, batch_size=8, parity_puzzles=1 << 62), puzzles=puzzles)
+    assert report.puzzles == 24 and report.offered is None
+    assert manifest.parity["fp32"]["sample"] == "every offered puzzle (24) checked"
+
+
+def test_one_command_for_a_jetson_gives_an_int8_bundle_built_first(tmp_path):
+    write_official_checkpoint(tmp_path / "ck", SUDOKU_SHAPED)
+    out = tmp_path / "j.bundle"
+    result = CliRunner().invoke(cli, [str(tmp_path / "ck"), "--target", "jetson-orin-nano", "-o", str(out),
+                                      "--parity-puzzles", "16", "--threads", "1", "--calib-puzzles", "12",
+                                      "--eval-puzzles", "24"])
+    assert result.exit_code == 0, result.output
+    manifest = read_manifest(out)
+    assert manifest.default_variant.startswith("int8-")
+    assert {"fp32", "fp16", "int8-mixed"} <= set(manifest.graphs)
+    assert manifest.choice["asked"] == "int8" and manifest.choice["chosen"] == manifest.default_variant
+    first = json.loads((out / "manifest.json").read_text())["build"]["recipes"]
+    script = (out / "build" / "build_engines.sh").read_text()
+    first_build = next(line for line in script.splitlines() if line.startswith("trtexec"))
+    assert manifest.graphs[manifest.default_variant].file in first_build
+    assert "--int8" in first_build and "--fp16" not in first_build  # float layers stay fp32, as measured
+    assert set(first) == set(manifest.graphs)
+    assert Solver(out).variant == manifest.default_variant  # the runtime runs the chosen variant by default
+    assert "<-" in result.output and "ms/step here" in result.output and "stage times:" in result.output
+    assert CliRunner().invoke(cli, ["verify", str(out)]).exit_code == 0
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".j.bundle.")]  # the fp32 source is gone
+
+
+def test_one_command_checks_its_inputs_before_any_work(tmp_path):
+    write_official_checkpoint(tmp_path / "ck", SUDOKU_SHAPED)
+    (tmp_path / "exists").mkdir()
+    runner = CliRunner()
+    result = runner.invoke(cli, [str(tmp_path / "ck"), "--target", "jetson", "-o", str(tmp_path / "exists")])
+    assert result.exit_code != 0 and "--force" in result.output
+    result = runner.invoke(cli, [str(tmp_path / "ck"), "--target", "jetson", "--calib", str(tmp_path / "none")])
+    assert result.exit_code != 0 and "--calib" in result.output
+    result = runner.invoke(cli, [str(tmp_path / "ck"), "--target", "jetsn"])
+    assert result.exit_code != 0 and "Valid targets" in result.output
