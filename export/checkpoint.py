@@ -81,6 +81,20 @@ def find_checkpoint_file(path: Path) -> Path:
                           f"found {found}")
 
 
+def _pickle_imports(path: Path) -> bool:
+    """Does the file parse as a pickle (any protocol, 0 and 1 included) that imports or calls something? Read with
+    pickletools, which only decodes opcodes: nothing in the file runs."""
+    import pickletools
+
+    with open(path, "rb") as f:
+        data = f.read(16 << 20)
+    try:
+        return any(op.name in ("GLOBAL", "STACK_GLOBAL", "INST", "REDUCE", "OBJ", "NEWOBJ", "NEWOBJ_EX")
+                   for op, _, _ in pickletools.genops(data))
+    except Exception:  # not a pickle at all
+        return False
+
+
 def _torch_reason(exc: BaseException) -> str:
     """torch's first line, without its advice to load with weights_only=False: we never run a file's code."""
     first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
@@ -98,8 +112,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             head = f.read(4)
         # A zip (torch.save) or a pickle (protocol >= 2 starts with 0x80) that the weights-only loader rejects
         # imports or runs something beyond tensors; any other bytes are simply not a checkpoint.
-        if ("Unsupported global" in str(exc) or "Weights only load failed" in str(exc)
-                or head.startswith((b"PK\x03\x04", b"\x80"))):
+        if "Unsupported global" in str(exc) or head.startswith((b"PK\x03\x04", b"\x80")) or _pickle_imports(path):
             raise CheckpointError(
                 path, "refused: the file is a pickle that would import or run code beyond tensors "
                 "(torch.load weights_only=True rejected it). Re-save a plain state dict: "

@@ -150,21 +150,22 @@ def _hostile_variant_name(b: Path, outside: Path) -> None:  # noqa: ARG001
     _write(b, data)
 
 
-def _files_entry_outside(b: Path, outside: Path) -> None:
-    (outside / "evil").write_text("x")
-    (b / "up").symlink_to(outside, target_is_directory=True)
-    data = _manifest(b)
-    data["files"]["up/evil"] = sha256_file(outside / "evil")
-    data["files"]["../outside/evil"] = sha256_file(outside / "evil")
-    _write(b, data)
+def _listed_outside(rel: str, link: bool) -> Callable[[Path, Path], None]:
+    """`files` lists `rel`, a file outside the bundle: by '..' (quantize used to copy it) or through a folder link."""
+
+    def mutate(b: Path, outside: Path) -> None:
+        (outside / "evil").write_text("x")
+        if link:
+            (b / "up").symlink_to(outside, target_is_directory=True)
+        data = _manifest(b)
+        data["files"][rel] = sha256_file(outside / "evil")
+        _write(b, data)
+
+    return mutate
 
 
-def _link_through_folder(b: Path, outside: Path) -> None:
-    (outside / "evil").write_text("x")
-    (b / "up").symlink_to(outside, target_is_directory=True)
-    data = _manifest(b)
-    data["files"]["up/evil"] = sha256_file(outside / "evil")
-    _write(b, data)
+_files_entry_outside = _listed_outside("../outside/evil", link=False)
+_link_through_folder = _listed_outside("up/evil", link=True)
 
 
 def _replace_text(old: str, new: str) -> Callable[[Path, Path], None]:

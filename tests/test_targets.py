@@ -154,17 +154,23 @@ def test_build_and_run_engine_matches_golden(tmp_path):
 def test_quantized_bundle_for_a_target_passes_its_checks_and_recipes(tmp_path, target):
     from test_export import export, random_puzzles, stable
 
-    from trm_export.calibration import QuantizeOptions, RecordOptions, add_variants, check_bundle
+    from trm_export.calibration import MixedOptions, QuantizeOptions, RecordOptions, add_variants, check_bundle
     from trm_export.calibration.data import PuzzleSet
 
     path, _ = export(tmp_path, target=target)
     p = random_puzzles(stable("trm-att-rope"), n=8)
     puzzles = PuzzleSet(p.tokens, p.puzzle_ids, None, "random test puzzles")
     options = QuantizeOptions(methods=("minmax",), mixed=False, record=RecordOptions(max_samples=24), threads=1,
-                              progress=False)
+                              progress=False, choose="int8", mixed_options=MixedOptions(max_accuracy_drop=100.0))
     result = add_variants(path, tmp_path / "q", options, calib=puzzles, heldout=puzzles)
     assert set(result.manifest.graphs) == {"fp32", "int8-minmax", "fp16"}  # fp16 made for TensorRT targets
     assert check_bundle(result.path)
+    # the chosen variant is the bundle's default and the first the device builds (random puzzles have no labels:
+    # the budget here only makes the choice deterministic)
+    assert result.manifest.default_variant == "int8-minmax" == result.manifest.choice["chosen"]
+    script = (result.path / "build" / "build_engines.sh").read_text()
+    assert next(line for line in script.splitlines() if line.startswith("trtexec")) == \
+        result.manifest.build["recipes"]["int8-minmax"]["trtexec"]
     recipes = result.manifest.build["recipes"]
     t = get_target(target)
     for variant, flags in (("int8-minmax", "--int8"), ("fp16", "--fp16")):
