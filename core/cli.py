@@ -96,9 +96,9 @@ def main() -> None:
     """Deploy tiny recursive reasoning models (TRM, HRM) to a Jetson, a desktop GPU or a CPU.
 
     \b
-    trm-export MODEL --target cpu -o bundle/    export MODEL to a verified bundle (same as `export`)
-    trm-export verify bundle/                   the bundle checks itself against its golden vectors
-    trm-export run bundle/ --input puzzles.txt  solve puzzles with the runtime
+    trm-export MODEL --target jetson -o b/       export MODEL to a verified bundle at the target's precision
+    trm-export verify b/                         the bundle checks itself against its golden vectors
+    trm-export run b/ --input puzzles.txt        solve puzzles with the runtime
 
     MODEL is a checkpoint as the official training saves it (`step_N`, `checkpoint` or `*.pt`, or the folder
     holding it with all_config.yaml); without MODEL the bundled Sudoku reference model is used.

@@ -43,21 +43,21 @@ class DeployResult:
     stage_seconds: dict[str, float] = field(default_factory=dict)
 
     def table(self) -> str:
-        """variant, exact accuracy, drop, size, ms/step here, chosen: one line each."""
+        """variant, exact accuracy, change against fp32 (points), size, ms/step here, chosen: one line each."""
         m = self.manifest
         choice = m.choice or {}
         drops = choice.get("accuracy_drop_points", {})
         ms = choice.get("ms_per_step_here", {})
         fp32_size = (self.path / m.graphs["fp32"].file).stat().st_size
-        lines = [f"{'variant':<14}{'exact acc.':>11}{'drop':>8}{'size':>9}{'ms/step here':>14}  chosen"]
+        lines = [f"{'variant':<16}{'exact acc.':>11}{'vs fp32':>9}{'size':>7}{'ms/step here':>14}  chosen"]
         for name in sorted(m.graphs, key=lambda v: (v != m.default_variant, v)):
             parity = m.parity.get(name, {})
             acc = parity.get("exact_accuracy") if name != "fp32" else next(
                 (p["fp32_exact_accuracy"] for p in m.parity.values() if p.get("fp32_exact_accuracy") is not None),
                 parity.get("bundle_exact_accuracy"))  # fp32 on the variants' evaluation puzzles, where there are
             size = (self.path / m.graphs[name].file).stat().st_size
-            lines.append(f"{name:<14}{f'{100 * acc:.1f}%' if acc is not None else '-':>11}"
-                         f"{f'-{drops[name]:.2f}' if name in drops else '-':>8}{f'{100 * size / fp32_size:.0f}%':>9}"
+            lines.append(f"{name:<16}{f'{100 * acc:.1f}%' if acc is not None else '-':>11}"
+                         f"{f'{-drops[name] or 0.0:+.2f}' if name in drops else '-':>9}{f'{100 * size / fp32_size:.0f}%':>7}"
                          f"{f'{ms[name]:.1f}' if name in ms else '-':>14}  {'<-' if name == m.default_variant else ''}")
         return "\n".join(lines)
 
