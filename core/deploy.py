@@ -56,9 +56,10 @@ class DeployResult:
                 (p["fp32_exact_accuracy"] for p in m.parity.values() if p.get("fp32_exact_accuracy") is not None),
                 parity.get("bundle_exact_accuracy"))  # fp32 on the variants' evaluation puzzles, where there are
             size = (self.path / m.graphs[name].file).stat().st_size
-            lines.append(f"{name:<16}{f'{100 * acc:.1f}%' if acc is not None else '-':>11}"
-                         f"{f'{-drops[name] or 0.0:+.2f}' if name in drops else '-':>9}{f'{100 * size / fp32_size:.0f}%':>7}"
-                         f"{f'{ms[name]:.1f}' if name in ms else '-':>14}  {'<-' if name == m.default_variant else ''}")
+            change = f"{-drops[name] or 0.0:+.2f}" if name in drops else "-"  # "or": no "-0.00" for fp32
+            lines.append(f"{name:<16}{f'{100 * acc:.1f}%' if acc is not None else '-':>11}{change:>9}"
+                         f"{f'{100 * size / fp32_size:.0f}%':>7}{f'{ms[name]:.1f}' if name in ms else '-':>14}  "
+                         f"{'<-' if name == m.default_variant else ''}".rstrip())
         return "\n".join(lines)
 
 
