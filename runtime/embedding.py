@@ -28,8 +28,8 @@ def load_array(path: Path, shape: tuple[int | None, ...] | None = None, kinds: s
             size = f.seek(0, 2)
             if dtype.hasobject or dtype.fields is not None or dtype.kind not in kinds:
                 raise BundleError(f"{path}: arrays of dtype {dtype} are not accepted here (expected kinds {kinds!r})")
-            if shape is not None and (len(found) != len(shape) or any(
-                    want is not None and got != want for got, want in zip(found, shape, strict=True))):
+            if shape is not None and (len(found) != len(shape) or any(  # no zip(strict=): the runtime runs on 3.8
+                    shape[i] is not None and found[i] != shape[i] for i in range(len(shape)))):
                 want = [s if s is not None else "any" for s in shape]
                 raise BundleError(f"{path}: shape {list(found)}, expected {want}")
             needed = math.prod(found) * dtype.itemsize

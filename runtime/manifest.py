@@ -329,7 +329,7 @@ def member(bundle: Path, rel: str) -> Path:
     check_relative(rel, "path")
     root = bundle.resolve()
     path = (bundle / rel).resolve()
-    if not path.is_relative_to(root):
+    if path != root and root not in path.parents:
         raise BundleError(f"{bundle}: {rel} leads outside the bundle (through a symbolic link); refusing to read it")
     return bundle / rel
 

@@ -13,7 +13,7 @@ def test_help_lists_every_command():
     for command in ("export", "verify", "run", "quantize", "check", "report", "build", "targets", "inspect",
                     "evaluate"):
         assert command in result.output
-    assert "trm-export MODEL --target cpu -o bundle/" in result.output
+    assert "trm-export MODEL --target jetson -o b/" in result.output
 
 
 def test_targets_lists_the_registry():
