@@ -1,7 +1,8 @@
 """Shared fixtures: small official-format models exported once per test session.
 
 TRM_TEST_THREADS=N runs the whole suite with N intra-op threads in torch and in every ONNX Runtime session that
-does not set its own count, so that a numeric bar can be checked under each thread count (see .ci/run).
+does not set its own count, so that a numeric bar can be checked under each thread count (see .ci/run). ONNX
+Runtime's thread pools never spin-wait in tests (timing only).
 """
 
 from __future__ import annotations
@@ -21,21 +22,24 @@ from trm_export.tasks import get_task
 
 
 def pytest_configure(config):
-    threads = os.environ.get("TRM_TEST_THREADS")
-    if not threads:
-        return
     import onnxruntime as ort
 
-    n = int(threads)
-    torch.set_num_threads(n)
+    threads = os.environ.get("TRM_TEST_THREADS")
+    n = int(threads) if threads else None
+    if n:
+        torch.set_num_threads(n)
     plain = ort.SessionOptions
 
-    def with_threads():
+    def for_tests():
         options = plain()
-        options.intra_op_num_threads = n
+        # Many sessions stay alive across a test session; idle ones spin-wait on their thread pools and slow the
+        # one that runs on a 2-core machine. Spinning changes timing only, never a result.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        if n:
+            options.intra_op_num_threads = n
         return options
 
-    ort.SessionOptions = with_threads  # the runtime may still set its own count on the object it gets
+    ort.SessionOptions = for_tests  # the runtime may still set its own count on the object it gets
 
 
 SUDOKU_SHAPED = dataclasses.replace(VARIANTS["trm-att-rope"], name="sudoku-shaped", seq_len=81, vocab_size=11,

@@ -217,7 +217,10 @@ def test_an_ill_conditioned_real_model_exports_with_rounding_limited_steps(tmp_p
     # self-check passes on golden puzzles chosen among the rounding-stable ones.
     ck, puzzles = _maze_puzzles()
     path, manifest, report = export_bundle(ck, tmp_path / "maze", OPTIONS, puzzles=puzzles)
-    assert report.passed and report.rounding_limited > 0 and max(report.max_abs_z_H) > 1e-4
+    # which output (z_H or logits) misses 1e-4 against the float32 reference depends on the CPU's rounding (on AVX2
+    # only logits did): the bar is that some puzzle-steps miss it and are judged rounding-limited, none a violation
+    assert report.passed and report.rounding_limited > 0
+    assert max(report.max_abs_z_H + report.max_abs_logits) > 1e-4
     assert report.step_graph_violations == []
     assert max(report.rounding_limited_max_abs_vs_float64.values()) <= 1e-4 + 4 * max(
         report.float32_rounding_max_abs.values())
