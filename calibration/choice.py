@@ -53,15 +53,13 @@ def choose_variant(precision: str, comparisons: dict[str, VariantComparison], bu
     score = {v: (-drops[v], -comparisons[v].final_rel_error if v in comparisons else 0.0) for v in drops}
     if precision == "best":
         chosen = min(within, key=lambda v: (ms_per_step.get(v, float("inf")), drops[v]))
-    else:
-        chosen = None
-        for level in PRECISIONS[PRECISIONS.index(precision)::-1]:  # int8 -> fp16 -> fp32
+    else:  # int8 -> fp16 -> fp32: the first level with a variant within the budget (fp32 always is)
+        for level in PRECISIONS[PRECISIONS.index(precision)::-1]:
             pool = [v for v in within if v == level or v.startswith(f"{level}-")]
             pure = [v for v in pool if v != "int8-mixed"]  # a graph with no float layers is the faster int8
-            if pure or pool:
+            if pool:
                 chosen = max(pure or pool, key=lambda v: score[v])
                 break
-        chosen = chosen or "fp32"
     missed = {v: round(drops[v], 3) for v in drops if v not in within}
     record = {"asked": precision, "chosen": chosen, "budget_points": budget,
               "accuracy_drop_points": {v: round(d, 3) for v, d in drops.items()}, "missed_budget": missed,

@@ -203,12 +203,11 @@ def parity_sample_note(report: ParityReport, budget: float | None) -> str:
     """What the parity sample can and cannot tell, in words (manifest and console)."""
     if not report.offered:
         return f"every offered puzzle ({report.puzzles}) checked"
-    miss = 100 * (1 - 3 / report.puzzles)  # 95% bound on a per-puzzle failure rate seen 0 times (rule of three)
+    rate = min(100.0, 300.0 / report.puzzles)  # rule of three: 95% bound on a rate seen 0 times in n trials
     return (f"the first {report.puzzles} of {report.offered} puzzles, as many as fit {budget:g} s. Every step of "
             "each is checked, so a graph error that shows on any input in general is caught; an error that only "
-            f"some puzzles trigger is caught with 95% confidence if at least 1 in {report.puzzles // 3} has it "
-            f"(rule of three; {miss:.1f}% of such rare inputs could pass unseen). --parity-puzzles all checks "
-            "every puzzle")
+            f"some puzzles trigger is caught with 95% confidence if it affects at least {rate:.2g}% of puzzles "
+            "(rule of three); rarer ones can pass unseen. --parity-puzzles all checks every puzzle")
 
 
 def _with_files(manifest: Manifest, stage: StagedBundle, **changes: Any) -> Manifest:
