@@ -12,6 +12,8 @@ many); per-step states are kept only for the first `drift_puzzles` puzzles, to b
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -19,10 +21,9 @@ import numpy as np
 import onnx
 
 from trm_export.calibration.data import PuzzleSet
+from trm_export.report.trajectory import Trajectory, run_trajectory
 from trm_export.runtime.backend import OnnxRuntimeBackend
 from trm_export.runtime.solver import Solver
-from trm_export.runtime.validate import validate_puzzles
-from trm_export.tasks import exact_accuracy, token_accuracy
 
 
 @dataclass(frozen=True)
@@ -57,41 +58,38 @@ def make_solver(bundle: str | Path, graph: str | Path | onnx.ModelProto | None =
 
 @dataclass
 class Fp32Run:
-    """What FP32 computed on a puzzle set: answers, Q values per step, z_H per step for the drift subset."""
+    """What FP32 computed on a puzzle set: the trajectory (answers' correctness and Q per step), z_H per step for
+    the drift subset, and the last step's logits there."""
 
     puzzles: PuzzleSet
     steps: int
-    predictions: np.ndarray  # [N, seq_len]
-    q_halt: np.ndarray  # [T, N]
+    trajectory: Trajectory
     z_H: np.ndarray  # [T, n_drift, S, D]
     logits: np.ndarray  # [n_drift, seq_len, vocab] at the last step
 
+    @property
+    def predictions(self) -> np.ndarray:
+        return self.trajectory.final_predictions
 
-def _run(solver: Solver, puzzles: PuzzleSet, steps: int, drift_puzzles: int, on_state) -> tuple[np.ndarray,
-                                                                                                np.ndarray]:
-    tokens, ids = validate_puzzles(puzzles.tokens, puzzles.puzzle_ids, solver.manifest.task)
-    n = len(tokens)
-    predictions = np.zeros((n, solver.manifest.task.seq_len), np.int64)
-    q_halt = np.zeros((steps, n), np.float32)
-    chunk = solver.backend.capacity
-    for start in range(0, n, chunk):
-        idx = np.arange(start, min(start + chunk, n))
-
-        def on_step(slots: np.ndarray, steps_done: np.ndarray, qh: np.ndarray, qc: np.ndarray, idx=idx) -> None:
-            t = int(steps_done[0]) - 1  # fixed mode, one chunk per call: all slots at the same step, in order
-            q_halt[t, idx[slots]] = qh
-            local = np.flatnonzero(idx[slots] < drift_puzzles)
-            if len(local):
-                z_H, _ = solver.backend.state(len(slots))
-                logits = solver.backend.logits(local) if t == steps - 1 else None
-                on_state(t, idx[slots][local], z_H[local], logits)
-
-        result = solver.solve(tokens[idx], ids[idx], mode="fixed", max_steps=steps, on_step=on_step)
-        predictions[idx] = result.predictions
-    return predictions, q_halt
+    @property
+    def q_halt(self) -> np.ndarray:
+        return self.trajectory.q_halt
 
 
-def run_fp32(bundle: str | Path, puzzles: PuzzleSet, options: CompareOptions = CompareOptions()) -> Fp32Run:
+def _run(solver: Solver, puzzles: PuzzleSet, steps: int, drift_puzzles: int, on_state,
+         on_chunk: Callable[[int], None] | None = None) -> Trajectory:
+    def hook(t: int, which: np.ndarray, s: Solver) -> None:
+        local = np.flatnonzero(which < drift_puzzles)
+        if len(local):
+            z_H, _ = s.backend.state(len(which))
+            logits = s.backend.logits(local) if t == steps - 1 else None
+            on_state(t, which[local], z_H[local], logits)
+
+    return run_trajectory(solver, puzzles.tokens, puzzles.puzzle_ids, puzzles.labels, steps, hook, on_chunk)
+
+
+def run_fp32(bundle: str | Path, puzzles: PuzzleSet, options: CompareOptions = CompareOptions(),
+             on_chunk: Callable[[int], None] | None = None) -> Fp32Run:
     solver = make_solver(bundle, batch_size=min(options.batch_size, len(puzzles)), threads=options.threads)
     steps = int(options.steps or solver.manifest.loop.halt_max_steps)
     n_drift = min(options.drift_puzzles, len(puzzles))
@@ -105,8 +103,8 @@ def run_fp32(bundle: str | Path, puzzles: PuzzleSet, options: CompareOptions = C
         if logits is not None:
             final_logits[which] = logits
 
-    predictions, q_halt = _run(solver, puzzles, steps, n_drift, keep)
-    return Fp32Run(puzzles, steps, predictions, q_halt, states, final_logits)
+    trajectory = _run(solver, puzzles, steps, n_drift, keep, on_chunk)
+    return Fp32Run(puzzles, steps, trajectory, states, final_logits)
 
 
 @dataclass(frozen=True)
@@ -128,6 +126,8 @@ class VariantComparison:
     fp32_exact_accuracy: float | None = None
     token_accuracy: float | None = None
     fp32_token_accuracy: float | None = None
+    # Every loop setting's accuracy comes from this (report.trajectory); not written to the manifest.
+    trajectory: Trajectory | None = field(default=None, repr=False, compare=False)
 
     @property
     def accuracy_drop(self) -> float:
@@ -151,16 +151,37 @@ class VariantComparison:
                 f"cosine {self.cosine[0]:.5f} / {self.cosine[-1]:.5f} ({self.puzzles} puzzles)")
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "accuracy_drop_points": self.accuracy_drop}
+        out = {k: v for k, v in asdict(self).items() if k != "trajectory"}
+        out["accuracy_drop_points"] = self.accuracy_drop
+        if self.trajectory is not None and self.trajectory.exact is not None:
+            t = self.trajectory  # the answer after each step, and adaptive halting capped at the last one
+            adaptive = t.adaptive(t.steps)
+            out["exact_accuracy_by_steps"] = [round(float(v), 5) for v in t.exact.mean(axis=1)]
+            out["adaptive"] = {"cap": t.steps, "exact_accuracy": adaptive.exact_accuracy,
+                               "mean_steps": round(adaptive.mean_steps, 4)}
+        return out
 
 
 def compare_graph(bundle: str | Path, graph: str | Path | onnx.ModelProto, reference: Fp32Run, variant: str,
-                  options: CompareOptions = CompareOptions(), work_dir: Path | None = None) -> VariantComparison:
-    """Run `graph` through the bundle's loop on the reference's puzzles and compare with the FP32 run."""
-    puzzles = reference.puzzles
-    solver = make_solver(bundle, graph, batch_size=min(options.batch_size, len(puzzles)), threads=options.threads,
-                         work_dir=work_dir)
-    steps, n_drift = reference.steps, reference.z_H.shape[1]
+                  options: CompareOptions = CompareOptions(), work_dir: Path | None = None,
+                  puzzles: int | None = None, previous: VariantComparison | None = None,
+                  on_chunk: Callable[[int], None] | None = None) -> VariantComparison:
+    """Run `graph` through the bundle's loop on the reference's puzzles and compare with the FP32 run.
+
+    `puzzles`: only the first N of the reference's (None: all). `previous`: this graph's comparison on a first
+    part of them, extended here to N (a variant screened on a few puzzles, then measured on all).
+    """
+    total = reference.trajectory.puzzles if puzzles is None else min(puzzles, reference.trajectory.puzzles)
+    done = 0 if previous is None else previous.puzzles
+    if previous is not None and (previous.trajectory is None or done > total):
+        raise ValueError("previous must be this graph's comparison on fewer puzzles, with its trajectory")
+    subset = reference.puzzles.head(total)
+    part = dataclasses.replace(subset, tokens=subset.tokens[done:], puzzle_ids=subset.puzzle_ids[done:],
+                               labels=None if subset.labels is None else subset.labels[done:])
+    solver = make_solver(bundle, graph, batch_size=max(1, min(options.batch_size, total - done)),
+                         threads=options.threads, work_dir=work_dir)
+    steps = reference.steps
+    n_drift = min(reference.z_H.shape[1], total) if previous is None else previous.drift_puzzles
     rel = np.zeros((steps, n_drift), np.float64)
     cos = np.zeros((steps, n_drift), np.float64)
     logit_err = np.zeros(n_drift, np.float64)
@@ -177,16 +198,22 @@ def compare_graph(bundle: str | Path, graph: str | Path | onnx.ModelProto, refer
         rel[t, which] = np.linalg.norm(got - ref, axis=1) / np.maximum(ref_norm, 1e-30)
         cos[t, which] = np.sum(got * ref, axis=1) / np.maximum(ref_norm * got_norm, 1e-30)
 
-    predictions, q_halt = _run(solver, puzzles, steps, n_drift, measure)
-    same = float(np.mean(np.all(predictions == reference.predictions, axis=1)))
-    sign = float(np.mean((q_halt > 0) == (reference.q_halt > 0)))
+    if previous is None:
+        trajectory = _run(solver, part, steps, n_drift, measure, on_chunk)
+        drift = ([float(v) for v in rel.mean(axis=1)], [float(v) for v in cos.mean(axis=1)], float(logit_err.mean()))
+    else:  # the drift puzzles come first: the previous part measured them
+        new = _run(solver, part, steps, 0, lambda *a: None,
+                   None if on_chunk is None else (lambda k: on_chunk(done + k)))
+        trajectory = Trajectory.concat([previous.trajectory, new])
+        drift = (previous.rel_error, previous.cosine, previous.logits_rel_error)
+    ref = reference.trajectory
+    same = float(np.mean(np.all(trajectory.final_predictions == ref.final_predictions[:total], axis=1)))
+    sign = float(np.mean((trajectory.q_halt > 0) == (ref.q_halt[:, :total] > 0)))
     accuracies: dict[str, float] = {}
-    if puzzles.labels is not None:
-        accuracies = {"exact_accuracy": exact_accuracy(predictions, puzzles.labels),
-                      "fp32_exact_accuracy": exact_accuracy(reference.predictions, puzzles.labels),
-                      "token_accuracy": token_accuracy(predictions, puzzles.labels),
-                      "fp32_token_accuracy": token_accuracy(reference.predictions, puzzles.labels)}
-    return VariantComparison(variant, len(puzzles), steps, puzzles.source, n_drift, same, sign,
-                             [float(v) for v in rel.mean(axis=1)], [float(v) for v in cos.mean(axis=1)],
-                             float(logit_err.mean()), float(np.abs(q_halt - reference.q_halt).max()),
-                             **{k: float(v) for k, v in accuracies.items()})
+    if trajectory.exact is not None:
+        accuracies = {"exact_accuracy": trajectory.exact[-1].mean(), "token_accuracy": trajectory.token[-1].mean(),
+                      "fp32_exact_accuracy": ref.exact[-1, :total].mean(),
+                      "fp32_token_accuracy": ref.token[-1, :total].mean()}
+    return VariantComparison(variant, total, steps, subset.source, n_drift, same, sign, *drift,
+                             float(np.abs(trajectory.q_halt - ref.q_halt[:, :total]).max()),
+                             **{k: float(v) for k, v in accuracies.items()}, trajectory=trajectory)

@@ -17,19 +17,21 @@ runs it unchanged.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import shutil
 import tempfile
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import onnx
 
-from trm_export.calibration.choice import choose_variant, step_latency_ms
-from trm_export.calibration.compare import CompareOptions, VariantComparison, compare_graph, run_fp32
+from trm_export.calibration.choice import PRECISIONS, choose_variant, step_timings
+from trm_export.calibration.compare import CompareOptions, Fp32Run, VariantComparison, compare_graph, run_fp32
 from trm_export.calibration.data import (
     CalibrationError,
     PuzzleSet,
@@ -52,6 +54,9 @@ from trm_export.calibration.quantize import (
     quantize_int8,
 )
 from trm_export.export.staging import StagedBundle
+from trm_export.report.latency import StepTiming, faster_beyond_noise
+from trm_export.report.measure import BUDGETS, DriftCurve, ReportData, host_description, settings_of
+from trm_export.report.render import write_report
 from trm_export.runtime.manifest import GraphSpec, Manifest, member, read_manifest
 from trm_export.runtime.selfcheck import golden_figures, verify_bundle
 from trm_export.runtime.solver import Solver
@@ -70,14 +75,16 @@ TENSORRT_11_NOTE = {
 class QuantizeOptions:
     """Everything `add_variants` can be asked; every field has a working default.
 
-    methods: calibration methods, one `int8-<method>` graph each. mixed: also `int8-mixed` (best method,
-    most sensitive layers in float until the drop is within `mixed_options.max_accuracy_drop`). fp16: None
+    methods: calibration methods, one `int8-<method>` graph each. mixed: `int8-mixed`, the best method with its
+    most sensitive layers in float until the drop is within `mixed_options.max_accuracy_drop`; None builds it
+    only when the best method misses that budget (else it would duplicate that graph), True always, False never.
+    fp16: None
     means "when the target runs TensorRT" (GPUs); True/False force it. calib_puzzles / eval_puzzles: use only
     the first N of the calibration / evaluation puzzles (None: all). threads: ONNX Runtime threads everywhere.
     """
 
     methods: tuple[str, ...] = METHODS
-    mixed: bool = True
+    mixed: bool | None = None
     fp16: bool | None = None
     record: RecordOptions = RecordOptions()
     calibration: CalibrationSettings = CalibrationSettings()
@@ -87,12 +94,17 @@ class QuantizeOptions:
     compare: CompareOptions = CompareOptions()
     calib_puzzles: int | None = None
     eval_puzzles: int | None = None
+    # Every graph is first measured on this many evaluation puzzles; the best calibration method, and any
+    # variant the choice may fall back to, then on all of them (None: every graph on all).
+    screen_puzzles: int | None = 250
     force: bool = False
     threads: int | None = None
     progress: bool = True
     # The variant the bundle runs by default (calibration.choice): "int8", "fp16", "fp32" or "best", chosen within
     # mixed_options.max_accuracy_drop; None keeps the source bundle's.
     choose: str | None = None
+    # Write report/ (accuracy versus latency of every variant, from the measurements above) into the bundle.
+    report: bool = False
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.methods if m not in METHODS]
@@ -111,6 +123,7 @@ class QuantizeResult:
     mixed: MixedResult | None
     check: BundleCheck
     samples: dict[str, Any] = field(default_factory=dict)
+    stage_seconds: dict[str, float] = field(default_factory=dict)
 
     def summary(self) -> str:
         lines = [f"bundle written: {self.path}"]
@@ -182,6 +195,7 @@ def add_variants(bundle: str | Path, out: str | Path, options: QuantizeOptions =
     """
     options = _threads(options)
     say = log or ((lambda m: print(m, flush=True)) if options.progress else (lambda m: None))
+    clock = _StageClock()
     bundle = Path(bundle)
     manifest = read_manifest(bundle)  # verifies checksums before anything runs
     target = get_target(manifest.target)
@@ -189,6 +203,7 @@ def add_variants(bundle: str | Path, out: str | Path, options: QuantizeOptions =
     if not options.methods and not make_fp16:
         raise CalibrationError(f"nothing to add for target {target.name}: no calibration method, and fp16 is only "
                                "made for GPU targets unless asked (fp16=True)")
+    budget = options.mixed_options.max_accuracy_drop
     with StagedBundle(out, force=options.force) as stage, tempfile.TemporaryDirectory(prefix="trm-q.") as tmp:
         work = Path(tmp)
         for rel in manifest.files:  # copied as files: a puzzle table (ARC) can be larger than memory allows
@@ -199,16 +214,32 @@ def add_variants(bundle: str | Path, out: str | Path, options: QuantizeOptions =
         fp32_size = (bundle / fp32_spec.file).stat().st_size
         calib_set = _calibration_puzzles(manifest, calib, options.calib_puzzles)
         eval_set = _evaluation_puzzles(manifest, heldout, calib_set, options.eval_puzzles)
+        n_eval = len(eval_set)
+        screen = n_eval if options.screen_puzzles is None else max(1, min(options.screen_puzzles, n_eval))
 
-        say(f"FP32 loop on {len(eval_set)} evaluation puzzles ({eval_set.source})")
-        reference = run_fp32(bundle, eval_set, options.compare)
+        say(f"FP32 loop on {n_eval} evaluation puzzles ({eval_set.source}): the reference of every variant")
+        with _bar("fp32", n_eval, options.progress) as tick:
+            reference = run_fp32(bundle, eval_set, options.compare, on_chunk=tick)
+        clock.lap("fp32 reference")
         prepared = prepare_graph(fp32_model, threads=options.threads)
         graphs: dict[str, GraphSpec] = dict(manifest.graphs)
         comparisons: dict[str, VariantComparison] = {}
+        paths: dict[str, Path] = {}
         quantized: dict[str, tuple[QuantizedGraph, object]] = {}
         samples: StepSamples | None = None
 
-        def add_graph(variant: str, model: onnx.ModelProto, precision: str, details: dict[str, Any]) -> Path:
+        def measure(variant: str, puzzles: int) -> VariantComparison:
+            """Compare `variant` with fp32 on the first `puzzles` (extending an earlier, smaller comparison)."""
+            previous = comparisons.get(variant)
+            with _bar(variant, puzzles, options.progress, start=previous.puzzles if previous else 0) as tick:
+                cmp = compare_graph(bundle, paths[variant], reference, variant, options.compare, work,
+                                    puzzles=puzzles, previous=previous, on_chunk=tick)
+            comparisons[variant] = cmp
+            size = graphs[variant].details["size_ratio_fp32"]
+            say(f"  {cmp.summary()}, {100 * size:.0f}% of fp32 size")
+            return cmp
+
+        def add_graph(variant: str, model: onnx.ModelProto, precision: str, details: dict[str, Any]) -> None:
             model = compact_graph(model)
             report = validate_qdq(model, target, name=variant)
             if not report:
@@ -220,28 +251,33 @@ def add_variants(bundle: str | Path, out: str | Path, options: QuantizeOptions =
                        "weight_bytes": weight_bytes(model), "fp32_weight_bytes": weight_bytes(fp32_model)}
             graphs[variant] = GraphSpec(rel, precision, fp32_spec.opset, model.ir_version, list(fp32_spec.inputs),
                                         list(fp32_spec.outputs), details)
-            cmp = compare_graph(bundle, stage.path / rel, reference, variant, options.compare, work)
-            comparisons[variant] = cmp
-            say(f"  {cmp.summary()}, {100 * len(data) / fp32_size:.0f}% of fp32 size")
-            return stage.path / rel
+            paths[variant] = stage.path / rel
 
         if options.methods:
             samples = record_step_inputs(bundle, calib_set, options.record)
             say(f"recorded {len(samples)} step inputs of {samples.available} (steps {sorted(samples.step_counts())}) "
                 f"from {len(calib_set)} calibration puzzles ({calib_set.source})")
+            clock.lap("record calibration inputs")
+            if screen < n_eval:
+                say(f"each calibration method measured on the first {screen} evaluation puzzles; the best then on "
+                    f"all {n_eval}")
         for method in options.methods:
             settings = dataclasses.replace(options.calibration, method=method)
             ranges = calibrate(prepared, samples, settings)
             graph = quantize_int8(prepared, ranges, options.int8)
             quantized[method] = (graph, ranges)
             add_graph(f"int8-{method}", graph.model, "int8", _int8_details(graph, settings, samples, options))
-
+            measure(f"int8-{method}", screen)
         best = None
         mixed_result = None
         if options.methods:
             best = max(options.methods, key=lambda m: _score(comparisons[f"int8-{m}"]))
             say(f"best calibration method: {best}")
-        if options.mixed and best is not None:
+            if screen < n_eval:
+                measure(f"int8-{best}", n_eval)
+            clock.lap("calibrate + quantize + measure int8")
+        missed = best is not None and comparisons[f"int8-{best}"].accuracy_drop > budget
+        if best is not None and (options.mixed is True or (options.mixed is None and missed)):
             graph, ranges = quantized[best]
             sensitivity = run_fp32(bundle, eval_set.head(options.mixed_options.sensitivity_puzzles), options.compare)
             mixed_result = select_float_layers(bundle, prepared, ranges, reference, sensitivity,
@@ -251,21 +287,30 @@ def add_variants(bundle: str | Path, out: str | Path, options: QuantizeOptions =
                                        samples, options), "base": f"int8-{best}",
                        "mixed_precision": mixed_result.details(options.mixed_options)}
             add_graph("int8-mixed", mixed_result.graph.model, "mixed", details)
+            comparisons["int8-mixed"] = dataclasses.replace(mixed_result.comparison, variant="int8-mixed")
+            clock.lap("mixed precision")
+        elif options.mixed is None and best is not None:
+            say(f"int8-mixed not built: int8-{best} is within {budget:g} points of fp32 with every layer in int8")
         if make_fp16:
             converted = convert_fp16(prepared, options.fp16_options)
             add_graph("fp16", converted.model, "fp16", {
                 "float32_nodes": len(converted.float32_nodes), "float32_ops": list(converted.float32_ops),
                 "keep_norms_float32": options.fp16_options.keep_norms_float32, "io": "float32 (keep_io_types)",
                 "tensorrt_11": TENSORRT_11_NOTE["fp16"]})
+            measure("fp16", screen)
+            clock.lap("fp16")
 
         # Manifest with the new graphs, golden tolerances measured on the staged bundle, then the self-checks.
         tolerances = dict(manifest.golden["tolerances"])
         new_manifest = dataclasses.replace(manifest, graphs=graphs)
-        if options.choose is not None:
+        timings: dict[str, tuple[StepTiming, StepTiming]] = {}
+        if options.choose is not None or options.report:
             stage.write_manifest(dataclasses.replace(new_manifest, files=stage.checksums()))
-            latency = step_latency_ms(stage.path, sorted(graphs), threads=options.threads)
-            chosen, record = choose_variant(options.choose, comparisons, options.mixed_options.max_accuracy_drop,
-                                            latency)
+            say(f"timing one step of each variant here (batch 1 and {target.batch.opt})")
+            timings = step_timings(stage.path, sorted(graphs), target.batch.opt, threads=options.threads)
+            clock.lap("step latency")
+        if options.choose is not None:
+            chosen, record = _choose(options.choose, comparisons, budget, timings, n_eval, measure)
             new_manifest = dataclasses.replace(new_manifest, default_variant=chosen, choice=record)
             say(f"chosen: {chosen}" + (f" ({record['fallback']})" if "fallback" in record else ""))
         build = write_build_recipes(stage.path, new_manifest)  # TensorRT targets: recipes for the new graphs too
@@ -290,12 +335,103 @@ def add_variants(bundle: str | Path, out: str | Path, options: QuantizeOptions =
         if not check:
             raise CalibrationError(f"the new bundle fails its checks:\n{check}")
         new_manifest = dataclasses.replace(new_manifest, parity=parity)
+        clock.lap("golden tolerances + self-check")
+        if options.report:
+            data = report_data(stage.path, new_manifest, reference, comparisons, timings)
+            data.bundle = str(stage.out)  # where it will be, not the staging folder
+            write_report(data, stage.path / "report", budget)
+            clock.lap("report")
         path = stage.commit(new_manifest)
         check.bundle = str(path)
     result = QuantizeResult(path, new_manifest, comparisons, best, mixed_result, check,
-                            samples.describe() if samples is not None else {})
-    say(result.summary())
+                            samples.describe() if samples is not None else {}, clock.seconds)
+    if options.choose is None:  # a chosen variant's caller prints its own table
+        say(result.summary())
     return result
+
+
+def report_data(bundle: Path, manifest: Manifest, reference: Fp32Run, comparisons: dict[str, VariantComparison],
+                timings: dict[str, tuple[StepTiming, StepTiming]]) -> ReportData:
+    """The accuracy-versus-latency report of the variants just measured (no second run): every setting's
+    accuracy from each comparison's trajectory, latency from the step timings, drift from the comparisons."""
+    steps = reference.steps
+    budgets = tuple(sorted({b for b in BUDGETS if b <= steps} | {steps}))
+    data = ReportData(str(bundle), manifest.target, f"the export machine ({host_description()}), ONNX Runtime CPU",
+                      manifest.task.name or "custom", reference.trajectory.puzzles, reference.puzzles.source)
+    if reference.trajectory.exact is None:
+        data.not_measured.append("accuracy: the evaluation puzzles have no labels")
+        return data
+    trajectories = {"fp32": reference.trajectory, **{v: c.trajectory for v, c in comparisons.items()}}
+    for variant, trajectory in trajectories.items():
+        size_mb = (bundle / manifest.graphs[variant].file).stat().st_size / 1e6
+        single, batched = timings[variant]
+        data.measurements += settings_of(variant, manifest.graphs[variant].precision, "onnxruntime (CPU)",
+                                         trajectory, budgets, single, batched, size_mb)
+    data.drift = [DriftCurve(v, c.rel_error, c.cosine) for v, c in comparisons.items()]
+    screened = sorted(v for v, c in comparisons.items() if c.puzzles < reference.trajectory.puzzles)
+    if screened:
+        data.notes.append(f"{', '.join(screened)}: measured on the first {comparisons[screened[0]].puzzles} puzzles "
+                          "only (screening: the best calibration method and the chosen variant are measured on all)")
+    data.not_measured.append(f"TensorRT on {manifest.target}: measured on the device after `trm-export build`, with "
+                             "`trm-export report` there" if get_target(manifest.target).tensorrt else
+                             "other hosts: re-run `trm-export report` where the bundle runs")
+    return data
+
+
+def _level(variant: str) -> str:
+    return variant.split("-", 1)[0]  # int8-minmax, int8-mixed -> int8; fp16; fp32
+
+
+def _choose(precision: str, comparisons: dict[str, VariantComparison], budget: float,
+            timings: dict[str, tuple[StepTiming, StepTiming]], n_eval: int,
+            measure: Callable[[str, int], VariantComparison]) -> tuple[str, dict[str, Any]]:
+    """choose_variant on the variants measured on every evaluation puzzle; a variant measured on the screening
+    puzzles only is measured on all first when it could be chosen over the current choice."""
+    at_batch = {v: t[1] for v, t in timings.items()}
+    while True:
+        full = {v: c for v, c in comparisons.items() if c.puzzles == n_eval}
+        chosen, record = choose_variant(precision, full, budget, at_batch)
+        order = (list(PRECISIONS[:3]) if precision == "best" else
+                 list(PRECISIONS[PRECISIONS.index(precision)::-1]))  # preferred levels first
+        rank = order.index(_level(chosen)) if _level(chosen) in order else len(order)
+        pending = [v for v, c in comparisons.items() if c.puzzles < n_eval and c.accuracy_drop <= budget + 1e-9
+                   and (order.index(_level(v)) < rank if precision != "best" else
+                        v in at_batch and chosen in at_batch and faster_beyond_noise(at_batch[v], at_batch[chosen]))]
+        if not pending:
+            break
+        for variant in pending:
+            measure(variant, n_eval)
+    screened = {v: {"puzzles": c.puzzles, "accuracy_drop_points": round(c.accuracy_drop, 3)}
+                for v, c in comparisons.items() if c.puzzles < n_eval}
+    if screened:
+        record["screened_only"] = screened  # measured on the first puzzles only: never chosen from those
+    return chosen, record
+
+
+class _StageClock:
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._start = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[name] = self.seconds.get(name, 0.0) + now - self._start
+        self._start = now
+
+
+@contextlib.contextmanager
+def _bar(name: str, total: int, enabled: bool, start: int = 0) -> Iterator[Callable[[int], None]]:
+    """A progress bar with ETA over puzzles; yields `tick(done)` (puzzles done so far, absolute)."""
+    if not enabled:
+        yield lambda done: None
+        return
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, initial=start, desc=f"  {name}", unit="puzzle", leave=False)
+    try:
+        yield lambda done: bar.update(done - bar.n)
+    finally:
+        bar.close()
 
 
 def _score(cmp: VariantComparison) -> tuple[float, float]:

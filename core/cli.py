@@ -184,12 +184,13 @@ def evaluate(model: Path | None, split: str, limit: int | None, steps: str, adap
               help="Measure each variant on the first N held-out puzzles (default: all).")
 @click.option("--threads", type=click.IntRange(1, 1024), default=None,
               help="torch and ONNX Runtime threads (default: all cores).")
+@click.option("--no-report", is_flag=True,
+              help="Skip report/ (accuracy versus latency of every variant, measured here, with plots).")
 @override_options
 def export(model: Path | None, target: str, output: Path | None, force: bool, puzzles: Path | None,
            parity_puzzles: str | None, parity_seconds: float, puzzle_table_dtype: str, precision: str | None,
            max_accuracy_drop: float, calib: Path | None, calib_puzzles: int | None, eval_puzzles: int | None,
-           threads: int | None, dataset_json: Path | None,
-           **overrides) -> None:
+           threads: int | None, no_report: bool, dataset_json: Path | None, **overrides) -> None:
     """Export MODEL to a self-verifying bundle at the target's precision (INT8 for Jetsons: calibrated, measured,
     chosen within the accuracy budget, fp32 and fp16 kept beside it)."""
     import torch
@@ -211,16 +212,21 @@ def export(model: Path | None, target: str, output: Path | None, force: bool, pu
         export=ExportOptions(target=target, force=force, parity_puzzles=_parity_count(parity_puzzles),
                              parity_seconds=parity_seconds, puzzle_table_dtype=puzzle_table_dtype),
         precision=precision, max_accuracy_drop=max_accuracy_drop, calib=calib, calib_puzzles=calib_puzzles,
-        eval_puzzles=eval_puzzles, threads=threads)
+        eval_puzzles=eval_puzzles, threads=threads, report=not no_report)
     result = deploy(ck, out, options, puzzles=given, log=lambda m: click.echo(m))
     click.echo("")
     click.echo(result.table())
+    click.echo("(accuracy and ms/step measured here, ONNX Runtime on this CPU; the device measures its own: "
+               "trm-export report)")
     click.echo("stage times: " + ", ".join(f"{name} {seconds:.0f} s" for name, seconds in
-                                           result.stage_seconds.items()))
+                                           result.stage_seconds.items()) +
+               f"; total {sum(result.stage_seconds.values()):.0f} s")
     path = result.path
+    if (path / "report" / "REPORT.md").is_file():
+        click.echo(f"report: {path / 'report' / 'REPORT.md'}")
     runs_on = get_target(target).description
-    click.echo(f"copy {path} to the device ({runs_on}); there: trm-export verify {path}   |   "
-               f"trm-export run {path} --input puzzles.txt")
+    click.echo(f"copy {path} to the device ({runs_on}) and follow its README.md; there: trm-export verify "
+               f"{path.name}   |   trm-export run {path.name} --input puzzles.txt")
 
 
 def _parity_count(value: str | None) -> int | None:
@@ -236,13 +242,16 @@ def _parity_count(value: str | None) -> int | None:
 @main.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--variant", default=None, help="Which graph of the bundle to check (default: the bundle's chosen one).")
+@click.option("--backend", type=click.Choice(["auto", "onnxruntime", "tensorrt"]), default="auto", show_default=True,
+              help="auto: the bundle's TensorRT engine for the variant where one is built and TensorRT imports, "
+                   "else ONNX Runtime.")
 @click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default=None,
               help="ONNX Runtime execution provider (default: the best available).")
-def verify(bundle: Path, variant: str | None, provider: str | None) -> None:
+def verify(bundle: Path, variant: str | None, backend: str, provider: str | None) -> None:
     """Check a bundle: manifest checksums, then its golden puzzles against the reference's values."""
     from trm_export.runtime.selfcheck import verify_bundle
 
-    report = verify_bundle(bundle, variant=variant, provider=provider)
+    report = verify_bundle(bundle, variant=variant, provider=provider, backend=backend)
     click.echo(str(report))
     if not report:
         sys.exit(1)
@@ -253,39 +262,56 @@ def verify(bundle: Path, variant: str | None, provider: str | None) -> None:
 @click.option("--input", "-i", "input_path", type=click.Path(path_type=Path), required=True,
               help="Puzzles: Sudoku lines of 81 characters (0 or . for blanks), maze grids, or a .npy of tokens.")
 @click.option("--output", "-o", type=click.Path(path_type=Path), default=None,
-              help="Write solutions here (.txt lines, or .npz with predictions and steps); default: print.")
+              help="Write solutions here (.npz: arrays with predictions, steps and valid; any other name: the text "
+                   "lines); default: print them, the summary line to stderr.")
 @click.option("--force", is_flag=True, help="Replace an existing --output file.")
-@click.option("--mode", type=click.Choice(["adaptive", "fixed"]), default="adaptive", show_default=True)
+@click.option("--mode", type=click.Choice(["adaptive", "fixed"]), default="adaptive", show_default=True,
+              help="adaptive: each puzzle halts on the model's Q head; fixed: every puzzle runs --max-steps steps.")
 @click.option("--max-steps", type=click.IntRange(1, MAX_STEPS), default=None,
               help="Step budget (default: the trained halt_max_steps).")
-@click.option("--min-steps", type=click.IntRange(1, MAX_STEPS), default=1, show_default=True)
+@click.option("--min-steps", type=click.IntRange(1, MAX_STEPS), default=1, show_default=True,
+              help="Adaptive: no puzzle halts before this many steps.")
 @click.option("--batch-size", type=click.IntRange(1, 1 << 20), default=64, show_default=True,
               help="Batch slots (refilled as puzzles halt).")
 @click.option("--variant", default=None, help="Which graph of the bundle to run (default: the bundle's chosen one).")
-@click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default=None)
+@click.option("--backend", type=click.Choice(["auto", "onnxruntime", "tensorrt"]), default="auto", show_default=True,
+              help="auto: the bundle's TensorRT engine for the variant where one is built and TensorRT imports, "
+                   "else ONNX Runtime.")
+@click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default=None,
+              help="ONNX Runtime execution provider (default: the best available).")
 @click.option("--threads", type=click.IntRange(1, 1024), default=None, help="ONNX Runtime intra-op threads.")
 @click.option("--skip-selfcheck", is_flag=True,
               help="Do not run the bundle's golden puzzles first (they take a few steps; they catch a swapped graph).")
 def run(bundle: Path, input_path: Path, output: Path | None, force: bool, mode: str, max_steps: int | None,
-        min_steps: int, batch_size: int, variant: str | None, provider: str | None, threads: int | None,
-        skip_selfcheck: bool) -> None:
-    """Solve puzzles with a bundle (runtime only: numpy + onnxruntime)."""
-    from trm_export.runtime.io import check_output_file, read_puzzles, write_solutions
+        min_steps: int, batch_size: int, variant: str | None, backend: str, provider: str | None,
+        threads: int | None, skip_selfcheck: bool) -> None:
+    """Solve puzzles with a bundle (runtime only: numpy + onnxruntime).
+
+    Each answer is marked valid or invalid where the task can check it (Sudoku, maze); a summary line counts them.
+    """
+    from trm_export.runtime.io import check_output_file, check_solutions, describe_run, read_puzzles, write_solutions
     from trm_export.runtime.selfcheck import check_golden
     from trm_export.runtime.solver import Solver
 
     if output is not None:
         check_output_file(output, force)
-    solver = Solver(bundle, variant=variant, provider=provider, batch_size=batch_size, threads=threads)
+    solver = Solver(bundle, variant=variant, backend=backend, provider=provider, batch_size=batch_size,
+                    threads=threads)
+    note = getattr(solver, "backend_note", None)
+    if note:
+        click.echo(note, err=True)
     tokens = read_puzzles(input_path, solver.task)
     if not skip_selfcheck:
         check_golden(solver)
     result = solver.solve(tokens, mode=mode, max_steps=max_steps, min_steps=min_steps)
-    text = write_solutions(result, solver.task, output)
+    valid = check_solutions(tokens, result.predictions, solver.task)
+    text = write_solutions(result, solver.task, output, valid)
+    summary = describe_run(result, valid, mode, solver.backend.name)
     if output is None:
         click.echo(text, nl=False)
+        click.echo(summary, err=True)  # stdout stays the solutions alone
     else:
-        click.echo(f"{len(result)} puzzles solved ({mode}, mean {result.steps_used.mean():.2f} steps) -> {output}")
+        click.echo(f"{summary} -> {output}")
 
 
 @main.command()
@@ -293,10 +319,13 @@ def run(bundle: Path, input_path: Path, output: Path | None, force: bool, mode: 
 @click.option("--variant", "variants", multiple=True, help="Graph(s) to build (default: all in the bundle).")
 @click.option("--dla-core", type=int, default=None, help="Build for this DLA core (fp16/int8, static batch).")
 @click.option("--print-recipe", is_flag=True, help="Only print the trtexec commands for the bundle's target.")
-def build(bundle: Path, variants: tuple[str, ...], dla_core: int | None, print_recipe: bool) -> None:
+@click.option("--record", is_flag=True,
+              help="Do not build: check the engines build/build_engines.sh wrote (TensorRT here loads them) and record "
+                   "them in the manifest, so that verify / run / report use them.")
+def build(bundle: Path, variants: tuple[str, ...], dla_core: int | None, print_recipe: bool, record: bool) -> None:
     """Build TensorRT engines for BUNDLE here (needs TensorRT and a GPU), recorded in its manifest."""
     from trm_export.runtime.manifest import read_manifest
-    from trm_export.targets.engines import build_bundle_engines, recipes_for
+    from trm_export.targets.engines import build_bundle_engines, recipes_for, record_engines
     from trm_export.targets.registry import get_target
 
     if print_recipe:
@@ -305,30 +334,42 @@ def build(bundle: Path, variants: tuple[str, ...], dla_core: int | None, print_r
         for recipe in recipes_for(manifest, target, dla_core=dla_core, variants=list(variants) or None):
             click.echo(recipe.trtexec_command())
         return
-    manifest = build_bundle_engines(bundle, list(variants) or None, dla_core=dla_core)
-    for name, record in manifest.build["engines"].items():
-        click.echo(f"{name}: {record['file']} (TensorRT {record['tensorrt_version']}, SM {record['sm']})")
+    if record:
+        manifest = record_engines(bundle, list(variants) or None)
+    else:
+        manifest = build_bundle_engines(bundle, list(variants) or None, dla_core=dla_core)
+    for name, rec in manifest.build["engines"].items():
+        click.echo(f"{name}: {rec['file']} (TensorRT {rec['tensorrt_version']}, SM {rec['sm']}), recorded: "
+                   f"`trm-export verify {bundle} --variant {name}` now checks the engine")
 
 
 @main.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
-@click.option("--quick", is_flag=True, help="Small evaluation: 100 puzzles, 10 latency samples per setting.")
-@click.option("--puzzles", type=int, default=None, help="Held-out puzzles to evaluate (default 1000; quick: 100).")
-@click.option("--max-accuracy-drop", type=float, default=0.5, show_default=True,
+@click.option("--quick", is_flag=True, help="Small evaluation: 100 puzzles, short latency samples.")
+@click.option("--puzzles", type=click.IntRange(1, 1000), default=None,
+              help="Held-out puzzles to evaluate (default 1000; quick: 100).")
+@click.option("--seconds", type=click.FloatRange(1, None), default=None,
+              help="Time budget of the accuracy runs, all variants together: as many puzzles as fit (printed).")
+@click.option("--max-accuracy-drop", type=click.FloatRange(0, 100), default=0.5, show_default=True,
               help="Accuracy budget (points of exact accuracy below the best FP32 setting) for the recommendation.")
-@click.option("--threads", type=int, default=None, help="ONNX Runtime intra-op threads.")
+@click.option("--backend", type=click.Choice(["auto", "onnxruntime", "tensorrt"]), default="auto", show_default=True,
+              help="auto: ONNX Runtime, and TensorRT too for variants with an engine built here.")
+@click.option("--threads", type=click.IntRange(1, 1024), default=None, help="ONNX Runtime intra-op threads.")
 @click.option("--output", "-o", type=click.Path(path_type=Path), default=None,
               help="Report folder (default: BUNDLE/report).")
-def report(bundle: Path, quick: bool, puzzles: int | None, max_accuracy_drop: float, threads: int | None,
-           output: Path | None) -> None:
-    """Measure accuracy versus latency of every variant and step budget here; write Markdown, JSON and plots."""
+def report(bundle: Path, quick: bool, puzzles: int | None, seconds: float | None, max_accuracy_drop: float,
+           backend: str, threads: int | None, output: Path | None) -> None:
+    """Measure accuracy versus latency of every variant and step budget here; write Markdown, JSON and plots.
+
+    Runtime only (no torch): on the device it measures what runs there, TensorRT engines included."""
     from trm_export.report import ReportOptions, measure_bundle, write_report
 
     folder = output or bundle / "report"
     if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
         raise click.ClickException(f"{folder} is a symbolic link or a file; a report folder must be a plain folder "
                                    "(remove it, or give --output)")
-    data = measure_bundle(bundle, ReportOptions(quick=quick, puzzles=puzzles, threads=threads))
+    data = measure_bundle(bundle, ReportOptions(quick=quick, puzzles=puzzles, seconds=seconds, threads=threads,
+                                                backend=backend))
     folder = write_report(data, folder, max_accuracy_drop)
     click.echo(f"report written: {folder / 'REPORT.md'}")
 
@@ -350,7 +391,8 @@ def report(bundle: Path, quick: bool, puzzles: int | None, max_accuracy_drop: fl
 @click.option("--max-accuracy-drop", type=float, default=0.5, show_default=True,
               help="int8-mixed: return the most sensitive layers to float until the exact-accuracy drop (points) "
                    "is within this.")
-@click.option("--no-mixed", is_flag=True, help="Do not build int8-mixed.")
+@click.option("--no-mixed", is_flag=True,
+              help="Do not build int8-mixed (by default it is built when the best method misses the budget).")
 @click.option("--fp16/--no-fp16", default=None, help="Build an fp16 graph (default: for TensorRT targets only).")
 @click.option("--keep-float", multiple=True, help="Layer label or node name to leave in float (repeatable).")
 @click.option("--quantize-attention", is_flag=True, help="Also quantize the attention products (q k^T, softmax v).")
@@ -362,7 +404,7 @@ def quantize(bundle: Path, output: Path, force: bool, methods: str, calib: Path 
     from trm_export.calibration import Int8Options, MixedOptions, QuantizeOptions, RecordOptions, add_variants
 
     options = QuantizeOptions(
-        methods=tuple(m.strip() for m in methods.split(",") if m.strip()), mixed=not no_mixed, fp16=fp16,
+        methods=tuple(m.strip() for m in methods.split(",") if m.strip()), mixed=False if no_mixed else None, fp16=fp16,
         record=RecordOptions(max_samples=max_samples), int8=Int8Options(tuple(keep_float), quantize_attention),
         mixed_options=MixedOptions(max_accuracy_drop=max_accuracy_drop), calib_puzzles=calib_puzzles,
         eval_puzzles=eval_puzzles, force=force, threads=threads)

@@ -34,6 +34,8 @@ class DeployOptions:
     calib_puzzles: int | None = None  # the first N calibration puzzles (None: all)
     eval_puzzles: int | None = None  # the first N held-out puzzles each variant is measured on (None: all)
     threads: int | None = None
+    report: bool = True  # write report/ (accuracy versus latency of every variant, measured here) into the bundle
+    report_seconds: float = 30.0  # fp32 bundles: time budget of the report's accuracy run (variants reuse theirs)
 
 
 @dataclass
@@ -43,22 +45,28 @@ class DeployResult:
     stage_seconds: dict[str, float] = field(default_factory=dict)
 
     def table(self) -> str:
-        """variant, exact accuracy, change against fp32 (points), size, ms/step here, chosen: one line each."""
+        """variant, exact accuracy, puzzles, change against fp32 (points), size, ms/step here, chosen: a line each."""
         m = self.manifest
         choice = m.choice or {}
-        drops = choice.get("accuracy_drop_points", {})
+        drops = {**{v: r["accuracy_drop_points"] for v, r in choice.get("screened_only", {}).items()},
+                 **choice.get("accuracy_drop_points", {})}
         ms = choice.get("ms_per_step_here", {})
+        measured = [p for p in m.parity.values() if p.get("fp32_exact_accuracy") is not None]
+        widest = max(measured, key=lambda p: p["puzzles"], default=None)  # fp32 on the most evaluation puzzles
         fp32_size = (self.path / m.graphs["fp32"].file).stat().st_size
-        lines = [f"{'variant':<16}{'exact acc.':>11}{'vs fp32':>9}{'size':>7}{'ms/step here':>14}  chosen"]
+        lines = [f"{'variant':<16}{'exact acc.':>11}{'puzzles':>9}{'vs fp32':>9}{'size':>7}{'ms/step here':>14}  "
+                 "chosen"]
         for name in sorted(m.graphs, key=lambda v: (v != m.default_variant, v)):
             parity = m.parity.get(name, {})
-            acc = parity.get("exact_accuracy") if name != "fp32" else next(
-                (p["fp32_exact_accuracy"] for p in m.parity.values() if p.get("fp32_exact_accuracy") is not None),
-                parity.get("bundle_exact_accuracy"))  # fp32 on the variants' evaluation puzzles, where there are
+            if name == "fp32":
+                acc, n = ((widest["fp32_exact_accuracy"], widest["puzzles"]) if widest else
+                          (parity.get("bundle_exact_accuracy"), parity.get("puzzles")))
+            else:
+                acc, n = parity.get("exact_accuracy"), parity.get("puzzles")
             size = (self.path / m.graphs[name].file).stat().st_size
             change = f"{-drops[name] or 0.0:+.2f}" if name in drops else "-"  # "or": no "-0.00" for fp32
-            lines.append(f"{name:<16}{f'{100 * acc:.1f}%' if acc is not None else '-':>11}{change:>9}"
-                         f"{f'{100 * size / fp32_size:.0f}%':>7}{f'{ms[name]:.1f}' if name in ms else '-':>14}  "
+            lines.append(f"{name:<16}{f'{100 * acc:.1f}%' if acc is not None else '-':>11}{n or '-':>9}{change:>9}"
+                         f"{f'{100 * size / fp32_size:.0f}%':>7}{f'{ms[name]:.2f}' if name in ms else '-':>14}  "
                          f"{'<-' if name == m.default_variant else ''}".rstrip())
         return "\n".join(lines)
 
@@ -87,6 +95,10 @@ def deploy(checkpoint: LoadedCheckpoint, out: Path, options: DeployOptions, puzz
     if precision == "fp32":
         path, manifest, _ = export_bundle(checkpoint, out, options.export, puzzles=puzzles)
         times["export + parity"] = time.perf_counter() - start
+        if options.report:
+            start = time.perf_counter()
+            _fp32_report(path, options, log)
+            times["report"] = time.perf_counter() - start
         return DeployResult(path, manifest, times)
 
     from trm_export.calibration import MixedOptions, QuantizeOptions, add_variants
@@ -101,12 +113,27 @@ def deploy(checkpoint: LoadedCheckpoint, out: Path, options: DeployOptions, puzz
         result = add_variants(source, out, QuantizeOptions(
             fp16=True, mixed_options=MixedOptions(max_accuracy_drop=options.max_accuracy_drop), choose=precision,
             force=options.export.force, threads=options.threads, progress=options.export.progress,
-            calib_puzzles=options.calib_puzzles, eval_puzzles=options.eval_puzzles),
+            calib_puzzles=options.calib_puzzles, eval_puzzles=options.eval_puzzles, report=options.report),
             calib=options.calib, log=log)
-        times["calibrate + quantize + measure"] = time.perf_counter() - start
+        times.update(result.stage_seconds)
     finally:
         shutil.rmtree(source, ignore_errors=True)
     return DeployResult(result.path, read_manifest(result.path), times)
+
+
+def _fp32_report(path: Path, options: DeployOptions, log: Callable[[str], None]) -> None:
+    """The report of an fp32 bundle: its own accuracy run, time-budgeted (the export measured no variant)."""
+    from trm_export.report import ReportOptions, measure_bundle, write_report
+    from trm_export.runtime.io import task_for_encoding
+
+    manifest = read_manifest(path)
+    if task_for_encoding(manifest.task) is None:
+        log("report skipped: it needs labelled puzzles of a shipped task (run `trm-export report` with them)")
+        return
+    log(f"report: accuracy versus latency here, as many held-out puzzles as fit {options.report_seconds:g} s")
+    data = measure_bundle(path, ReportOptions(seconds=options.report_seconds, threads=options.threads,
+                                              puzzles=options.eval_puzzles, progress=options.export.progress))
+    write_report(data, path / "report", options.max_accuracy_drop)
 
 
 def _check_calibration_split(checkpoint: LoadedCheckpoint) -> None:

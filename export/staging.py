@@ -12,6 +12,7 @@ removes its partial directory (SIGTERM included); one left by SIGKILL is removed
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import errno
 import io
 import os
@@ -24,6 +25,8 @@ import numpy as np
 
 from trm_export.errors import BundleError
 from trm_export.runtime.manifest import MANIFEST_NAME, Manifest, sha256_file
+
+README_NAME = "README.md"
 
 
 def _pid_alive(pid: int) -> bool:
@@ -89,7 +92,13 @@ class StagedBundle:
         (self.path / MANIFEST_NAME).write_text(manifest.to_json())
 
     def commit(self, manifest: Manifest) -> Path:
-        """Write the manifest and move the bundle into place."""
+        """Write README.md (the device owner's page, from the final manifest) and the manifest, which lists the
+        README's checksum, then move the bundle into place."""
+        from trm_export.targets.device_readme import render_bundle_readme
+
+        self.write_bytes(README_NAME, render_bundle_readme(manifest, self.out.name).encode())
+        manifest = dataclasses.replace(manifest, files={**manifest.files,
+                                                        README_NAME: sha256_file(self.path / README_NAME)})
         self.write_manifest(manifest)
         for file in self.path.rglob("*"):
             if file.is_file():

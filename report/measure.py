@@ -1,36 +1,46 @@
 """Measure what each precision and step budget costs and loses, where the bundle sits now.
 
-Runtime only (numpy + onnxruntime, TensorRT when its engines are built): `trm-export report BUNDLE` re-measures
-on a Jetson after `trm-export build`, so its owner gets real numbers. Nothing is estimated here: a backend or
-target that is not present is listed as not measured.
+Runtime only (numpy + onnxruntime, TensorRT when its engines are built; tqdm and matplotlib when present):
+`trm-export report BUNDLE` re-measures on a Jetson after `trm-export build`, so its owner gets real numbers.
+
+Per variant: one fixed run of the largest budget gives the accuracy of every fixed budget and of adaptive
+halting (report.trajectory); step latency is timed at batch 1 and at the target's batch with its spread
+(report.latency). A setting's latency per puzzle is its mean steps times the measured step time (batch 1);
+its throughput, the target's batch over the same product at that batch (halted slots refilled). Accuracy
+carries its sample size and a 95% interval. A backend or target that is not present is listed as not measured.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import os
 import platform
-import statistics
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from trm_export.report.latency import StepTiming, time_steps
+from trm_export.report.trajectory import Trajectory, run_trajectory
 from trm_export.runtime.io import task_for_encoding
 from trm_export.runtime.manifest import Manifest, read_manifest
 from trm_export.runtime.solver import Solver
-from trm_export.tasks import TaskData, exact_accuracy, token_accuracy
+from trm_export.tasks import TaskData
 
 BUDGETS = (1, 2, 4, 8, 16)
+DRIFT_PUZZLES = 32
+DRIFT_BYTES = 64 << 20  # fp32's z_H at every step of the drift puzzles is held in memory: bounded for large models
 
 
 @dataclass(frozen=True)
 class ReportOptions:
-    quick: bool = False  # a small evaluation (100 puzzles, fewer latency samples)
-    puzzles: int | None = None  # default: 1000 (the held-out split), 100 with quick
-    latency_samples: int | None = None  # puzzles timed one by one per setting; default 50, 10 with quick
+    quick: bool = False  # a small evaluation (100 puzzles, short latency samples)
+    puzzles: int | None = None  # held-out puzzles; default: 1000 (the held-out split), 100 with quick
+    seconds: float | None = None  # time budget of the accuracy runs, all variants together (None: no limit)
+    latency_seconds: float | None = None  # per variant and batch size; default 1 s, 0.25 s with quick
     budgets: tuple[int, ...] = BUDGETS
     threads: int | None = None
+    backend: str = "auto"  # auto | onnxruntime | tensorrt (see Solver)
     progress: bool = True
 
 
@@ -43,12 +53,17 @@ class Measurement:
     backend: str
     mode: str  # fixed | adaptive
     budget: int
+    puzzles: int
     exact_accuracy: float
+    exact_low: float  # 95% Wilson interval of exact_accuracy
+    exact_high: float
     token_accuracy: float
     mean_steps: float
-    latency_ms_p50: float  # per puzzle, batch 1
+    latency_ms_p25: float  # per puzzle at batch 1: mean steps x measured ms per step (quartiles, p95)
+    latency_ms_p50: float
+    latency_ms_p75: float
     latency_ms_p95: float
-    throughput: float  # puzzles/s at `batch`
+    throughput: float  # puzzles/s at `batch`: batch / (mean steps x ms per step at that batch)
     batch: int
     size_mb: float
     peak_rss_mb: float | None  # peak resident memory of the process while measuring this variant
@@ -65,15 +80,29 @@ class DriftCurve:
 class ReportData:
     bundle: str
     target: str
-    host: str
+    host: str  # where it was measured
     task: str
     puzzles: int
+    source: str  # which puzzles
     measurements: list[Measurement] = field(default_factory=list)
     drift: list[DriftCurve] = field(default_factory=list)
     not_measured: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def host_description() -> str:
+    """Where a figure was measured: machine, system, CPU model (Linux tells it in /proc/cpuinfo), cores."""
+    cpu = platform.processor()
+    try:
+        cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith(("model name", "Model"))), cpu)
+    except OSError:
+        pass
+    cores = os.cpu_count()
+    return ", ".join(x for x in (platform.machine(), platform.system(), cpu, f"{cores} cores" if cores else "") if x)
 
 
 def _peak_rss_reset() -> None:
@@ -100,88 +129,117 @@ def _data_for(manifest: Manifest, count: int) -> TaskData:
     return task.split("heldout", size=min(count, 1000))
 
 
-def _backends(manifest: Manifest, variant: str) -> list[str]:
+def _backends(manifest: Manifest, variant: str, requested: str) -> list[str]:
+    if requested != "auto":
+        return [requested]
     backends = ["onnxruntime"]
     if variant in manifest.build.get("engines", {}) and importlib.util.find_spec("tensorrt") is not None:
         backends.append("tensorrt")
     return backends
 
 
-def measure_setting(solver: Solver, data: TaskData, mode: str, budget: int, latency_samples: int,
-                    batch_solver: Solver) -> dict:
-    """Accuracy and throughput at the target batch, latency at batch 1, for one loop setting."""
-    start = time.perf_counter()
-    result = batch_solver.solve(data.inputs, data.puzzle_ids, mode=mode, max_steps=budget)
-    throughput = len(data) / (time.perf_counter() - start)
-    times = []
-    for i in range(min(latency_samples, len(data))):
-        t0 = time.perf_counter()
-        solver.solve(data.inputs[i:i + 1], data.puzzle_ids[i:i + 1], mode=mode, max_steps=budget)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return {"exact_accuracy": exact_accuracy(result.predictions, data.labels),
-            "token_accuracy": token_accuracy(result.predictions, data.labels),
-            "mean_steps": float(result.steps_used.mean()), "latency_ms_p50": statistics.median(times),
-            "latency_ms_p95": float(np.percentile(times, 95)), "throughput": throughput}
+def settings_of(variant: str, precision: str, backend: str, trajectory: Trajectory, budgets: tuple[int, ...],
+                single: StepTiming, batched: StepTiming, size_mb: float,
+                peak_rss_mb: float | None = None) -> list[Measurement]:
+    """Every fixed budget and adaptive halting capped at the largest, from one trajectory and two step timings."""
+    outcomes = [trajectory.fixed(b) for b in budgets] + [trajectory.adaptive(max(budgets))]
+    rows = []
+    for o in outcomes:
+        low, high = o.interval
+        latency = single.scaled(o.mean_steps)
+        rows.append(Measurement(
+            variant, precision, backend, o.mode, o.budget, o.puzzles, o.exact_accuracy, low, high, o.token_accuracy,
+            o.mean_steps, latency.p25, latency.p50, latency.p75, latency.p95,
+            throughput=1000.0 * batched.batch / (batched.p50 * o.mean_steps), batch=batched.batch, size_mb=size_mb,
+            peak_rss_mb=peak_rss_mb))
+    return rows
 
 
-def drift_curve(bundle: Path, variant: str, data: TaskData, steps: int, threads: int | None) -> DriftCurve:
-    """z_H of `variant` against fp32 at every step of the fixed loop, on the same puzzles."""
-    states = {}
-    for name in ("fp32", variant):
-        solver = Solver(bundle, variant=name, batch_size=len(data), threads=threads, verify=False)
-        per_step = []
-        solver.solve(data.inputs, data.puzzle_ids, mode="fixed", max_steps=steps,
-                     on_step=lambda idx, st, qh, qc, s=solver, out=per_step: out.append(s.backend.state(len(idx))[0]))
-        states[name] = per_step
-    rel, cos = [], []
-    for ref, other in zip(states["fp32"], states[variant], strict=True):
-        a, b = ref.reshape(len(ref), -1), other.reshape(len(other), -1)
-        rel.append(float(np.mean(np.linalg.norm(b - a, axis=1) / np.linalg.norm(a, axis=1))))
-        cos.append(float(np.mean(np.sum(a * b, axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)))))
-    return DriftCurve(variant, rel, cos)
+def _progress(total: int, desc: str, enabled: bool):
+    if not enabled or importlib.util.find_spec("tqdm") is None:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="puzzle")
 
 
 def measure_bundle(bundle: str | Path, options: ReportOptions = ReportOptions()) -> ReportData:
+    """Measure every variant of `bundle` here (see the module docstring)."""
     bundle = Path(bundle)
     manifest = read_manifest(bundle, verify=True)
     count = options.puzzles or (100 if options.quick else 1000)
-    samples = options.latency_samples or (10 if options.quick else 50)
+    latency_seconds = options.latency_seconds or (0.25 if options.quick else 1.0)
     data = _data_for(manifest, count)
     from trm_export.targets.registry import get_target
 
     target = get_target(manifest.target)
-    batch = target.batch.opt
-    report = ReportData(str(bundle), target.name, f"{platform.machine()}, {platform.system()}",
-                        manifest.task.name or "custom", len(data))
+    steps = max(options.budgets)
+    report = ReportData(str(bundle), target.name, host_description(), manifest.task.name or "custom", len(data),
+                        f"{manifest.task.name} held-out split, first {len(data)}")
     if target.runtime == "tensorrt" and not manifest.build.get("engines"):
         report.not_measured.append(f"TensorRT on {target.name}: no engine in this bundle (build it on the device "
                                    "with `trm-export build`, then re-run `trm-export report` there)")
-    settings = [("fixed", b) for b in options.budgets] + [("adaptive", max(options.budgets))]
-    jobs = [(v, b) for v in sorted(manifest.graphs) for b in _backends(manifest, v)]
-    progress = None
-    if options.progress:
-        from tqdm import tqdm
-
-        progress = tqdm(total=len(jobs) * len(settings), desc="report", unit="setting")
-    for variant, backend in jobs:
+    variants = sorted(manifest.graphs, key=lambda v: (v != "fp32", v))  # fp32 first: the drift reference
+    jobs = [(v, b) for v in variants for b in _backends(manifest, v, options.backend)]
+    fp32_states: dict[int, np.ndarray] = {}
+    for i, (variant, backend) in enumerate(jobs):
         _peak_rss_reset()
         single = Solver(bundle, variant=variant, backend=backend, batch_size=1, threads=options.threads,
                         verify=False)
-        batched = Solver(bundle, variant=variant, backend=backend, batch_size=batch, threads=options.threads,
-                         verify=False)
+        batched = Solver(bundle, variant=variant, backend=backend, batch_size=target.batch.opt,
+                         threads=options.threads, verify=False)
+        timing_1, timing_b = time_steps(single, latency_seconds), time_steps(batched, latency_seconds)
+        if options.seconds is not None and i == 0:  # as many whole batches as the budget allows, all variants
+            per_puzzle_s = steps * timing_b.p75 / 1000.0 / timing_b.batch
+            fit = int(options.seconds / len(jobs) / per_puzzle_s) // timing_b.batch * timing_b.batch
+            if fit < len(data):
+                data = data.select(np.arange(max(fit, min(timing_b.batch, len(data)))))
+                report.puzzles, report.source = len(data), f"{report.source.rsplit(',', 1)[0]}, first {len(data)}"
+                report.notes.append(f"accuracy on the first {len(data)} held-out puzzles: as many as fit the "
+                                    f"report's time budget of {options.seconds:g} s (`trm-export report` measures "
+                                    "1000 without one)")
+        s, d = batched.embedder.state_shape
+        n_drift = max(1, min(DRIFT_PUZZLES, len(data), DRIFT_BYTES // (4 * steps * s * d)))
+        drift = _DriftProbe(fp32_states, variant, n_drift)
+        bar = _progress(len(data), f"report {variant} ({backend})", options.progress)
+        trajectory = run_trajectory(batched, data.inputs, data.puzzle_ids, data.labels, steps, drift,
+                                    None if bar is None else (lambda done, bar=bar: bar.update(done - bar.n)))
+        if bar is not None:
+            bar.close()
+        if variant != "fp32" and fp32_states:
+            report.drift.append(drift.curve())
         size_mb = (bundle / manifest.graphs[variant].file).stat().st_size / 1e6
-        for mode, budget in settings:
-            figures = measure_setting(single, data, mode, budget, samples, batched)
-            report.measurements.append(Measurement(variant, manifest.graphs[variant].precision, single.backend.name,
-                                                   mode, budget, batch=batch, size_mb=size_mb,
-                                                   peak_rss_mb=_peak_rss_mb(), **figures))
-            if progress is not None:
-                progress.update()
-    if progress is not None:
-        progress.close()
-    steps = max(options.budgets)
-    drift_data = data.select(np.arange(min(len(data), 64)))
-    for variant in sorted(manifest.graphs):
-        if variant != "fp32":
-            report.drift.append(drift_curve(bundle, variant, drift_data, steps, options.threads))
+        report.measurements += settings_of(variant, manifest.graphs[variant].precision, batched.backend.name,
+                                           trajectory, options.budgets, timing_1, timing_b, size_mb, _peak_rss_mb())
     return report
+
+
+class _DriftProbe:
+    """z_H of the first few puzzles at every step: kept for fp32, compared with it for every other variant."""
+
+    def __init__(self, fp32_states: dict[int, np.ndarray], variant: str, puzzles: int):
+        self.reference, self.variant, self.puzzles = fp32_states, variant, puzzles
+        self.rel: dict[int, np.ndarray] = {}
+        self.cos: dict[int, np.ndarray] = {}
+
+    def __call__(self, t: int, which: np.ndarray, solver: Solver) -> None:
+        local = np.flatnonzero(which < self.puzzles)
+        if not len(local):
+            return
+        rows = which[local]
+        z_H = solver.backend.state(len(which))[0][local].reshape(len(local), -1).astype(np.float64)
+        if self.variant == "fp32":
+            self.reference.setdefault(t, np.zeros((self.puzzles, z_H.shape[1]), np.float32))[rows] = z_H
+            return
+        if t not in self.reference:
+            return
+        ref = self.reference[t][rows]
+        ref_norm, norm = np.linalg.norm(ref, axis=1), np.linalg.norm(z_H, axis=1)
+        self.rel.setdefault(t, np.zeros(self.puzzles))[rows] = (np.linalg.norm(z_H - ref, axis=1)
+                                                               / np.maximum(ref_norm, 1e-30))
+        self.cos.setdefault(t, np.zeros(self.puzzles))[rows] = np.sum(z_H * ref, axis=1) / np.maximum(
+            ref_norm * norm, 1e-30)
+
+    def curve(self) -> DriftCurve:
+        return DriftCurve(self.variant, [float(self.rel[t].mean()) for t in sorted(self.rel)],
+                          [float(self.cos[t].mean()) for t in sorted(self.cos)])

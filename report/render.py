@@ -3,13 +3,15 @@
 - pareto.png: exact accuracy against per-puzzle latency (batch 1), every setting labelled, frontier drawn;
 - accuracy_vs_steps.png: exact accuracy against the step budget, one line per variant, adaptive as markers;
 - drift.png: per-step relative error and cosine similarity of z_H of each reduced precision against FP32.
-A recommendation: the fastest setting whose exact accuracy is within the budget of the best FP32 setting.
+A recommendation: the fastest setting whose exact accuracy is within the budget of the best FP32 setting, where
+faster means beyond the timing noise; settings that cannot be told apart are named as equivalent.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from trm_export.report.measure import Measurement, ReportData
@@ -24,46 +26,84 @@ def pareto_front(rows: list[Measurement]) -> list[Measurement]:
     return front
 
 
-def recommend(rows: list[Measurement], max_drop_points: float) -> tuple[Measurement, Measurement] | None:
-    """(recommended, baseline): the lowest-latency setting within `max_drop_points` of the best FP32 setting."""
+def faster_beyond_noise(a: Measurement, b: Measurement) -> bool:
+    """`a`'s latency is below `b`'s by more than the spread of either (interquartile ranges apart)."""
+    return a.latency_ms_p75 < b.latency_ms_p25
+
+
+@dataclass
+class Recommendation:
+    chosen: Measurement
+    baseline: Measurement  # the most accurate fp32 setting
+    budget_points: float  # the budget applied: the asked one, or one puzzle where the sample cannot resolve it
+    equivalent: list[Measurement]  # other settings within the budget whose latency is within the noise of chosen
+    notes: list[str]
+
+
+def recommend(rows: list[Measurement], max_drop_points: float) -> Recommendation | None:
+    """The fastest setting within `max_drop_points` of the best FP32 setting, where "faster" must be beyond the
+    timing noise: among the settings within the budget whose latency cannot be told apart from the fastest one,
+    the most accurate (then the fewest steps) is chosen and the others are named as equivalent."""
     fp32 = [r for r in rows if r.precision == "fp32"]
     if not fp32:
         return None
     baseline = max(fp32, key=lambda m: (m.exact_accuracy, -m.latency_ms_p50))
+    budget, notes = max_drop_points, []
+    one_puzzle = 100.0 / baseline.puzzles
+    if one_puzzle > max_drop_points:
+        budget = one_puzzle
+        notes.append(f"{baseline.puzzles} puzzles cannot resolve a {max_drop_points:g}-point budget (one puzzle is "
+                     f"{one_puzzle:.2g} points): a setting may lose one puzzle here; measure more puzzles for a "
+                     "finer decision")
     # A drop of exactly the budget is within it; 0.965 - 0.960 is 0.0050000000000000044 in floats, hence the slack.
-    ok = [r for r in rows if 100 * (baseline.exact_accuracy - r.exact_accuracy) <= max_drop_points + 1e-9]
-    return min(ok, key=lambda m: (m.latency_ms_p50, -m.throughput)), baseline
+    ok = [r for r in rows if 100 * (baseline.exact_accuracy - r.exact_accuracy) <= budget + 1e-9]
+    fastest = min(ok, key=lambda m: (m.latency_ms_p50, -m.throughput))
+    tied = [r for r in ok if not faster_beyond_noise(fastest, r)]
+    chosen = max(tied, key=lambda m: (m.exact_accuracy, -m.mean_steps, -m.latency_ms_p50))
+    return Recommendation(chosen, baseline, budget, [r for r in tied if r is not chosen], notes)
 
 
 def _setting(r: Measurement) -> str:
     return f"{r.variant}, {'adaptive' if r.mode == 'adaptive' else 'fixed'} {r.budget}"
 
 
+def _acc(r: Measurement) -> str:
+    return f"{100 * r.exact_accuracy:.1f}% [{100 * r.exact_low:.1f}, {100 * r.exact_high:.1f}] of {r.puzzles}"
+
+
 def markdown(data: ReportData, max_drop_points: float) -> str:
     lines = [f"# Accuracy versus latency: `{Path(data.bundle).name}`", "",
-             f"Target `{data.target}`; measured on this host ({data.host}); {data.puzzles} held-out {data.task} "
-             "puzzles. Latency: one puzzle at a time (batch 1), p50/p95. Throughput: puzzles/s with the target's "
-             "batch, halted slots refilled. Every number below was measured here; nothing is estimated.", ""]
+             f"Target `{data.target}`. **Measured on {data.host}**, {data.puzzles} puzzles ({data.source}). "
+             "Accuracy: exact (whole puzzle right), with its 95% interval (Wilson). Latency per puzzle: mean steps "
+             "x the step time measured at batch 1, as median [quartiles]. Throughput: puzzles/s at the target's "
+             "batch, halted slots refilled. Every figure was measured here: re-run `trm-export report` on the "
+             "device for its own.", ""]
     rec = recommend(data.measurements, max_drop_points)
     if rec:
-        best, base = rec
+        best, base = rec.chosen, rec.baseline
         lines += ["## Recommendation", "",
-                  f"**{_setting(best)}** on {best.backend}: exact accuracy {100 * best.exact_accuracy:.1f}% "
+                  f"**{_setting(best)}** on {best.backend}: exact accuracy {_acc(best)} "
                   f"({100 * (best.exact_accuracy - base.exact_accuracy):+.1f} points against the best FP32 setting, "
-                  f"{_setting(base)}, {100 * base.exact_accuracy:.1f}%), {best.latency_ms_p50:.2f} ms per puzzle "
-                  f"(p50; {base.latency_ms_p50 / best.latency_ms_p50:.2f}x faster than that baseline), "
+                  f"{_setting(base)}, {_acc(base)}), {best.latency_ms_p50:.2f} ms per puzzle "
+                  f"[{best.latency_ms_p25:.2f}, {best.latency_ms_p75:.2f}] "
+                  f"({base.latency_ms_p50 / best.latency_ms_p50:.2f}x that baseline's), "
                   f"{best.throughput:.0f} puzzles/s at batch {best.batch}, mean {best.mean_steps:.2f} steps, "
-                  f"graph {best.size_mb:.2f} MB. Accuracy budget: {max_drop_points:g} points.", ""]
+                  f"graph {best.size_mb:.2f} MB. Accuracy budget: {rec.budget_points:g} points.", ""]
+        if rec.equivalent:
+            lines += ["Equivalent within the timing noise here (latency quartiles overlap), chosen by accuracy: " +
+                      ", ".join(f"{_setting(r)} ({100 * r.exact_accuracy:.1f}%, {r.latency_ms_p50:.2f} ms)"
+                                for r in rec.equivalent) + ".", ""]
+        lines += [f"- {note}" for note in rec.notes] + ([""] if rec.notes else [])
     lines += ["## All settings", "",
-              "| variant | backend | loop | steps (mean) | exact acc | token acc | latency p50 / p95 (ms) | "
-              "puzzles/s | graph MB | peak RSS MB |", "|---|---|---|---|---|---|---|---|---|---|"]
+              "| variant | backend | loop | steps (mean) | exact acc [95% CI] of puzzles | token acc | ms per puzzle "
+              "p50 [p25, p75] | puzzles/s | graph MB | peak RSS MB |", "|---|---|---|---|---|---|---|---|---|---|"]
     front = {id(r) for r in pareto_front(data.measurements)}
     for r in data.measurements:
         rss = "n/a" if r.peak_rss_mb is None else f"{r.peak_rss_mb:.0f}"
         mark = " *" if id(r) in front else ""
-        lines.append(f"| {r.variant}{mark} | {r.backend} | {r.mode} {r.budget} | {r.mean_steps:.2f} | "
-                     f"{100 * r.exact_accuracy:.1f}% | {100 * r.token_accuracy:.2f}% | {r.latency_ms_p50:.2f} / "
-                     f"{r.latency_ms_p95:.2f} | {r.throughput:.0f} (batch {r.batch}) | {r.size_mb:.2f} | {rss} |")
+        lines.append(f"| {r.variant}{mark} | {r.backend} | {r.mode} {r.budget} | {r.mean_steps:.2f} | {_acc(r)} | "
+                     f"{100 * r.token_accuracy:.2f}% | {r.latency_ms_p50:.2f} [{r.latency_ms_p25:.2f}, "
+                     f"{r.latency_ms_p75:.2f}] | {r.throughput:.0f} (batch {r.batch}) | {r.size_mb:.2f} | {rss} |")
     lines += ["", "`*`: on the accuracy/latency Pareto frontier.", ""]
     if data.drift:
         lines += ["## Drift against FP32 (z_H, fixed loop)", "",
@@ -72,6 +112,8 @@ def markdown(data: ReportData, max_drop_points: float) -> str:
             lines.append(f"| {d.variant} | {d.relative_error[0]:.2e} | {d.relative_error[-1]:.2e} | "
                          f"{d.cosine[-1]:.5f} |")
         lines.append("")
+    if data.notes:
+        lines += ["## Notes", ""] + [f"- {note}" for note in data.notes] + [""]
     if data.not_measured:
         lines += ["## Not measured here", ""] + [f"- {item}" for item in data.not_measured] + [""]
     lines += ["## Plots", "", "![accuracy versus latency](pareto.png)", "",
@@ -96,6 +138,9 @@ def plots(data: ReportData, folder: Path) -> list[str]:
     fig, ax = plt.subplots(figsize=(8, 5))
     front = pareto_front(rows)
     for r in rows:
+        ax.errorbar(r.latency_ms_p50, 100 * r.exact_accuracy, color=colors[r.variant], alpha=0.35, linewidth=0.8,
+                    xerr=[[r.latency_ms_p50 - r.latency_ms_p25], [r.latency_ms_p75 - r.latency_ms_p50]],
+                    yerr=[[100 * (r.exact_accuracy - r.exact_low)], [100 * (r.exact_high - r.exact_accuracy)]])
         ax.scatter(r.latency_ms_p50, 100 * r.exact_accuracy, color=colors[r.variant],
                    marker="*" if r.mode == "adaptive" else "o", s=90 if r.mode == "adaptive" else 40)
     for r in front:  # only the frontier is labelled: every other point is beaten on both axes by one of these
@@ -110,8 +155,8 @@ def plots(data: ReportData, folder: Path) -> list[str]:
     ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
     ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
     ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-    ax.set_xlabel("latency per puzzle, batch 1, p50 (ms, log scale)")
-    ax.set_ylabel("exact accuracy (%)")
+    ax.set_xlabel("latency per puzzle, batch 1, p50 with quartiles (ms, log scale)")
+    ax.set_ylabel("exact accuracy (%), 95% interval")
     ax.set_title(f"Accuracy versus latency ({data.task}, {data.puzzles} held-out puzzles; frontier labelled, "
                  "A = adaptive)")
     ax.grid(alpha=0.3, which="both")
@@ -126,6 +171,8 @@ def plots(data: ReportData, folder: Path) -> list[str]:
         fixed = sorted((r for r in rows if r.variant == v and r.mode == "fixed"), key=lambda m: m.budget)
         ax.plot([r.budget for r in fixed], [100 * r.exact_accuracy for r in fixed], marker="o", color=colors[v],
                 label=f"{v}, fixed")
+        ax.fill_between([r.budget for r in fixed], [100 * r.exact_low for r in fixed],
+                        [100 * r.exact_high for r in fixed], color=colors[v], alpha=0.12)
         for r in rows:
             if r.variant == v and r.mode == "adaptive":
                 ax.scatter(r.mean_steps, 100 * r.exact_accuracy, marker="*", s=120, color=colors[v],
@@ -135,7 +182,7 @@ def plots(data: ReportData, folder: Path) -> list[str]:
     ax.set_xticks(budgets, [str(b) for b in budgets])
     ax.set_xlabel("ACT steps (log scale)")
     ax.set_ylabel("exact accuracy (%)")
-    ax.set_title("Exact accuracy versus step budget")
+    ax.set_title("Exact accuracy versus step budget (bands: 95% intervals)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -54,23 +54,54 @@ def read_puzzles(path: str | Path, encoding: TaskEncoding) -> np.ndarray:
         raise InputError(str(exc) if str(path) in str(exc) else f"{path}: {exc}") from None
 
 
+def check_solutions(inputs: np.ndarray, predictions: np.ndarray, encoding: TaskEncoding) -> np.ndarray | None:
+    """bool [N]: which predictions solve their puzzles by the task's rules (`Task.valid_solutions`), or None
+    when the model's task is not a shipped one (nothing to check against)."""
+    task = task_for_encoding(encoding)
+    if task is None:
+        return None
+    try:
+        return np.asarray(task.valid_solutions(np.asarray(inputs), np.asarray(predictions)), dtype=bool)
+    except NotImplementedError:
+        return None
+
+
+def describe_run(result: SolveResult, valid: np.ndarray | None, mode: str, backend: str) -> str:
+    """The one summary line of a run: how many answers are valid solutions, the mode, mean steps, the backend."""
+    n = len(result)
+    if valid is None:
+        counted = "answers not checked (no checker for this model's task)"
+    else:
+        good = int(np.count_nonzero(valid))
+        counted = f"{good} valid solution{'' if good == 1 else 's'}, {n - good} not"
+    steps = f"mean {float(result.steps_used.mean()):.2f} steps" if n else "no steps"
+    return f"{n} puzzle{'' if n == 1 else 's'}: {counted} ({mode}, {steps}, backend {backend})"
+
+
 # Token -> character of the official encodings (0 is pad: '?', it should never be an answer).
 TEXT_CHARSETS = {"sudoku": "?.123456789", "maze": "?# SGo"}
 
 
-def format_solutions(result: SolveResult, encoding: TaskEncoding) -> str:
-    """One line per puzzle (Sudoku: 81 characters; maze: the grid's rows joined by '|'), a tab, the steps used."""
+def format_solutions(result: SolveResult, encoding: TaskEncoding, valid: np.ndarray | None = None) -> str:
+    """One line per puzzle, three tab-separated columns: the answer (Sudoku: 81 characters; maze: the grid's rows
+    joined by '|'; other tasks: tokens separated by spaces), the steps used, and `valid` / `invalid` (a valid
+    solution of its puzzle, `check_solutions`) or `-` where `valid` is None (not checked)."""
     charset = TEXT_CHARSETS.get(encoding.name)
     side = encoding.grid_side
+    n = len(result.predictions)
+    if len(result.steps_used) != n or (valid is not None and len(valid) != n):
+        raise ValueError(f"{n} predictions, {len(result.steps_used)} step counts and "
+                         f"{'no' if valid is None else len(valid)} validity flags do not match")
+    marks = ["-"] * n if valid is None else ["valid" if v else "invalid" for v in valid]
     lines = []
-    for prediction, steps in zip(result.predictions, result.steps_used, strict=True):
+    for prediction, steps, mark in zip(result.predictions, result.steps_used, marks):  # noqa: B905 - lengths checked above (zip(strict=) needs 3.10; the runtime runs on 3.8)
         if charset is None:
             body = " ".join(str(int(t)) for t in prediction)
         else:  # a model may predict any token, pad included: every token has a character
             body = "".join(charset[int(t)] for t in prediction)
             if encoding.name == "maze" and side:  # Sudoku stays one 81-character line, as it is read
                 body = "|".join(body[i:i + side] for i in range(0, len(body), side))
-        lines.append(f"{body}\t{int(steps)}")
+        lines.append(f"{body}\t{int(steps)}\t{mark}")
     return "\n".join(lines) + "\n"
 
 
@@ -86,9 +117,11 @@ def check_output_file(output: Path, force: bool) -> None:
         raise InputError(f"{output}: folder {output.parent} is not writable; choose another --output")
 
 
-def write_solutions(result: SolveResult, encoding: TaskEncoding, output: str | Path | None) -> str:
-    """Format, and write atomically when `output` is given (.npz: arrays; anything else: text lines)."""
-    text = format_solutions(result, encoding)
+def write_solutions(result: SolveResult, encoding: TaskEncoding, output: str | Path | None,
+                    valid: np.ndarray | None = None) -> str:
+    """Format, and write atomically when `output` is given (.npz: arrays, with `valid` when it is given; anything
+    else: text lines)."""
+    text = format_solutions(result, encoding, valid)
     if output is None:
         return text
     output = Path(output)
@@ -96,8 +129,9 @@ def write_solutions(result: SolveResult, encoding: TaskEncoding, output: str | P
     try:
         with os.fdopen(fd, "wb") as f:
             if output.suffix == ".npz":
+                checked = {} if valid is None else {"valid": np.asarray(valid, dtype=bool)}
                 np.savez(f, predictions=result.predictions, steps_used=result.steps_used, q_halt=result.q_halt,
-                         q_continue=result.q_continue)
+                         q_continue=result.q_continue, **checked)
             else:
                 f.write(text.encode())
         umask = os.umask(0)

@@ -19,6 +19,7 @@ from typing import Any
 
 from trm_export.errors import BundleError
 
+_VERSION = re.compile(r"[0-9]{1,4}(\.[0-9A-Za-z]{1,16}){0,4}")  # 10.3.0.26, 8.7
 FORMAT_VERSION = 2  # 2: the manifest carries the digest of its own canonical form
 MANIFEST_NAME = "manifest.json"
 
@@ -301,7 +302,10 @@ def _parse(data: Any) -> Manifest:
     for variant, engine in _Fields(build, "build").obj("engines", optional=True).items():
         if variant not in graphs:
             raise BundleError(f"{MANIFEST_NAME}: build.engines names variant {variant!r}, which has no graph")
-        _Fields(engine, f"build.engines.{variant}").path("file")
+        ef = _Fields(engine, f"build.engines.{variant}")
+        ef.path("file")
+        ef.str("tensorrt_version", pattern=_VERSION)  # compared with this device's before the engine is loaded
+        ef.str("sm", pattern=_VERSION)
     manifest = Manifest(format_version=version, model=root.obj("model"), task=task, embedding=embedding, loop=loop,
                         graphs=graphs, target=root.str("target", pattern=NAME_PATTERN), files=files,
                         provenance=root.obj("provenance"), golden=golden, parity=root.obj("parity", optional=True),

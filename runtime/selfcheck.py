@@ -86,9 +86,10 @@ def golden_figures(solver: Solver) -> dict[str, float]:
 
 
 def verify_bundle(bundle: str | Path, variant: str | None = None, provider: str | None = None,
-                  threads: int | None = None) -> CheckReport:
+                  threads: int | None = None, backend: str = "auto") -> CheckReport:
     """Run the golden puzzles through `variant` and compare with the reference values in the bundle."""
-    return golden_report(Solver(bundle, variant=variant, provider=provider, threads=threads, verify=True))
+    return golden_report(Solver(bundle, variant=variant, backend=backend, provider=provider, threads=threads,
+                                verify=True))
 
 
 def check_golden(solver: Solver) -> None:
@@ -108,6 +109,8 @@ def golden_report(solver: Solver) -> CheckReport:
     tol = tolerances.get(variant, tolerances["fp32"])
     f = golden_figures(solver)
     report = CheckReport(variant, solver.backend.name)
+    if solver.backend_note:  # a fall back from the bundle's engine is said where the verdict is
+        report.notes.append(solver.backend_note)
     report.add("manifest digest and file checksums", True, f"{len(solver.manifest.files)} files")
     q_err = max(f["q_halt_abs"], f["q_continue_abs"])
     report.figures.update({"max |q_halt - reference|": f["q_halt_abs"],

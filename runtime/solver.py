@@ -32,6 +32,7 @@ from trm_export.runtime.manifest import Manifest, member, read_manifest
 from trm_export.runtime.validate import validate_puzzles
 
 MODES = ("fixed", "adaptive")
+BACKENDS = ("auto", "onnxruntime", "tensorrt")
 # A step budget beyond any use (the papers evaluate 16 steps; HRM's accuracy knob goes to a few times that).
 MAX_STEPS = 4096
 
@@ -71,6 +72,31 @@ def halt_now(q_halt: np.ndarray, q_continue: np.ndarray, rule: str) -> np.ndarra
     raise BundleError(f"unknown halting rule {rule!r}; known: 'q_halt>0', 'q_halt>q_continue'")
 
 
+def select_backend(manifest: Manifest, variant: str, requested: str, tensorrt_here: bool) -> tuple[str, str | None]:
+    """("tensorrt" | "onnxruntime", note): which backend runs `variant`, and a line saying why when it is not the
+    one the bundle was built for. Never a silent fall back: "auto" falls back with a note, "tensorrt" refuses."""
+    if requested not in BACKENDS:
+        raise BundleError(f"requested backend {requested!r}; available: {', '.join(map(repr, BACKENDS))}")
+    engine = manifest.build.get("engines", {}).get(variant)
+    if requested == "onnxruntime":
+        return "onnxruntime", None
+    if engine is not None and tensorrt_here:
+        return "tensorrt", None
+    if requested == "tensorrt":
+        if engine is None:
+            raise BundleError(f"no TensorRT engine for variant {variant!r} in this bundle; build one on the device "
+                              "with `trm-export build BUNDLE` (or build/build_engines.sh, which records it)")
+        raise BundleError(f"variant {variant!r} has a TensorRT engine ({engine['file']}) but TensorRT is not "
+                          "importable here: on a Jetson use a venv with --system-site-packages (JetPack's TensorRT)")
+    if engine is not None:
+        return "onnxruntime", (f"variant {variant!r} has a TensorRT engine ({engine['file']}) but TensorRT is not "
+                               "importable here: running ONNX Runtime instead (--backend tensorrt refuses to)")
+    if manifest.build.get("recipes"):  # a TensorRT target's bundle, no engine built yet
+        return "onnxruntime", (f"no TensorRT engine for variant {variant!r} yet: running ONNX Runtime (build engines "
+                               "on the device: build/build_engines.sh or `trm-export build`)")
+    return "onnxruntime", None
+
+
 def _tensorrt_importable() -> bool:
     import importlib.util
 
@@ -80,7 +106,9 @@ def _tensorrt_importable() -> bool:
 class Solver:
     """Runs a bundle's step graph in a loop. Verifies the bundle's checksums on load.
 
-    `variant` None: the bundle's default (`manifest.default_variant`, the target's precision chosen at export)."""
+    `variant` None: the bundle's default (`manifest.default_variant`, the target's precision chosen at export).
+    `backend`: "auto" runs a recorded TensorRT engine where TensorRT is importable, else ONNX Runtime and says
+    why in `backend_note`; "tensorrt" refuses to fall back; "onnxruntime" always runs the ONNX graph."""
 
     def __init__(self, bundle: str | Path, *, variant: str | None = None, backend: str = "auto",
                  provider: str | None = None, batch_size: int = 64, threads: int | None = None,
@@ -105,13 +133,9 @@ class Solver:
     def _make_backend(self, backend: str, provider: str | None, batch_size: int, threads: int | None) -> Backend:
         graph = self.manifest.graphs[self.variant]
         task = self.manifest.task
-        if backend not in ("auto", "onnxruntime", "tensorrt"):
-            raise BundleError(f"requested backend {backend!r}; available: 'auto', 'onnxruntime', 'tensorrt'")
         engine = self.manifest.build.get("engines", {}).get(self.variant)
-        if backend == "tensorrt" or (backend == "auto" and engine is not None and _tensorrt_importable()):
-            if engine is None:
-                raise BundleError(f"no TensorRT engine for variant {self.variant!r} in this bundle; build one on the "
-                                  "device with `trm-export build BUNDLE` (or build/build_engines.sh)")
+        kind, self.backend_note = select_backend(self.manifest, self.variant, backend, _tensorrt_importable())
+        if kind == "tensorrt":
             from trm_export.runtime.tensorrt_backend import TensorRTBackend, check_engine_here
 
             check_engine_here(engine)

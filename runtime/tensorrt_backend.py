@@ -96,15 +96,17 @@ class TensorRTBackend:
         h2d = self.cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
         rows = [np.ascontiguousarray(a, dtype=np.float32) for a in (x, z_H, z_L)]
         targets = (self.x, self.z[0][self.current], self.z[1][self.current])
-        for base, host in zip(targets, rows, strict=True):
+        for base, host in zip(targets, rows):  # noqa: B905 - three and three; zip(strict=) needs 3.10, this runs on 3.8
             for i, slot in enumerate(slots):
                 self._copy(int(base) + int(slot) * self.row["state"], host[i].ctypes.data, self.row["state"], h2d)
         self._sync()  # host arrays may be freed after return
 
     def move(self, src: np.ndarray, dst: np.ndarray) -> None:
         d2d = self.cudart.cudaMemcpyKind.cudaMemcpyDeviceToDevice
+        if len(src) != len(dst):  # what zip(strict=True) checked; the runtime runs on 3.8
+            raise ValueError(f"move: {len(src)} source slots but {len(dst)} destination slots")
         for base in (self.x, self.z[0][self.current], self.z[1][self.current]):
-            for s, t in zip(src, dst, strict=True):
+            for s, t in zip(src, dst):  # noqa: B905 - lengths checked above (zip(strict=) needs 3.10)
                 self._copy(int(base) + int(t) * self.row["state"], int(base) + int(s) * self.row["state"],
                            self.row["state"], d2d)
 

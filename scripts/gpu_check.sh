@@ -54,6 +54,19 @@ for name, (task_name, params) in sorted(TASK_OF_MODEL.items()):
             times.append(time.perf_counter() - start)
         rows.append((name, variant, "adaptive b1 p50/p95", np.percentile(times, 50) * 1e3,
                      np.percentile(times, 95) * 1e3))
+# The trtexec path: build_engines.sh builds, then records (trm-export build . --record); the runtime must pick it.
+import shutil, subprocess
+if shutil.which("trtexec") or Path("/usr/src/tensorrt/bin/trtexec").exists():
+    name = sorted(TASK_OF_MODEL)[0]
+    bundle, _, _ = export_bundle(reference_model_path(name), out / f"{name}.{target.name}.trtexec.bundle",
+                                 ExportOptions(target=target.name, force=True, parity_puzzles=64))
+    subprocess.run(["sh", str(bundle / "build" / "build_engines.sh")], check=True)
+    solver = Solver(bundle)
+    ok = solver.backend.name.startswith("tensorrt") and solver.backend_note is None
+    print(f"build_engines.sh engine picked by the Solver: {ok} ({solver.backend.name})")
+    failed |= not ok or not verify_bundle(bundle)
+else:
+    print("trtexec not found: the build_engines.sh path was not checked")
 print("\nmodel | variant | batch | ms per step (or p50) | exact acc (or p95 ms)")
 for row in rows:
     print(" | ".join(f"{v:.3f}" if isinstance(v, float) else str(v) for v in row))

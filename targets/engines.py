@@ -3,16 +3,19 @@
 At export the bundle gets `build/build_engines.sh` (the exact trtexec commands for its target's TensorRT
 version) and the recipes in `manifest.build`. On a machine with TensorRT and a GPU, `trm-export build BUNDLE`
 runs the same recipes through the Python API and records each engine (file, TensorRT version, SM) in the
-manifest, whose checksums are then updated.
+manifest, whose checksums are then updated; after build_engines.sh (trtexec), `trm-export build BUNDLE
+--record` checks and records the engines it wrote (the script runs it when trm-export is installed).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Callable
 from pathlib import Path
 
-from trm_export.runtime.manifest import MANIFEST_NAME, Manifest, read_manifest, sha256_file
+from trm_export.errors import BundleError
+from trm_export.runtime.manifest import MANIFEST_NAME, Manifest, member, read_manifest, sha256_file
 from trm_export.targets.recipe import BuildRecipe, build_script, make_recipe
 from trm_export.targets.registry import Target, get_target
 
@@ -65,17 +68,76 @@ def build_bundle_engines(bundle: str | Path, variants: list[str] | None = None, 
         target = get_target("gpu-trt10")  # a CPU bundle can still be built for the local GPU
     records = {}
     for recipe in recipes_for(manifest, target, dla_core=dla_core, variants=variants):
-        records[recipe.variant] = dataclasses.asdict(build_engine(bundle, recipe, verbose=verbose))
+        records[recipe.variant] = {**dataclasses.asdict(build_engine(bundle, recipe, verbose=verbose)),
+                                   "built_by": "trm-export build", "precision_flags": list(recipe.precision_flags)}
+    return _record(bundle, manifest, target, records)
+
+
+def _probe_here(path: Path) -> tuple[str, str]:
+    """Deserialize `path` with this machine's TensorRT: it must load here, or it was built elsewhere."""
+    from trm_export.targets.tensorrt_build import current_sm, import_tensorrt
+
+    trt = import_tensorrt()
+    engine = trt.Runtime(trt.Logger(trt.Logger.ERROR)).deserialize_cuda_engine(path.read_bytes())
+    if engine is None:
+        raise BundleError(f"{path}: TensorRT {trt.__version__} cannot load this engine (built by another TensorRT "
+                          "version or for another GPU, or truncated): build it again here")
+    return trt.__version__, current_sm()
+
+
+def record_engines(bundle: str | Path, variants: list[str] | None = None,
+                   probe: Callable[[Path], tuple[str, str]] | None = None) -> Manifest:
+    """Find the engines that build/build_engines.sh (trtexec) wrote, check each on this machine and record them.
+
+    An engine is looked for where the bundle's recipe puts it (GPU, then each DLA core). Checked: it is a plain
+    file inside the bundle, TensorRT here deserializes it (its TensorRT version and SM are then this machine's),
+    and its sha256 goes into the manifest's checksums, so that a later swap is refused like any edited file.
+    `probe(engine file) -> (TensorRT version, SM)` stands in for TensorRT in tests. Raises BundleError when no
+    engine is found.
+    """
+    bundle = Path(bundle)
+    manifest = read_manifest(bundle, verify=True)
+    target = get_target(manifest.target)
+    if target.tensorrt is None:
+        target = get_target("gpu-trt10")
+    probe = probe or _probe_here
+    records = {}
+    for dla in (None, *range(target.dla_cores)):
+        for recipe in recipes_for(manifest, target, dla_core=dla, variants=variants):
+            if recipe.variant in records:
+                continue
+            path = bundle / recipe.engine_file
+            if path.is_symlink() or not path.is_file():
+                continue
+            engine = member(bundle, recipe.engine_file)
+            if engine.stat().st_size == 0:
+                raise BundleError(f"{engine}: empty engine file (a build was interrupted): run build/build_engines.sh "
+                                  "again")
+            version, sm = probe(engine)
+            batch = next(iter(recipe.shapes.values()))
+            records[recipe.variant] = {"variant": recipe.variant, "file": recipe.engine_file,
+                                       "tensorrt_version": version, "sm": sm, "dla_core": recipe.dla_core,
+                                       "batch": [batch[0][0], batch[1][0], batch[2][0]], "built_by": "trtexec",
+                                       "precision_flags": list(recipe.precision_flags)}
+    if not records:
+        raise BundleError(f"{bundle}: no engine found where the recipes put them (engines/*.{target.name}.engine): "
+                          "run build/build_engines.sh on the device first, or `trm-export build` to build and record")
+    return _record(bundle, manifest, target, records)
+
+
+def _record(bundle: Path, manifest: Manifest, target: Target, records: dict[str, dict]) -> Manifest:
+    """The manifest with `records` as its engines, their checksums (and the timing cache's) in `files`, sealed and
+    written atomically."""
     build = dict(manifest.build) or recipe_manifest_entry(recipes_for(manifest, target))
     build["engines"] = {**build.get("engines", {}), **records}
     files = {**manifest.files}
     for rec in records.values():
         files[rec["file"]] = sha256_file(bundle / rec["file"])
     cache = bundle / "engines" / "timing.cache"
-    if cache.is_file():
+    if cache.is_file() and not cache.is_symlink():
         files["engines/timing.cache"] = sha256_file(cache)
     updated = dataclasses.replace(manifest, build=build, files=files)
     tmp = bundle / f".{MANIFEST_NAME}.tmp"
     tmp.write_text(updated.to_json())
     os.replace(tmp, bundle / MANIFEST_NAME)
-    return updated
+    return read_manifest(bundle, verify=False)  # what a reader will see: the schema checks the records too

@@ -106,7 +106,8 @@ def make_recipe(target: Target, variant: str, graph: GraphSpec, dla_core: int | 
     for spec in graph.inputs:
         rest = tuple(int(d) for d in spec.shape[1:])
         shapes[spec.name] = ((lo, *rest), (opt, *rest), (hi, *rest))
-    stem = graph.file.rsplit("/", 1)[-1].removesuffix(".onnx")
+    stem = graph.file.rsplit("/", 1)[-1]
+    stem = stem[:-len(".onnx")] if stem.endswith(".onnx") else stem  # no str.removesuffix: runs on 3.8
     suffix = f"{target.name}.dla{dla_core}" if dla_core is not None else target.name
     return BuildRecipe(target=target.name, variant=variant, onnx_file=graph.file,
                        engine_file=f"engines/{stem}.{suffix}.engine", timing_cache="engines/timing.cache",
@@ -121,9 +122,16 @@ def build_script(recipes: list[BuildRecipe], target: Target) -> str:
              f"# Run on the device itself (TensorRT {target.tensorrt[0]}"
              f"{'+' if target.tensorrt[0] != target.tensorrt[1] else ''}, SM {'/'.join(target.sm)}): engines do not "
              "move across GPUs or TensorRT versions.",
-             "# Then: trm-export verify . --variant <name>   (or: trm-export build . on the device does the same)",
+             "# The engines are then checked and recorded in manifest.json (`trm-export build . --record`), so that",
+             "# `trm-export verify .`, `run` and `report` use them (`trm-export build .` builds and records at once).",
              "set -eu", 'cd "$(dirname "$0")/.."', "mkdir -p engines",
              'command -v trtexec >/dev/null 2>&1 || PATH="$PATH:/usr/src/tensorrt/bin"  # JetPack location', ""]
     for r in recipes:  # names come from a manifest (a stranger's file): quoted, and checked on read
         lines += [shlex.join(["echo", f"building {r.variant} -> {r.engine_file}"]), r.trtexec_command(), ""]
+    lines += ["if command -v trm-export >/dev/null 2>&1; then",
+              "  trm-export build . --record",
+              "else",
+              '  echo "engines built; record them with: trm-export build . --record (until then the runtime does not '
+              'use them)"',
+              "fi"]
     return "\n".join(lines)

@@ -37,6 +37,7 @@ class Target:
     batch: BatchProfile
     tensorrt: tuple[str, str] | None = None  # supported TensorRT version range, inclusive (major.minor)
     jetpack: str | None = None
+    python: str | None = None  # the Python 3 this JetPack ships (its Ubuntu's); JetPack's TensorRT module is for it
     sm: tuple[str, ...] = ()  # compute capabilities an engine may be built for
     dla_cores: int = 0
     memory_gb: tuple[int, ...] = ()
@@ -54,8 +55,9 @@ class Target:
 
 
 _ORIN = dict(runtime="tensorrt", sm=("8.7",), default_precision="int8")
-_JP6 = dict(jetpack="6.1-6.2", tensorrt=("10.3", "10.3"), max_opset=20, max_ir_version=9)
-_JP5 = dict(jetpack="5.1", tensorrt=("8.5", "8.5"), max_opset=17, max_ir_version=8)
+# JetPack 6 is Ubuntu 22.04 (Python 3.10), JetPack 5 Ubuntu 20.04 (Python 3.8), JetPack 7 Ubuntu 24.04 (Python 3.12).
+_JP6 = dict(jetpack="6.1-6.2", python="3.10", tensorrt=("10.3", "10.3"), max_opset=20, max_ir_version=9)
+_JP5 = dict(jetpack="5.1", python="3.8", tensorrt=("8.5", "8.5"), max_opset=17, max_ir_version=8)
 
 TARGETS: tuple[Target, ...] = (
     Target("cpu", "Any x86-64 or ARM CPU through ONNX Runtime", runtime="onnxruntime", max_opset=20,
@@ -70,7 +72,7 @@ TARGETS: tuple[Target, ...] = (
            dla_cores=2, memory_gb=(32, 64), workspace_mb=4096, batch=BatchProfile(1, 64, 256),
            aliases=("jetson", "agx-orin", "orin")),
     Target("jetson-agx-orin-jp7", "Jetson AGX Orin on JetPack 7.2.2 (TensorRT 11.4.1+, strongly typed)",
-           **_ORIN, jetpack="7.2.2", tensorrt=("11.4", "11.99"), max_opset=25, max_ir_version=11,
+           **_ORIN, jetpack="7.2.2", python="3.12", tensorrt=("11.4", "11.99"), max_opset=25, max_ir_version=11,
            dla_cores=2, memory_gb=(32, 64), workspace_mb=4096, batch=BatchProfile(1, 64, 256)),
     Target("jetson-xavier-nx", "Jetson Xavier NX 8/16 GB (JetPack 5.1, TensorRT 8.5)", runtime="tensorrt",
            sm=("7.2",), default_precision="int8", **_JP5, dla_cores=2, memory_gb=(8, 16), workspace_mb=1024,

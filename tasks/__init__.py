@@ -13,11 +13,11 @@ Modules: ``base`` (TaskData, TaskSpec, Task, splits), ``sudoku``, ``maze``, ``me
 
 from .base import SPLIT_NAMES, Task, TaskData, TaskSpec
 from .files import load_puzzles
-from .maze import MazeTask, format_maze, parse_maze, solve_maze
+from .maze import MazeTask, format_maze, parse_maze, solve_maze, valid_maze_solutions
 from .metrics import exact_accuracy, per_puzzle_correct, token_accuracy
 from .official import read_official_dataset, write_official_dataset
 from .registry import TASK_NAMES, get_task
-from .sudoku import SudokuTask, count_solutions, format_sudoku, parse_sudoku, solve_sudoku
+from .sudoku import SudokuTask, count_solutions, format_sudoku, parse_sudoku, solve_sudoku, valid_sudoku_solutions
 
 __all__ = [
     "SPLIT_NAMES",
@@ -40,5 +40,7 @@ __all__ = [
     "solve_maze",
     "solve_sudoku",
     "token_accuracy",
+    "valid_maze_solutions",
+    "valid_sudoku_solutions",
     "write_official_dataset",
 ]

@@ -230,6 +230,14 @@ class Task(ABC):
     def format(self, tokens: np.ndarray) -> str:
         """Render one puzzle's tokens in the task's text format."""
 
+    def valid_solutions(self, inputs: np.ndarray, predictions: np.ndarray) -> np.ndarray:
+        """bool [N]: which predictions ([N, seq_len] tokens) solve their puzzles (inputs [N, seq_len]).
+
+        Judged by the task's rules, not by comparison with a label, so answers to puzzles read from files (no
+        labels) are checked too. A task that cannot check answers raises NotImplementedError.
+        """
+        raise NotImplementedError(f"task {self.spec.name!r} cannot check answers")
+
     # --- generation -------------------------------------------------------------------
     def generate(self, n: int, seed: int, **difficulty: Any) -> TaskData:
         """Generate ``n`` distinct puzzles, deterministically from ``seed``.

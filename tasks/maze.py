@@ -48,6 +48,7 @@ __all__ = [
     "parse_maze",
     "shortest_paths",
     "solve_maze",
+    "valid_maze_solutions",
 ]
 
 #: Official character set; token = index + 1 (token 0 is pad).
@@ -189,6 +190,52 @@ def solve_maze(tokens: Any, side: int | None = None) -> np.ndarray | None:
     out = np.where(arr == PATH, OPEN, arr).astype(np.int32)
     out[_trace_back(dist, side, g)] = PATH
     return out
+
+
+def valid_maze_solutions(puzzles: Any, predictions: Any, side: int | None = None) -> np.ndarray:
+    """bool [N]: which predicted grids draw a shortest S->G path of their mazes (tokens [N, side*side] each).
+
+    The task's answer (its label) is the maze with every cell of THE shortest path strictly between S and G
+    turned into ``o``; a prediction is valid when it is such an answer, the one the label draws or, in a maze
+    with several shortest paths (never generated here), any of them:
+
+    * the maze is kept: walls, S and G exactly where the puzzle has them (one S, one G), every other cell open
+      or ``o``, no pad token;
+    * the ``o`` cells form one 4-neighbour chain from S to G: S and G each touch exactly one cell of S, G and
+      the ``o`` cells (each other, when there are no ``o`` cells), every ``o`` cell exactly two -- so no gaps,
+      no branches, no stray ``o`` and no loops;
+    * it is shortest: ``o`` cells + 1 moves is the puzzle's S->G distance (``o`` cells of a puzzle count as open).
+
+    For the generated mazes (unique shortest paths) this is the same as an exact match with the label.
+    """
+    p = np.asarray(puzzles)
+    s = np.asarray(predictions)
+    if p.ndim == 1:
+        p = p[None, :]
+    if s.ndim == 1:
+        s = s[None, :]
+    if p.ndim != 2 or p.shape != s.shape:
+        raise ValueError(f"need puzzles and predictions of the same shape [N, side*side], got {p.shape} and {s.shape}")
+    n, length = p.shape
+    side = _side_of(np.empty(length), side)
+    p = p.astype(np.int64)
+    s = s.astype(np.int64)
+    ok = ((p >= WALL) & (p <= PATH) & (s >= WALL) & (s <= PATH)).all(axis=1)
+    for kept in (WALL, START, GOAL):
+        ok &= ((p == kept) == (s == kept)).all(axis=1)
+    ok &= ((p == START).sum(axis=1) == 1) & ((p == GOAL).sum(axis=1) == 1)
+    on = (s == PATH) | (s == START) | (s == GOAL)
+    grid = np.pad(on.reshape(n, side, side), ((0, 0), (1, 1), (1, 1))).astype(np.int8)
+    degree = (grid[:, :-2, 1:-1] + grid[:, 2:, 1:-1] + grid[:, 1:-1, :-2] + grid[:, 1:-1, 2:]).reshape(n, length)
+    ok &= np.where(on, degree == np.where(s == PATH, 2, 1), True).all(axis=1)
+    # A chain from S (degree 1) ends at the only other degree-1 cell, G, through open cells: a walk of at least
+    # the shortest distance. Moves == that distance leaves no 'o' cell off it (no separate loop) and makes it shortest.
+    moves = (s == PATH).sum(axis=1) + 1
+    for i in np.flatnonzero(ok).tolist():
+        start, goal = _endpoints(p[i])
+        dist, _ = _bfs((p[i] != WALL).tolist(), side, start)
+        ok[i] = dist[goal] == moves[i]
+    return ok
 
 
 def parse_maze(text: str | Iterable[str]) -> np.ndarray:
@@ -393,3 +440,6 @@ class MazeTask(Task):
 
     def format(self, tokens: np.ndarray) -> str:
         return format_maze(tokens, self.size)
+
+    def valid_solutions(self, inputs: np.ndarray, predictions: np.ndarray) -> np.ndarray:
+        return valid_maze_solutions(inputs, predictions, self.size)

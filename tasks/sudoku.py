@@ -41,6 +41,7 @@ __all__ = [
     "parse_sudoku",
     "solve_sudoku",
     "solved_by_singles",
+    "valid_sudoku_solutions",
 ]
 
 SUDOKU_SPEC = TaskSpec(
@@ -278,6 +279,34 @@ def is_valid_solution(puzzle: Any, solution: Any) -> bool:
     return all((np.sort(x, axis=1) == want).all() for x in (g, g.T, boxes))
 
 
+def valid_sudoku_solutions(puzzles: Any, predictions: Any) -> np.ndarray:
+    """bool [N]: which predicted grids solve their puzzles (tokens [N, 81] each; one puzzle may be 1-D).
+
+    A prediction is valid when it is a complete grid (every token a digit, 2..10), every row, column and 3x3 box
+    holds each digit once, and it keeps every given of its puzzle (every input token that is not blank; a pad
+    token in a puzzle can never be kept, so such a puzzle has no valid answer). This is ``is_valid_solution``
+    for a batch; for the generated (unique) puzzles it is the same as an exact match with the label.
+    """
+    p = np.asarray(puzzles)
+    s = np.asarray(predictions)
+    if p.ndim == 1:
+        p = p[None, :]
+    if s.ndim == 1:
+        s = s[None, :]
+    if p.ndim != 2 or p.shape[1] != 81 or p.shape != s.shape:
+        raise ValueError(f"need puzzles and predictions of the same shape [N, 81], got {p.shape} and {s.shape}")
+    n = p.shape[0]
+    s = s.astype(np.int64)
+    ok = ((s >= 2) & (s <= 10)).all(axis=1)
+    ok &= ((p == _BLANK_TOKEN) | (p == s)).all(axis=1)
+    g = s.reshape(n, 9, 9)
+    boxes = g.reshape(n, 3, 3, 3, 3).transpose(0, 1, 3, 2, 4).reshape(n, 9, 9)
+    want = np.arange(2, 11)
+    for units in (g, g.transpose(0, 2, 1), boxes):
+        ok &= (np.sort(units, axis=2) == want).all(axis=(1, 2))
+    return ok
+
+
 def parse_sudoku(text_line: str) -> np.ndarray:
     """Parse an 81-character line ('1'-'9' givens, '0' or '.' blanks) into int32 tokens.
 
@@ -302,10 +331,14 @@ def parse_sudoku(text_line: str) -> np.ndarray:
     return out
 
 
-def format_sudoku(tokens: Any, blank: str = ".") -> str:
-    """Render 81 tokens as an 81-character line (``blank`` for token 1); inverse of parse."""
+def format_sudoku(tokens: Any, blank: str = ".", rows: bool = False) -> str:
+    """Render 81 tokens as an 81-character line (``blank`` for token 1); inverse of parse.
+
+    ``rows=True``: the grid as 9 lines of 9 characters instead, for people to read.
+    """
     digits = _tokens_to_digits(tokens)
-    return "".join(str(d) if d else blank for d in digits)
+    line = "".join(str(d) if d else blank for d in digits)
+    return "\n".join(line[i:i + 9] for i in range(0, 81, 9)) if rows else line
 
 
 # --------------------------------------------------------------------------------------
@@ -493,3 +526,6 @@ class SudokuTask(Task):
 
     def format(self, tokens: np.ndarray) -> str:
         return format_sudoku(tokens)
+
+    def valid_solutions(self, inputs: np.ndarray, predictions: np.ndarray) -> np.ndarray:
+        return valid_sudoku_solutions(inputs, predictions)

@@ -44,7 +44,7 @@ from trm_export.tasks import format_sudoku, get_task
 SUDOKU_SHAPED = dataclasses.replace(VARIANTS["trm-att-rope"], name="sudoku-shaped", seq_len=81, vocab_size=11,
                                     num_puzzle_identifiers=1, halt_max_steps=6, gain=0.5)
 THREADS = 1
-FAST = QuantizeOptions(threads=THREADS, progress=False, fp16=True, calib_puzzles=12, eval_puzzles=24,
+FAST = QuantizeOptions(threads=THREADS, progress=False, fp16=True, mixed=True, calib_puzzles=12, eval_puzzles=24,
                        record=RecordOptions(max_samples=48, batch_size=16),
                        mixed_options=MixedOptions(sensitivity_puzzles=8),
                        compare=CompareOptions(drift_puzzles=8, batch_size=24))

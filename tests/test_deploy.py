@@ -82,7 +82,7 @@ def test_one_command_for_a_jetson_gives_an_int8_bundle_built_first(tmp_path):
     assert result.exit_code == 0, result.output
     manifest = read_manifest(out)
     assert manifest.default_variant.startswith("int8-")
-    assert {"fp32", "fp16", "int8-mixed"} <= set(manifest.graphs)
+    assert {"fp32", "fp16"} <= set(manifest.graphs)
     assert manifest.choice["asked"] == "int8" and manifest.choice["chosen"] == manifest.default_variant
     first = json.loads((out / "manifest.json").read_text())["build"]["recipes"]
     script = (out / "build" / "build_engines.sh").read_text()
@@ -94,6 +94,25 @@ def test_one_command_for_a_jetson_gives_an_int8_bundle_built_first(tmp_path):
     assert "<-" in result.output and "ms/step here" in result.output and "stage times:" in result.output
     assert CliRunner().invoke(cli, ["verify", str(out)]).exit_code == 0
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".j.bundle.")]  # the fp32 source is gone
+    report = (out / "report" / "REPORT.md").read_text()  # by default, from the measurements the choice used
+    assert "Measured on the export machine" in report and "## Recommendation" in report
+    for variant in manifest.graphs:
+        assert f"| {variant}" in report
+    assert (out / "report" / "pareto.png").is_file() and (out / "report" / "accuracy_vs_steps.png").is_file()
+
+
+def test_one_command_for_a_cpu_writes_the_report_unless_asked_not_to(tmp_path):
+    write_official_checkpoint(tmp_path / "ck", SUDOKU_SHAPED)
+    common = [str(tmp_path / "ck"), "--target", "cpu", "--parity-puzzles", "8", "--threads", "1", "--eval-puzzles",
+              "16"]
+    result = CliRunner().invoke(cli, [*common, "-o", str(tmp_path / "b")])
+    assert result.exit_code == 0, result.output
+    text = (tmp_path / "b" / "report" / "REPORT.md").read_text()
+    assert "16 puzzles (sudoku held-out split, first 16)" in text and "95% interval" in text
+    assert "report:" in result.output and "stage times:" in result.output and "README.md" in result.output
+    assert CliRunner().invoke(cli, ["verify", str(tmp_path / "b")]).exit_code == 0  # report/ is not checksummed
+    result = CliRunner().invoke(cli, [*common, "-o", str(tmp_path / "n"), "--no-report"])
+    assert result.exit_code == 0 and not (tmp_path / "n" / "report").exists()
 
 
 def test_one_command_checks_its_inputs_before_any_work(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -12,13 +13,19 @@ from trm_export.cli import main as cli
 from trm_export.report import ReportOptions, measure_bundle, write_report
 from trm_export.report.measure import Measurement
 from trm_export.report.render import pareto_front, recommend
+from trm_export.report.trajectory import run_trajectory, wilson_interval
 from trm_export.runtime.manifest import seal
+from trm_export.runtime.solver import Solver
+from trm_export.tasks import get_task, per_puzzle_correct, token_accuracy
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def m(variant: str, precision: str, latency: float, acc: float, mode: str = "fixed", budget: int = 16) -> Measurement:
-    return Measurement(variant, precision, "onnxruntime", mode, budget, acc, acc, float(budget), latency, latency,
+def m(variant: str, precision: str, latency: float, acc: float, mode: str = "fixed", budget: int = 16,
+      puzzles: int = 1000, spread: float = 0.01) -> Measurement:
+    low, high = wilson_interval(round(acc * puzzles), puzzles)
+    return Measurement(variant, precision, "onnxruntime", mode, budget, puzzles, acc, low, high, acc, float(budget),
+                       latency * (1 - spread), latency, latency * (1 + spread), latency * (1 + 2 * spread),
                        1000 / latency, 16, 1.0, None)
 
 
@@ -30,22 +37,38 @@ def test_pareto_front_keeps_only_undominated_settings():
 
 def test_recommendation_is_the_fastest_within_the_accuracy_budget():
     rows = [m("fp32", "fp32", 10, 0.900), m("int8", "int8", 4, 0.896), m("int8", "int8", 2, 0.880, budget=4)]
-    best, base = recommend(rows, max_drop_points=0.5)
-    assert (best.variant, best.latency_ms_p50, base.latency_ms_p50) == ("int8", 4, 10)
-    best, _ = recommend(rows, max_drop_points=3)
-    assert best.budget == 4
+    rec = recommend(rows, max_drop_points=0.5)
+    assert (rec.chosen.variant, rec.chosen.latency_ms_p50, rec.baseline.latency_ms_p50) == ("int8", 4, 10)
+    assert recommend(rows, max_drop_points=3).chosen.budget == 4
 
 
 def test_a_drop_of_exactly_the_budget_is_within_it():
     # The maze report (fp32 96.5% at 16 steps, 96.0% at 4): float subtraction made 0.5 points 0.50000000000000044.
     rows = [m("fp32", "fp32", 26, 0.965), m("fp32", "fp32", 7, 0.960, budget=4), m("fp16", "fp16", 16, 0.965)]
-    best, _ = recommend(rows, max_drop_points=0.5)
-    assert (best.variant, best.budget) == ("fp32", 4)
+    rec = recommend(rows, max_drop_points=0.5)
+    assert (rec.chosen.variant, rec.chosen.budget) == ("fp32", 4)
+
+
+def test_a_latency_difference_within_the_noise_is_not_a_reason():
+    # int8 looks 5% faster on medians, but the quartiles overlap: the more accurate fp32 is kept, int8 is named.
+    rows = [m("fp32", "fp32", 10.0, 0.900, spread=0.1), m("int8", "int8", 9.5, 0.897, spread=0.1)]
+    rec = recommend(rows, max_drop_points=0.5)
+    assert rec.chosen.variant == "fp32" and [r.variant for r in rec.equivalent] == ["int8"]
+    rows[1] = m("int8", "int8", 5.0, 0.897, spread=0.1)  # beyond the noise: int8 wins
+    assert recommend(rows, max_drop_points=0.5).chosen.variant == "int8"
+
+
+def test_a_small_sample_allows_one_puzzle_and_says_so():
+    # 100 puzzles: 1 puzzle = 1 point, so a 0.5-point budget could never accept adaptive halting losing one puzzle.
+    rows = [m("fp32", "fp32", 16.0, 0.90, puzzles=100), m("fp32", "fp32", 4.0, 0.89, "adaptive", puzzles=100)]
+    rec = recommend(rows, max_drop_points=0.5)
+    assert rec.chosen.mode == "adaptive" and rec.budget_points == 1.0
+    assert "cannot resolve a 0.5-point budget" in rec.notes[0]
 
 
 @pytest.fixture(scope="module")
 def report_folder(sudoku_bundle, tmp_path_factory):
-    options = ReportOptions(puzzles=24, latency_samples=3, budgets=(1, 2, 8), threads=1, progress=False)
+    options = ReportOptions(puzzles=24, latency_seconds=0.05, budgets=(1, 2, 8), threads=1, progress=False)
     data = measure_bundle(sudoku_bundle / "bundle", options)
     return data, write_report(data, tmp_path_factory.mktemp("report") / "report")
 
@@ -55,8 +78,8 @@ def test_report_measures_every_setting(report_folder):
     settings = [(r.mode, r.budget) for r in data.measurements]
     assert settings == [("fixed", 1), ("fixed", 2), ("fixed", 8), ("adaptive", 8)]
     for r in data.measurements:
-        assert 0 <= r.exact_accuracy <= r.token_accuracy <= 1
-        assert r.latency_ms_p50 > 0 and r.latency_ms_p95 >= r.latency_ms_p50 and r.throughput > 0
+        assert 0 <= r.exact_accuracy <= r.token_accuracy <= 1 and r.exact_low <= r.exact_accuracy <= r.exact_high
+        assert 0 < r.latency_ms_p25 <= r.latency_ms_p50 <= r.latency_ms_p75 <= r.latency_ms_p95 and r.throughput > 0
         assert r.size_mb > 0 and r.batch == 16  # the cpu target's optimal batch
     assert data.measurements[-1].mean_steps <= 8
     saved = json.loads((folder / "report.json").read_text())
@@ -66,7 +89,7 @@ def test_report_measures_every_setting(report_folder):
 def test_report_markdown_and_plots(report_folder):
     data, folder = report_folder
     text = (folder / "REPORT.md").read_text()
-    assert "## Recommendation" in text and "nothing is estimated" in text
+    assert "## Recommendation" in text and "Measured on" in text and "95% interval" in text
     assert text.count("| fp32") == 4
     for name in ("pareto.png", "accuracy_vs_steps.png"):
         assert (folder / name).read_bytes()[:8] == PNG_MAGIC
@@ -79,7 +102,7 @@ def test_no_invented_numbers_for_absent_hardware(sudoku_bundle, tmp_path):
     manifest = json.loads((bundle / "manifest.json").read_text())
     manifest["target"] = "jetson-orin-nano"
     (bundle / "manifest.json").write_text(seal(manifest))
-    data = measure_bundle(bundle, ReportOptions(puzzles=4, latency_samples=1, budgets=(1,), threads=1,
+    data = measure_bundle(bundle, ReportOptions(puzzles=4, latency_seconds=0.01, budgets=(1,), threads=1,
                                                 progress=False))
     assert any("no engine in this bundle" in item for item in data.not_measured)
     assert {r.backend.split()[0] for r in data.measurements} == {"onnxruntime"}  # only what ran here
@@ -96,3 +119,30 @@ def test_report_cli(sudoku_bundle, tmp_path):
     from trm_export.runtime.manifest import read_manifest
 
     read_manifest(bundle)  # the report does not break the bundle's checksums
+
+
+def test_one_fixed_run_tells_every_fixed_budget_and_adaptive_halting(sudoku_bundle):
+    """The report's accuracy of each setting comes from one fixed run: it must be what running it gives."""
+    data = get_task("sudoku").split("heldout", size=24)
+    solver = Solver(sudoku_bundle / "bundle", batch_size=8, threads=1, verify=False)
+    # Labels: the 8-step answers, so that "exact" is informative on a random model (its real answers are wrong).
+    labels = solver.solve(data.inputs, data.puzzle_ids, mode="fixed", max_steps=8).predictions
+    trajectory = run_trajectory(solver, data.inputs, data.puzzle_ids, labels, 8)
+    assert trajectory.exact[-1].all()
+    for k in (1, 3, 8):
+        got = solver.solve(data.inputs, data.puzzle_ids, mode="fixed", max_steps=k).predictions
+        assert trajectory.fixed(k).solved == int(per_puzzle_correct(got, labels).sum())
+        assert trajectory.fixed(k).token_accuracy == pytest.approx(token_accuracy(got, labels), abs=1e-6)
+    for cap, min_steps in ((3, 1), (8, 1), (8, 2)):
+        result = solver.solve(data.inputs, data.puzzle_ids, mode="adaptive", max_steps=cap, min_steps=min_steps)
+        assert np.array_equal(trajectory.halting_steps(cap, min_steps), result.steps_used)
+        outcome = trajectory.adaptive(cap, min_steps)
+        assert outcome.solved == int(per_puzzle_correct(result.predictions, labels).sum())
+        assert outcome.mean_steps == pytest.approx(result.steps_used.mean())
+    assert len(set(trajectory.halting_steps(8).tolist())) > 1  # the fixture's puzzles halt at different steps
+
+
+def test_wilson_interval():
+    assert wilson_interval(0, 100)[0] == 0 and 0 < wilson_interval(0, 100)[1] < 0.04
+    low, high = wilson_interval(975, 1000)
+    assert low < 0.975 < high and high - low == pytest.approx(0.019, abs=0.002)

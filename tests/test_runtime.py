@@ -169,8 +169,9 @@ def test_run_cli_reads_sudoku_text_and_writes_solutions(bundle, puzzles, referen
     lines = out.read_text().splitlines()
     assert len(lines) == 3
     for line, pred, steps in zip(lines, reference.predictions[:3], reference.steps_used[:3], strict=True):
-        solution, used = line.split("\t")
+        solution, used, mark = line.split("\t")
         assert solution == "".join("?.123456789"[t] for t in pred) and int(used) == steps
+        assert mark in ("valid", "invalid")
     again = CliRunner().invoke(cli, ["run", str(bundle / "bundle"), "--input", str(src), "--output", str(out)])
     assert again.exit_code != 0 and "already exists; pass --force" in again.output
     bad = tmp_path / "bad.txt"
@@ -187,9 +188,11 @@ def test_sudoku_solutions_are_written_as_they_are_read():
     tokens = get_task("sudoku").split("heldout", size=2).labels
     encoding = TaskEncoding("sudoku", 11, 81, 0, 1, 1, 1, grid_side=9)
     result = SolveResult(tokens.astype(np.int64), np.array([3, 16]), np.zeros(2), np.zeros(2))
-    lines = format_solutions(result, encoding).splitlines()
+    lines = format_solutions(result, encoding, np.array([True, False])).splitlines()
     assert [line.split("\t")[0] for line in lines] == [format_sudoku(t) for t in tokens]
     assert [line.split("\t")[1] for line in lines] == ["3", "16"]
+    assert [line.split("\t")[2] for line in lines] == ["valid", "invalid"]
+    assert [line.split("\t")[2] for line in format_solutions(result, encoding).splitlines()] == ["-", "-"]
 
 
 def test_run_cli_npy_in_npz_out(bundle, puzzles, reference, tmp_path):
@@ -202,3 +205,4 @@ def test_run_cli_npy_in_npz_out(bundle, puzzles, reference, tmp_path):
     saved = np.load(out)
     assert np.array_equal(saved["predictions"], reference.step_predictions[-1][:5])
     assert (saved["steps_used"] == 8).all() and not list(tmp_path.glob(".answers.npz.*"))
+    assert saved["valid"].dtype == bool and saved["valid"].shape == (5,)

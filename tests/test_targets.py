@@ -177,3 +177,88 @@ def test_quantized_bundle_for_a_target_passes_its_checks_and_recipes(tmp_path, t
         command = recipes[variant]["trtexec"]
         assert (flags in command) != t.strongly_typed and ("--stronglyTyped" in command) == t.strongly_typed
         assert command in (result.path / "build" / "build_engines.sh").read_text()
+
+
+# --- The engine path without TensorRT: recorded engines, and the backend the Solver picks --------------------------
+
+def _fake_probe(path):
+    return "10.3.0.30", "8.7"  # what an Orin with JetPack 6 reports; the engine file itself is never parsed here
+
+
+def test_build_script_records_its_engines():
+    script = make_recipe(get_target("jetson-agx-orin"), "int8", graph("int8")).trtexec_command()
+    from trm_export.targets.recipe import build_script
+
+    text = build_script([make_recipe(get_target("jetson-agx-orin"), "int8", graph("int8"))], get_target("jetson"))
+    assert script in text and "trm-export build . --record" in text.splitlines()[-4]
+
+
+def test_an_engine_built_by_the_script_is_recorded_checked_and_picked(tmp_path):
+    from test_export import export
+
+    from trm_export.errors import BundleError
+    from trm_export.runtime.manifest import read_manifest
+    from trm_export.runtime.solver import Solver, select_backend
+    from trm_export.targets.engines import record_engines
+
+    path, manifest = export(tmp_path, target="jetson-agx-orin")
+    with pytest.raises(BundleError, match="no engine found where the recipes put them"):
+        record_engines(path, probe=_fake_probe)
+    engine = path / manifest["build"]["recipes"]["fp32"]["engine_file"]
+    engine.parent.mkdir()
+    engine.write_bytes(b"")
+    with pytest.raises(BundleError, match="empty engine file"):
+        record_engines(path, probe=_fake_probe)
+    engine.write_bytes(b"serialized engine bytes")  # what trtexec --saveEngine wrote
+    recorded = record_engines(path, probe=_fake_probe)
+    record = recorded.build["engines"]["fp32"]
+    assert (record["file"], record["tensorrt_version"], record["sm"]) == (engine.relative_to(path).as_posix(),
+                                                                         "10.3.0.30", "8.7")
+    assert record["file"] in read_manifest(path).files  # checksummed: a swapped engine is refused
+    # On a device with TensorRT the engine runs; without it, a printed fall back or a refusal, never silence.
+    assert select_backend(recorded, "fp32", "auto", tensorrt_here=True) == ("tensorrt", None)
+    kind, note = select_backend(recorded, "fp32", "auto", tensorrt_here=False)
+    assert kind == "onnxruntime" and "has a TensorRT engine" in note and "not importable" in note
+    with pytest.raises(BundleError, match="TensorRT is not importable here"):
+        select_backend(recorded, "fp32", "tensorrt", tensorrt_here=False)
+    assert select_backend(recorded, "fp32", "onnxruntime", tensorrt_here=True) == ("onnxruntime", None)
+    solver = Solver(path)  # this machine has no TensorRT
+    assert solver.backend.name.startswith("onnxruntime") and "has a TensorRT engine" in solver.backend_note
+    engine.write_bytes(b"another engine")
+    with pytest.raises(BundleError, match="does not match its manifest"):
+        Solver(path)
+
+
+def test_no_engine_yet_is_said_and_tensorrt_is_refused(tmp_path):
+    from test_export import export
+
+    from trm_export.errors import BundleError
+    from trm_export.runtime.solver import Solver
+
+    path, _ = export(tmp_path, target="jetson-orin-nano")
+    solver = Solver(path)
+    assert "no TensorRT engine for variant 'fp32' yet" in solver.backend_note
+    with pytest.raises(BundleError, match="no TensorRT engine for variant 'fp32'"):
+        Solver(path, backend="tensorrt")
+    cpu_path, _ = export(tmp_path, out="cpu-bundle")
+    assert Solver(cpu_path).backend_note is None  # a CPU bundle runs what it was made for
+
+
+def test_engine_records_are_typed_in_the_manifest(tmp_path):
+    from test_export import export
+
+    from trm_export.errors import BundleError
+    from trm_export.runtime.manifest import read_manifest, seal
+
+    path, manifest = export(tmp_path, target="jetson-agx-orin")
+    engine = path / manifest["build"]["recipes"]["fp32"]["engine_file"]
+    engine.parent.mkdir()
+    engine.write_bytes(b"x")
+    from trm_export.targets.engines import record_engines
+
+    record_engines(path, probe=_fake_probe)
+    data = json.loads((path / "manifest.json").read_text())
+    data["build"]["engines"]["fp32"]["sm"] = "8.7; rm -rf /"
+    (path / "manifest.json").write_text(seal(data))
+    with pytest.raises(BundleError, match=r"build.engines.fp32.sm"):
+        read_manifest(path)

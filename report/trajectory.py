@@ -1,0 +1,143 @@
+"""What one fixed run tells about every loop setting: per puzzle and step, the answer's correctness and the Q values.
+
+A puzzle's state after step t depends neither on when it would have halted nor on its batch neighbours (every op
+of the step graph is per sample). So one fixed run of T steps holds the answer of every fixed budget k <= T (the
+answer after step k) and of adaptive halting capped at any k <= T (the answer at the first step whose Q values
+say halt, as `Solver` decides it). Evaluating every setting costs one run instead of one per setting.
+
+Accuracies come with their sample size and a 95% Wilson interval: a figure from 100 puzzles moves by a point per
+puzzle, and a decision between two settings should not rest on less than that.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from trm_export.runtime.solver import Solver, halt_now
+from trm_export.runtime.validate import validate_puzzles
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% confidence interval of a proportion (Wilson score; sound at 0% and 100%, unlike the normal one)."""
+    if n <= 0:
+        return 0.0, 1.0
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+@dataclass(frozen=True)
+class LoopOutcome:
+    """Accuracy of one loop setting on a puzzle set."""
+
+    mode: str  # fixed | adaptive
+    budget: int  # fixed: the steps; adaptive: the cap
+    puzzles: int
+    solved: int | None  # puzzles answered exactly right (None without labels)
+    token_accuracy: float | None
+    mean_steps: float
+
+    @property
+    def exact_accuracy(self) -> float | None:
+        return None if self.solved is None else self.solved / self.puzzles
+
+    @property
+    def interval(self) -> tuple[float, float] | None:
+        return None if self.solved is None else wilson_interval(self.solved, self.puzzles)
+
+
+@dataclass
+class Trajectory:
+    """A fixed run of `steps` steps: per step t (0-based: after step t + 1) and puzzle."""
+
+    steps: int
+    halting_rule: str
+    q_halt: np.ndarray  # [T, N] float32
+    q_continue: np.ndarray  # [T, N] float32
+    exact: np.ndarray | None  # [T, N] bool: answer exactly right (None without labels)
+    token: np.ndarray | None  # [T, N] float32: share of tokens right
+    final_predictions: np.ndarray  # [N, seq_len] after the last step
+
+    @property
+    def puzzles(self) -> int:
+        return self.q_halt.shape[1]
+
+    def halting_steps(self, cap: int, min_steps: int = 1) -> np.ndarray:
+        """[N] the step (1-based) at which adaptive halting stops each puzzle, capped at `cap`."""
+        self._check_budget(cap)
+        halt = halt_now(self.q_halt[:cap], self.q_continue[:cap], self.halting_rule)
+        halt[: min_steps - 1] = False
+        halt[cap - 1] = True
+        return halt.argmax(axis=0) + 1
+
+    def fixed(self, budget: int) -> LoopOutcome:
+        self._check_budget(budget)
+        return self._outcome("fixed", budget, np.full(self.puzzles, budget))
+
+    def adaptive(self, cap: int, min_steps: int = 1) -> LoopOutcome:
+        return self._outcome("adaptive", cap, self.halting_steps(cap, min_steps))
+
+    def _outcome(self, mode: str, budget: int, steps: np.ndarray) -> LoopOutcome:
+        cols = np.arange(self.puzzles)
+        solved = None if self.exact is None else int(self.exact[steps - 1, cols].sum())
+        token = None if self.token is None else float(self.token[steps - 1, cols].mean())
+        return LoopOutcome(mode, budget, self.puzzles, solved, token, float(steps.mean()))
+
+    def _check_budget(self, budget: int) -> None:
+        if not 1 <= budget <= self.steps:
+            raise ValueError(f"a run of {self.steps} steps tells budgets 1..{self.steps}, not {budget}")
+
+    @staticmethod
+    def concat(parts: list[Trajectory]) -> Trajectory:
+        """One trajectory of the puzzles of `parts`, in order (the same steps and rule)."""
+        first = parts[0]
+
+        def cat(name: str, axis: int) -> np.ndarray | None:
+            arrays = [getattr(p, name) for p in parts]
+            return None if any(a is None for a in arrays) else np.concatenate(arrays, axis=axis)
+
+        return Trajectory(first.steps, first.halting_rule, cat("q_halt", 1), cat("q_continue", 1), cat("exact", 1),
+                          cat("token", 1), cat("final_predictions", 0))
+
+
+def run_trajectory(solver: Solver, tokens: np.ndarray, puzzle_ids: np.ndarray | None, labels: np.ndarray | None,
+                   steps: int, on_state: Callable[[int, np.ndarray, Solver], None] | None = None,
+                   on_chunk: Callable[[int], None] | None = None) -> Trajectory:
+    """Run every puzzle `steps` fixed steps through `solver`, in chunks of its batch, and record the trajectory.
+
+    `on_state(t, puzzles, solver)` is called after each step with the indices of the puzzles in slots [0, n)
+    (the backend's state and logits can be read there); `on_chunk(done)` after each chunk, for progress.
+    """
+    tokens, ids = validate_puzzles(tokens, puzzle_ids, solver.task)
+    n = len(tokens)
+    if labels is not None and np.shape(labels) != tokens.shape:
+        raise ValueError(f"labels shape {np.shape(labels)} does not match the puzzles' {tokens.shape}")
+    q = np.zeros((2, steps, n), np.float32)
+    exact = None if labels is None else np.zeros((steps, n), bool)
+    token = None if labels is None else np.zeros((steps, n), np.float32)
+    final = np.zeros((n, solver.task.seq_len), np.int64)
+    chunk = solver.backend.capacity
+    for start in range(0, n, chunk):
+        idx = np.arange(start, min(start + chunk, n))
+
+        def on_step(slots: np.ndarray, steps_done: np.ndarray, qh: np.ndarray, qc: np.ndarray, idx=idx) -> None:
+            t = int(steps_done[0]) - 1  # fixed mode, one chunk per solve: every slot at the same step, in order
+            which = idx[slots]
+            q[0, t, which], q[1, t, which] = qh, qc
+            if labels is not None:
+                right = solver.backend.logits(np.arange(len(slots))).argmax(-1) == labels[which]
+                exact[t, which] = right.all(axis=1)
+                token[t, which] = right.mean(axis=1)
+            if on_state is not None:
+                on_state(t, which, solver)
+
+        result = solver.solve(tokens[idx], ids[idx], mode="fixed", max_steps=steps, on_step=on_step)
+        final[idx] = result.predictions
+        if on_chunk is not None:
+            on_chunk(int(idx[-1]) + 1)
+    return Trajectory(steps, solver.manifest.loop.halting_rule, q[0], q[1], exact, token, final)
