@@ -55,7 +55,14 @@ from trm_export.calibration.quantize import (
 )
 from trm_export.export.staging import StagedBundle
 from trm_export.report.latency import StepTiming, faster_beyond_noise
-from trm_export.report.measure import BUDGETS, DriftCurve, ReportData, host_description, settings_of
+from trm_export.report.measure import (
+    BUDGETS,
+    DriftCurve,
+    ReportData,
+    host_description,
+    rounding_notes,
+    settings_of,
+)
 from trm_export.report.render import write_report
 from trm_export.runtime.manifest import GraphSpec, Manifest, member, read_manifest
 from trm_export.runtime.selfcheck import golden_figures, verify_bundle
@@ -96,7 +103,7 @@ class QuantizeOptions:
     eval_puzzles: int | None = None
     # Every graph is first measured on this many evaluation puzzles; the best calibration method, and any
     # variant the choice may fall back to, then on all of them (None: every graph on all).
-    screen_puzzles: int | None = 250
+    screen_puzzles: int | None = 200
     force: bool = False
     threads: int | None = None
     progress: bool = True
@@ -262,11 +269,13 @@ def add_variants(bundle: str | Path, out: str | Path, options: QuantizeOptions =
                 say(f"each calibration method measured on the first {screen} evaluation puzzles; the best then on "
                     f"all {n_eval}")
         for method in options.methods:
+            started = time.perf_counter()
             settings = dataclasses.replace(options.calibration, method=method)
             ranges = calibrate(prepared, samples, settings)
             graph = quantize_int8(prepared, ranges, options.int8)
             quantized[method] = (graph, ranges)
             add_graph(f"int8-{method}", graph.model, "int8", _int8_details(graph, settings, samples, options))
+            say(f"int8-{method}: calibrated and quantized in {time.perf_counter() - started:.0f} s; measuring")
             measure(f"int8-{method}", screen)
         best = None
         mixed_result = None
@@ -307,7 +316,7 @@ def add_variants(bundle: str | Path, out: str | Path, options: QuantizeOptions =
         if options.choose is not None or options.report:
             stage.write_manifest(dataclasses.replace(new_manifest, files=stage.checksums()))
             say(f"timing one step of each variant here (batch 1 and {target.batch.opt})")
-            timings = step_timings(stage.path, sorted(graphs), target.batch.opt, threads=options.threads)
+            timings = step_timings(stage.path, sorted(graphs), target.batch.opt, threads=options.threads, seconds=0.5)
             clock.lap("step latency")
         if options.choose is not None:
             chosen, record = _choose(options.choose, comparisons, budget, timings, n_eval, measure)
@@ -361,6 +370,7 @@ def report_data(bundle: Path, manifest: Manifest, reference: Fp32Run, comparison
     if reference.trajectory.exact is None:
         data.not_measured.append("accuracy: the evaluation puzzles have no labels")
         return data
+    data.notes += rounding_notes(manifest)
     trajectories = {"fp32": reference.trajectory, **{v: c.trajectory for v, c in comparisons.items()}}
     for variant, trajectory in trajectories.items():
         size_mb = (bundle / manifest.graphs[variant].file).stat().st_size / 1e6

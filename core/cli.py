@@ -36,12 +36,12 @@ def override_options(func):
     return func
 
 
-def _load(model: Path | None, dataset_json: Path | None, **overrides):
+def _load(model: Path | None, dataset_json: Path | None, allow_ambiguous: bool = False, **overrides):
     from trm_export.export.checkpoint import load_checkpoint
     from trm_export.reference_models import reference_model_path
 
     return load_checkpoint(model if model is not None else reference_model_path(), dataset_json=dataset_json,
-                           overrides=overrides)
+                           overrides=overrides, allow_ambiguous=allow_ambiguous)
 
 
 class _Group(click.Group):
@@ -109,8 +109,9 @@ def main() -> None:
 @click.argument("model", required=False, type=click.Path(path_type=Path))
 @override_options
 def inspect(model: Path | None, dataset_json: Path | None, **overrides) -> None:
-    """Show a checkpoint's configuration and where each value came from."""
-    ck = _load(model, dataset_json, **overrides)
+    """Show a checkpoint's configuration and where each value came from (what the files and weights leave
+    undecided is shown as such, with the candidates)."""
+    ck = _load(model, dataset_json, allow_ambiguous=True, **overrides)
     cfg = ck.config
     click.echo(f"checkpoint   {ck.path}  (sha256 {ck.sha256[:16]}…, key prefix {ck.key_prefix!r})")
     click.echo(f"model        {cfg.family.upper()}{' mlp_t' if cfg.mlp_t else ''}, "
@@ -120,6 +121,8 @@ def inspect(model: Path | None, dataset_json: Path | None, **overrides) -> None:
         click.echo(f"  {name:<24} {value!s:<12} {ck.sources.get(name, 'default')}")
     dtypes = sorted(set(ck.stored_dtypes.values()))
     click.echo(f"stored dtypes {', '.join(dtypes)} (the reference computes in float32)")
+    if ck.ambiguous:
+        click.echo(f"AMBIGUOUS: {ck.ambiguous}")
 
 
 @main.command()
@@ -166,8 +169,14 @@ def evaluate(model: Path | None, split: str, limit: int | None, steps: str, adap
                    "default: the matching task's held-out split.")
 @click.option("--parity-puzzles", default=None, metavar="N|all",
               help="Check parity on the first N puzzles, or all (default: as many as fit --parity-seconds).")
-@click.option("--parity-seconds", type=click.FloatRange(1, None), default=60.0, show_default=True,
+@click.option("--parity-seconds", type=click.FloatRange(1, None), default=45.0, show_default=True,
               help="Time budget of the default parity sample (whole batches, at least one).")
+@click.option("--strict", is_flag=True,
+              help="Refuse the export (nothing written) when more than --strict-threshold of the checked puzzles are "
+                   "rounding-sensitive: float32 itself cannot reproduce the model's answers there (another rounding "
+                   "of the reference changes them). Without it the export warns and writes the bundle.")
+@click.option("--strict-threshold", type=click.FloatRange(0, 100), default=5.0, show_default=True, metavar="PERCENT",
+              help="Share of rounding-sensitive puzzles above which the export warns (and --strict refuses).")
 @click.option("--puzzle-table-dtype", type=click.Choice(["float32", "float16"]), default="float32",
               show_default=True, help="Storage of the puzzle-embedding table (float16 halves large ARC tables).")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "int8", "best"]), default=None,
@@ -188,7 +197,8 @@ def evaluate(model: Path | None, split: str, limit: int | None, steps: str, adap
               help="Skip report/ (accuracy versus latency of every variant, measured here, with plots).")
 @override_options
 def export(model: Path | None, target: str, output: Path | None, force: bool, puzzles: Path | None,
-           parity_puzzles: str | None, parity_seconds: float, puzzle_table_dtype: str, precision: str | None,
+           parity_puzzles: str | None, parity_seconds: float, strict: bool, strict_threshold: float,
+           puzzle_table_dtype: str, precision: str | None,
            max_accuracy_drop: float, calib: Path | None, calib_puzzles: int | None, eval_puzzles: int | None,
            threads: int | None, no_report: bool, dataset_json: Path | None, **overrides) -> None:
     """Export MODEL to a self-verifying bundle at the target's precision (INT8 for Jetsons: calibrated, measured,
@@ -210,7 +220,8 @@ def export(model: Path | None, target: str, output: Path | None, force: bool, pu
     given = puzzles_from_file(puzzles, ck.config) if puzzles else None
     options = DeployOptions(
         export=ExportOptions(target=target, force=force, parity_puzzles=_parity_count(parity_puzzles),
-                             parity_seconds=parity_seconds, puzzle_table_dtype=puzzle_table_dtype),
+                             parity_seconds=parity_seconds, puzzle_table_dtype=puzzle_table_dtype, strict=strict,
+                             rounding_sensitive_threshold=strict_threshold / 100),
         precision=precision, max_accuracy_drop=max_accuracy_drop, calib=calib, calib_puzzles=calib_puzzles,
         eval_puzzles=eval_puzzles, threads=threads, report=not no_report)
     result = deploy(ck, out, options, puzzles=given, log=lambda m: click.echo(m))
@@ -266,7 +277,10 @@ def verify(bundle: Path, variant: str | None, backend: str, provider: str | None
                    "lines); default: print them, the summary line to stderr.")
 @click.option("--force", is_flag=True, help="Replace an existing --output file.")
 @click.option("--mode", type=click.Choice(["adaptive", "fixed"]), default="adaptive", show_default=True,
-              help="adaptive: each puzzle halts on the model's Q head; fixed: every puzzle runs --max-steps steps.")
+              help="adaptive: each puzzle halts by --halting; fixed: every puzzle runs --max-steps steps.")
+@click.option("--halting", default="q", show_default=True, metavar="q|stable:K|q+stable:K",
+              help="Adaptive: q halts on the model's Q head (the trained rule); stable:K once the puzzle's answer has "
+                   "not changed for K steps in a row; q+stable:K on whichever says so first.")
 @click.option("--max-steps", type=click.IntRange(1, MAX_STEPS), default=None,
               help="Step budget (default: the trained halt_max_steps).")
 @click.option("--min-steps", type=click.IntRange(1, MAX_STEPS), default=1, show_default=True,
@@ -282,17 +296,21 @@ def verify(bundle: Path, variant: str | None, backend: str, provider: str | None
 @click.option("--threads", type=click.IntRange(1, 1024), default=None, help="ONNX Runtime intra-op threads.")
 @click.option("--skip-selfcheck", is_flag=True,
               help="Do not run the bundle's golden puzzles first (they take a few steps; they catch a swapped graph).")
-def run(bundle: Path, input_path: Path, output: Path | None, force: bool, mode: str, max_steps: int | None,
-        min_steps: int, batch_size: int, variant: str | None, backend: str, provider: str | None,
-        threads: int | None, skip_selfcheck: bool) -> None:
+def run(bundle: Path, input_path: Path, output: Path | None, force: bool, mode: str, halting: str,
+        max_steps: int | None, min_steps: int, batch_size: int, variant: str | None, backend: str,
+        provider: str | None, threads: int | None, skip_selfcheck: bool) -> None:
     """Solve puzzles with a bundle (runtime only: numpy + onnxruntime).
 
     Each answer is marked valid or invalid where the task can check it (Sudoku, maze); a summary line counts them.
     """
     from trm_export.runtime.io import check_output_file, check_solutions, describe_run, read_puzzles, write_solutions
     from trm_export.runtime.selfcheck import check_golden
-    from trm_export.runtime.solver import Solver
+    from trm_export.runtime.solver import Solver, parse_halting
 
+    policy = parse_halting(halting)  # a bad policy fails before anything loads
+    if mode == "fixed" and policy.name != "q":
+        click.echo(f"--halting {policy.name} is ignored with --mode fixed (every puzzle runs --max-steps steps)",
+                   err=True)
     if output is not None:
         check_output_file(output, force)
     solver = Solver(bundle, variant=variant, backend=backend, provider=provider, batch_size=batch_size,
@@ -303,10 +321,11 @@ def run(bundle: Path, input_path: Path, output: Path | None, force: bool, mode: 
     tokens = read_puzzles(input_path, solver.task)
     if not skip_selfcheck:
         check_golden(solver)
-    result = solver.solve(tokens, mode=mode, max_steps=max_steps, min_steps=min_steps)
+    result = solver.solve(tokens, mode=mode, max_steps=max_steps, min_steps=min_steps, halting=policy)
     valid = check_solutions(tokens, result.predictions, solver.task)
     text = write_solutions(result, solver.task, output, valid)
-    summary = describe_run(result, valid, mode, solver.backend.name)
+    loop = mode if mode == "fixed" or policy.name == "q" else f"{mode}, halting {policy.name}"
+    summary = describe_run(result, valid, loop, solver.backend.name)
     if output is None:
         click.echo(text, nl=False)
         click.echo(summary, err=True)  # stdout stays the solutions alone

@@ -132,7 +132,8 @@ def _fp32_report(path: Path, options: DeployOptions, log: Callable[[str], None])
         return
     log(f"report: accuracy versus latency here, as many held-out puzzles as fit {options.report_seconds:g} s")
     data = measure_bundle(path, ReportOptions(seconds=options.report_seconds, threads=options.threads,
-                                              puzzles=options.eval_puzzles, progress=options.export.progress))
+                                              puzzles=options.eval_puzzles, progress=options.export.progress,
+                                              latency_seconds=0.5))
     write_report(data, path / "report", options.max_accuracy_drop)
 
 

@@ -10,6 +10,7 @@ dataset.json or explicit overrides, and every disagreement is an error rather th
 from __future__ import annotations
 
 import json
+import math
 import pickle
 import re
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from typing import Any
 import torch
 
 from trm_export.errors import CheckpointError, ConfigError
-from trm_export.export.config import ModelConfig, prefix_length
+from trm_export.export.config import ModelConfig, prefix_length, swiglu_intermediate
 from trm_export.export.model import RecursiveModel
 from trm_export.runtime.manifest import sha256_file
 
@@ -59,6 +60,9 @@ class LoadedCheckpoint:
     config_path: Path | None = None
     dataset_path: Path | None = None
     sources: dict[str, str] = field(default_factory=dict)  # config field -> "weights" | "config" | ...
+    # Set only with load_checkpoint(allow_ambiguous=True): what the files and weights left undecided (seq_len /
+    # puzzle_emb_len candidates and the flags that decide them). Such a checkpoint must not be exported.
+    ambiguous: str | None = None
 
 
 def find_checkpoint_file(path: Path) -> Path:
@@ -224,7 +228,8 @@ def infer_from_weights(path: Path, state: dict[str, torch.Tensor]) -> dict[str, 
         facts["pos_encodings"] = "learned"
         facts["_total_seq_len"] = int(state["embed_pos.embedding_weight"].shape[0])
     if facts["mlp_t"] and "L_level.layers.0.mlp_t.down_proj.weight" in state:
-        facts["_total_seq_len"] = int(state["L_level.layers.0.mlp_t.down_proj.weight"].shape[0])
+        facts["_total_seq_len"], facts["_mlp_t_intermediate"] = (
+            int(n) for n in state["L_level.layers.0.mlp_t.down_proj.weight"].shape)
     gate_up = state.get("L_level.layers.0.mlp.gate_up_proj.weight")
     if gate_up is not None:
         facts["_mlp_intermediate"] = int(gate_up.shape[0]) // 2
@@ -232,8 +237,10 @@ def infer_from_weights(path: Path, state: dict[str, torch.Tensor]) -> dict[str, 
 
 
 def build_config(path: Path, state: dict[str, torch.Tensor], train_config: dict | None, config_path: Path | None,
-                 dataset: dict | None, dataset_path: Path | None,
-                 overrides: dict[str, Any]) -> tuple[ModelConfig, dict[str, str]]:
+                 dataset: dict | None, dataset_path: Path | None, overrides: dict[str, Any],
+                 allow_ambiguous: bool = False) -> tuple[ModelConfig, dict[str, str], str | None]:
+    """The model config, each field's source, and what stayed ambiguous (None unless `allow_ambiguous`: then a
+    provisional candidate is filled in and its source starts with "ambiguous:"; otherwise that is an error)."""
     facts = infer_from_weights(path, state)
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
@@ -286,19 +293,20 @@ def build_config(path: Path, state: dict[str, torch.Tensor], train_config: dict 
     values.setdefault("num_puzzle_identifiers", 1)
     sources.setdefault("num_puzzle_identifiers", "default")
     if "expansion" not in values and "_mlp_intermediate" in facts:
-        # Any expansion with round(e * D * 2/3) == I reproduces the stored intermediate size I (a multiple of 256).
-        put("expansion", 1.5 * facts["_mlp_intermediate"] / facts["hidden_size"], "weights")
-    # seq_len from the weights when they reveal it (learned positions, mlp_t).
-    if "_total_seq_len" in facts:
-        prefix = prefix_length(values.get("family", "trm"), values.get("puzzle_emb_ndim", 0),
-                               values.get("puzzle_emb_len", ModelConfig.puzzle_emb_len), values["hidden_size"])
-        inferred = facts["_total_seq_len"] - prefix
-        if "seq_len" in values and values["seq_len"] != inferred:
-            raise CheckpointError(
-                config_path or dataset_path or path,
-                f"config and weights disagree: seq_len: {sources['seq_len']} says {values['seq_len']}, weights "
-                f"say {inferred} ({facts['_total_seq_len']} positions minus a {prefix}-position prefix)")
-        put("seq_len", inferred, "weights")
+        # Any expansion e with find_multiple(round(e * W * 2/3), 256) == I reproduces a stored intermediate size I;
+        # mlp_t models store a second one (W = seq_len + prefix) that the same e must reproduce.
+        widths = [(facts["hidden_size"], facts["_mlp_intermediate"])]
+        if "_mlp_t_intermediate" in facts:
+            widths.append((facts["_total_seq_len"], facts["_mlp_t_intermediate"]))
+        expansion = _expansion_fitting(widths)
+        if expansion is None:
+            raise CheckpointError(path, "cannot determine expansion: no single value gives the stored SwiGLU "
+                                  f"widths {[i for _, i in widths]} (give all_config.yaml)")
+        put("expansion", expansion, "weights")
+    # seq_len and the puzzle prefix: the weights decide them only together (a learned position table or the
+    # mlp_t mixer is seq_len + prefix long); a guess is never labelled as read from the weights.
+    ambiguities = _settle_seq_len_and_prefix(facts, values, sources, put, train_config is not None,
+                                             config_path or dataset_path or path)
     required = {
         "seq_len": "--seq-len or a dataset.json (--dataset)",
         "H_cycles": "--h-cycles or all_config.yaml",
@@ -310,15 +318,122 @@ def build_config(path: Path, state: dict[str, torch.Tensor], train_config: dict 
     else:
         values.setdefault("num_heads", 1)
     missing = [f"{name} (give {hint})" for name, hint in required.items() if name not in values]
-    if missing:
-        raise CheckpointError(path, "cannot determine " + "; ".join(missing) +
+    if missing or (ambiguities and not allow_ambiguous):
+        parts = (["cannot determine " + "; ".join(missing)] if missing else []) + ambiguities
+        raise CheckpointError(path, "; ".join(parts) +
                               (f"; no {CONFIG_NAME} beside the checkpoint" if train_config is None else ""))
     known = {f for f in ModelConfig.__dataclass_fields__}
     try:
         config = ModelConfig.from_dict({k: v for k, v in values.items() if k in known})
     except ConfigError as exc:
         raise CheckpointError(config_path or path, str(exc)) from None
-    return config, sources
+    return config, sources, "; ".join(ambiguities) or None
+
+
+def _expansion_fitting(widths: list[tuple[int, int]]) -> float | None:
+    """An expansion that sizes every (input width, intermediate) SwiGLU as stored: 1.5 * I / D (the hidden MLP's
+    exact value) if it fits all, else the smallest multiple of 1/4 that does, else the middle of the interval."""
+    lo, hi = 0.0, math.inf
+    for width, inter in widths:
+        lo, hi = max(lo, (inter - 255.5) * 1.5 / width), min(hi, (inter + 0.5) * 1.5 / width)
+    first = 1.5 * widths[0][1] / widths[0][0]
+    for e in [first] + [k / 4 for k in range(1, 257)] + ([(lo + hi) / 2] if lo < hi else []):
+        if all(swiglu_intermediate(width, e) == inter for width, inter in widths):
+            return e
+    return None
+
+
+def _shipped_task_name(vocab_size: int, seq_len: int) -> str | None:
+    """The shipped task with this encoding (export.accuracy.task_for_config's rule), or None."""
+    from types import SimpleNamespace
+
+    from trm_export.export.accuracy import task_for_config
+
+    try:
+        task = task_for_config(SimpleNamespace(vocab_size=vocab_size, seq_len=seq_len))
+    except ValueError:
+        return None
+    side = getattr(task.spec, "side", 0)
+    return "Sudoku" if task.spec.name == "sudoku" else f"{task.spec.name} {side}x{side}"
+
+
+def _settle_seq_len_and_prefix(facts: dict, values: dict, sources: dict, put, has_config: bool,
+                               blame: Path) -> list[str]:
+    """Fill seq_len / puzzle_emb_len where the weights and the official rules decide them; return what stays
+    ambiguous (each a message listing the candidates and the flags), after filling a provisional candidate
+    whose source says "ambiguous: ..." (only used when the caller allows ambiguity, e.g. for inspect)."""
+    family = values.get("family", "trm")
+    ndim = int(values.get("puzzle_emb_ndim", 0))
+    hidden = int(values["hidden_size"])
+    total = facts.get("_total_seq_len")
+    if family == "trm" and "puzzle_emb_len" not in values:
+        if ndim == 0:
+            # Upstream TRM prepends nothing without a puzzle embedding but sizes its state seq_len + puzzle_emb_len:
+            # only 0 runs, so a bare checkpoint without one was trained with 0.
+            put("puzzle_emb_len", 0, "weights (no puzzle embedding: the official TRM runs only with 0)")
+        elif has_config:
+            put("puzzle_emb_len", ModelConfig.puzzle_emb_len,
+                f"default (the official TRM default; {CONFIG_NAME} does not set it)")
+    prefix_known = family == "hrm" or ndim == 0 or "puzzle_emb_len" in values
+    min_prefix = math.ceil(ndim / hidden)  # the puzzle embedding must fit in prefix x hidden_size
+    if total is not None and prefix_known:
+        prefix = prefix_length(family, ndim, int(values["puzzle_emb_len"]) if "puzzle_emb_len" in values
+                               else ModelConfig.puzzle_emb_len, hidden)
+        inferred = total - prefix
+        if "seq_len" in values and values["seq_len"] != inferred:
+            raise CheckpointError(
+                blame, f"config and weights disagree: seq_len: {sources['seq_len']} says {values['seq_len']}, "
+                f"weights say {inferred} ({total} positions minus a {prefix}-position prefix)")
+        put("seq_len", inferred, "weights")
+        return []
+    if total is not None and "seq_len" in values:
+        prefix = total - int(values["seq_len"])
+        if prefix < min_prefix:
+            raise CheckpointError(
+                blame, f"config and weights disagree: seq_len: {sources['seq_len']} says {values['seq_len']}, but "
+                f"the weights' {total} positions then leave a {prefix}-position prefix, fewer than the "
+                f"{min_prefix} that the {ndim}-wide puzzle embedding needs at hidden_size {hidden}")
+        put("puzzle_emb_len", prefix, f"weights ({total} positions minus seq_len {values['seq_len']} from "
+                                      f"{sources['seq_len']})")
+        return []
+    if total is None and prefix_known:
+        return []  # seq_len, if still unknown, is reported as missing (no table tells it)
+    default = ModelConfig.puzzle_emb_len
+    if total is None:
+        # TRM with a puzzle embedding, no position table and no config: nothing in the files sizes the prefix.
+        message = (f"puzzle_emb_len is ambiguous: no {CONFIG_NAME} sets it and the weights hold no position "
+                   f"table; any prefix >= {min_prefix} fits them (the official default is {default}; "
+                   f"puzzle_emb_len 0 means ceil(puzzle_emb_ndim / hidden_size) = {min_prefix}); "
+                   "give --puzzle-emb-len")
+        guess = default if default >= min_prefix else min_prefix
+        put("puzzle_emb_len", guess, f"ambiguous: provisional {guess}, not read from the weights; "
+                                     "give --puzzle-emb-len")
+        return [message]
+    # A table of seq_len + prefix positions and nothing else: every prefix from min_prefix up fits.
+    notes: dict[int, list[str]] = {}
+    shipped = []
+    for prefix in range(max(min_prefix, 1), total):
+        name = _shipped_task_name(int(values["vocab_size"]), total - prefix)
+        if name:
+            notes.setdefault(prefix, []).append(name)
+            shipped.append((total - prefix, prefix, name))
+    notes.setdefault(min_prefix, []).append(f"puzzle_emb_len 0 = ceil({ndim} / {hidden})")
+    if default >= min_prefix and total - default >= 1:
+        notes.setdefault(default, []).append("the official default puzzle_emb_len")
+    order = sorted(notes, key=lambda p: (not any(s[1] == p for s in shipped), p))
+    listed = ", ".join(f"seq_len {total - p} with prefix {p} ({'; '.join(notes[p])})" for p in order[:8])
+    more = f", ... {len(order) - 8} more" if len(order) > 8 else ""
+    message = (f"seq_len and puzzle_emb_len are ambiguous: the weights fit seq_len + puzzle_emb_len = {total} "
+               f"({listed}{more}; any prefix from {max(min_prefix, 1)} to {total - 1} fits); give --seq-len / "
+               "--puzzle-emb-len or a dataset.json (--dataset)")
+    if len(shipped) == 1:
+        seq, prefix, name = shipped[0]
+        message += f"; suggestion, if it was trained on {name}: --seq-len {seq} --puzzle-emb-len {prefix}"
+    pick = shipped[0][1] if len(shipped) == 1 else (default if default in notes else min_prefix)
+    why = f"ambiguous: provisional, not read from the weights ({total} positions fit several pairs)"
+    put("seq_len", total - pick, why)
+    put("puzzle_emb_len", pick, why)
+    return [message]
 
 
 def check_state_dict(path: Path, model: RecursiveModel, state: dict[str, torch.Tensor]) -> None:
@@ -339,11 +454,14 @@ def check_state_dict(path: Path, model: RecursiveModel, state: dict[str, torch.T
 
 
 def load_checkpoint(path: str | Path, dataset_json: str | Path | None = None,
-                    overrides: dict[str, Any] | None = None) -> LoadedCheckpoint:
+                    overrides: dict[str, Any] | None = None, allow_ambiguous: bool = False) -> LoadedCheckpoint:
     """Load `path` (file or directory) into a float32 `RecursiveModel` in eval mode.
 
     `dataset_json` points at the data set's dataset.json (file or folder) when it is not beside the checkpoint;
     `overrides` sets fields that neither the files nor the shapes tell (seq_len, num_heads, ...).
+    Where the weights fit several (seq_len, puzzle_emb_len) pairs and nothing decides, loading fails with the
+    candidates and the flags; `allow_ambiguous=True` (for showing a checkpoint, never for exporting it) loads a
+    provisional candidate instead, with `ambiguous` set and the sources saying "ambiguous: ...".
     """
     file = find_checkpoint_file(Path(path))
     raw = read_state_dict(file)
@@ -352,8 +470,8 @@ def load_checkpoint(path: str | Path, dataset_json: str | Path | None = None,
     train_config = read_yaml(config_path) if config_path.is_file() else None
     dataset_path = locate_dataset_json(file.parent, train_config, Path(dataset_json) if dataset_json else None)
     dataset = read_dataset_json(dataset_path) if dataset_path else None
-    config, sources = build_config(file, state, train_config, config_path if train_config else None,
-                                   dataset, dataset_path, dict(overrides or {}))
+    config, sources, ambiguous = build_config(file, state, train_config, config_path if train_config else None,
+                                              dataset, dataset_path, dict(overrides or {}), allow_ambiguous)
     model = RecursiveModel(config)
     check_state_dict(file, model, state)
     stored_dtypes = {k: str(v.dtype).replace("torch.", "") for k, v in state.items()}
@@ -362,4 +480,4 @@ def load_checkpoint(path: str | Path, dataset_json: str | Path | None = None,
     return LoadedCheckpoint(path=file, config=config, model=model, key_prefix=prefix, sha256=sha256_file(file),
                             stored_dtypes=stored_dtypes, dataset=dataset,
                             config_path=config_path if train_config else None, dataset_path=dataset_path,
-                            sources=sources)
+                            sources=sources, ambiguous=ambiguous)

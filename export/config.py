@@ -81,8 +81,11 @@ class ModelConfig:
         if self.family == "hrm" and self.mlp_t:
             problems.append("mlp_t exists only in TRM")
         if not self.mlp_t or self.family == "hrm":
-            if self.num_heads < 1 or self.hidden_size % self.num_heads:
-                problems.append(f"hidden_size {self.hidden_size} must be a multiple of num_heads {self.num_heads}")
+            # The official Attention takes head_dim = hidden_size // num_heads (a floor: hidden 64 with 3 heads
+            # runs, 3 heads of 21); it only needs at least one dimension per head.
+            if not 1 <= self.num_heads <= self.hidden_size:
+                problems.append(f"num_heads must be between 1 and hidden_size {self.hidden_size}, got "
+                                f"{self.num_heads}")
         if self.pos_encodings == "rope" and self.num_heads >= 1 and (self.hidden_size // self.num_heads) % 2:
             problems.append(f"RoPE needs an even head_dim, got {self.hidden_size // max(self.num_heads, 1)}")
         if self.puzzle_emb_ndim < 0:
@@ -114,7 +117,13 @@ class ModelConfig:
 
     @property
     def head_dim(self) -> int:
+        """hidden_size // num_heads, as the official code computes it (a floor)."""
         return self.hidden_size // self.num_heads
+
+    @property
+    def attention_width(self) -> int:
+        """Rows of each of q, k, v (and columns of o_proj): num_heads * head_dim, <= hidden_size."""
+        return self.num_heads * self.head_dim
 
     @property
     def mlp_intermediate(self) -> int:

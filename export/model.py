@@ -141,14 +141,19 @@ class SwiGLU(nn.Module):
 
 
 class Attention(nn.Module):
-    """Non-causal multi-head self-attention; qkv rows are all q heads, then all k heads, then all v heads."""
+    """Non-causal multi-head self-attention; qkv rows are all q heads, then all k heads, then all v heads.
+
+    As the official Attention: head_dim = hidden_size // num_heads (floor), and the heads are
+    num_heads * head_dim wide, which is less than hidden_size when num_heads does not divide it.
+    """
 
     def __init__(self, hidden_size: int, num_heads: int):
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = hidden_size // num_heads
-        self.qkv_proj = Linear(hidden_size, 3 * hidden_size)
-        self.o_proj = Linear(hidden_size, hidden_size)
+        width = num_heads * self.head_dim
+        self.qkv_proj = Linear(hidden_size, 3 * width)
+        self.o_proj = Linear(width, hidden_size)
 
     def forward(self, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
         batch, seq, _ = h.shape

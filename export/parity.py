@@ -20,7 +20,11 @@ Two views, both on the bundle's own runtime path:
   model changes its loop outcome or q_halt signs, or drifts from the float32 reference by more than CHAOS_DRIFT,
   or when one of the loop's decisions (an answer's argmax, a halting sign) has a margin within ROUNDING_FACTOR x
   the drift those samples show (the rounding samples: the reference in float64, and in float32 in its export
-  form, whose op order the graph follows). Those puzzles are counted and listed, not excused silently.
+  form, whose op order the graph follows). Those puzzles are counted and listed, not excused silently: the summary
+  leads with their share of the checked puzzles, the manifest records it (rounding_sensitive_puzzles,
+  rounding_sensitive_share), and above ROUNDING_SENSITIVE_THRESHOLD the export warns (and refuses with --strict).
+  The share counts differing puzzles only (a puzzle on which the graph happens to land on the reference's answer is
+  not traced again), so it is a lower bound on the answers float32 cannot promise.
 The verify stage of the export runs this; its figures go into the manifest and the console, and a failure stops
 the export.
 """
@@ -44,6 +48,13 @@ ROUNDING_FACTOR = 4.0
 # (1e-6 to 1e-5 per step) at least a thousandfold on that puzzle: its outcome is no longer set by the model alone.
 CHAOS_DRIFT = 1e-2
 _GATED = ("z_H", "logits")  # the outputs held to the per-step bar (q only by its sign, in the loop view)
+# Share of the checked puzzles that may be rounding-sensitive before the export warns (and --strict refuses). A
+# trained, well-conditioned checkpoint shows none (every contractive test model: 0); a large sample of any model may
+# hold an isolated near-tie (an argmax or halting margin within rounding), so 0 would warn on healthy models. 5% is
+# not a chance tie (4 of the 64 puzzles of one default batch), and it is 10x the default accuracy budget of a
+# reduced-precision variant (0.5 points): beyond it, which answers the model gives depends on the machine's float32
+# rounding more than the precision choice is allowed to change them, so the user must know.
+ROUNDING_SENSITIVE_THRESHOLD = 0.05
 
 
 @dataclass
@@ -88,6 +99,26 @@ class ParityReport:
     def passed(self) -> bool:
         return not self.step_graph_violations and not self.unexplained and not self.non_finite
 
+    @property
+    def rounding_sensitive_share(self) -> float:
+        """Fraction of the checked puzzles that are rounding-sensitive (a lower bound: see the module docstring)."""
+        return len(self.rounding_sensitive) / self.puzzles if self.puzzles else 0.0
+
+    def rounding_sensitive_words(self) -> str:
+        """'8 of 8 puzzles (100%)'."""
+        return (f"{len(self.rounding_sensitive)} of {self.puzzles} puzzles "
+                f"({_percent(self.rounding_sensitive_share)})")
+
+    def rounding_warning(self, threshold: float = ROUNDING_SENSITIVE_THRESHOLD) -> str | None:
+        """One WARNING line when the rounding-sensitive share exceeds `threshold` (a fraction), else None."""
+        if self.rounding_sensitive_share <= threshold:
+            return None
+        return (f"WARNING: rounding-sensitive: {self.rounding_sensitive_words()}, above the {_percent(threshold)} "
+                "threshold: float32 cannot reproduce this model's answers on them (another rounding of the reference "
+                "itself changes them: the recursion is ill-conditioned), so another machine or engine may answer "
+                "differently; the graph is not at fault. Check the checkpoint (a trained model rarely shows any); "
+                "--strict refuses such an export")
+
     def failures(self) -> list[str]:
         out = []
         if self.non_finite:
@@ -126,10 +157,20 @@ class ParityReport:
         if self.bundle_exact_accuracy is not None:
             text += (f"; exact accuracy bundle {100 * self.bundle_exact_accuracy:.1f}% vs reference "
                      f"{100 * self.reference_exact_accuracy:.1f}%")
+        if self.rounding_sensitive:  # first: the user must read this before the per-step figures
+            text = (f"rounding-sensitive: {self.rounding_sensitive_words()}: float32 cannot promise these answers "
+                    "(another rounding of the reference itself changes them: float64, or float32 with other "
+                    "kernels); " + text)
         return text
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "passed": self.passed}
+        return {**asdict(self), "passed": self.passed, "rounding_sensitive_puzzles": len(self.rounding_sensitive),
+                "rounding_sensitive_share": self.rounding_sensitive_share}
+
+
+def _percent(fraction: float) -> str:
+    """100% / 12.5% / 0.05%: three significant digits, never a share > 0 shown as 0%."""
+    return f"{100 * fraction:.3g}%"
 
 
 def check_parity(model: RecursiveModel, solver: Solver, tokens: np.ndarray, puzzle_ids: np.ndarray,

@@ -23,7 +23,7 @@ from trm_export import __version__
 from trm_export.errors import TrmExportError
 from trm_export.export.checkpoint import LoadedCheckpoint, load_checkpoint
 from trm_export.export.onnx_graph import check_graph, export_step_graph
-from trm_export.export.parity import ParityReport, check_parity, rounding_sensitive
+from trm_export.export.parity import ROUNDING_SENSITIVE_THRESHOLD, ParityReport, check_parity, rounding_sensitive
 from trm_export.export.reference import run_reference
 from trm_export.export.staging import StagedBundle
 from trm_export.runtime.manifest import (
@@ -49,17 +49,25 @@ class ParityError(TrmExportError):
     """The exported graph does not reproduce the PyTorch reference."""
 
 
+class RoundingSensitiveError(TrmExportError):
+    """--strict: float32 itself cannot reproduce the model's answers on too many puzzles (nothing is written)."""
+
+
 @dataclass(frozen=True)
 class ExportOptions:
     target: str = "cpu"
     force: bool = False
     parity_puzzles: int | None = None  # None: as many as fit parity_seconds; an int: the first N ("all": len)
-    parity_seconds: float = 60.0  # the default parity sample's time budget (whole chunks of batch_size, at least one)
+    parity_seconds: float = 45.0  # the default parity sample's time budget (whole chunks of batch_size, at least one)
     golden_puzzles: int = 8
     puzzle_table_dtype: str = "float32"  # or "float16": halves a large (ARC) puzzle table
     tolerance: float = 1e-4
     batch_size: int = 64
     progress: bool = True
+    # Above this share of rounding-sensitive puzzles (parity.ROUNDING_SENSITIVE_THRESHOLD) the export warns; with
+    # strict it refuses, before the bundle is committed.
+    rounding_sensitive_threshold: float = ROUNDING_SENSITIVE_THRESHOLD
+    strict: bool = False
 
 
 @dataclass(frozen=True)
@@ -186,17 +194,36 @@ def export_bundle(checkpoint: str | Path | LoadedCheckpoint, out: str | Path, op
         say(f"parity: {report.summary()}")
         if not report.passed:
             raise ParityError("export failed parity against the PyTorch reference: " + "; ".join(report.failures()))
+        warning = report.rounding_warning(options.rounding_sensitive_threshold)
+        if warning:
+            (log or _loud)(warning)  # shown even without progress output
+            if options.strict:  # inside the staging: nothing is committed, an earlier bundle at `out` stays
+                raise RoundingSensitiveError(_strict_refusal(report, options.rounding_sensitive_threshold))
         # The golden check on a device must catch a broken graph or engine, not the loop's amplified rounding: its
         # q tolerance is 1e-3 or twice what this host's own free-running loop shows, whichever is larger.
         figures = golden_figures(solver)
         q_abs = max(FP32_TOLERANCES["q_abs"], 2 * max(figures["q_halt_abs"], figures["q_continue_abs"]))
         tolerances = {"fp32": {**manifest.golden["tolerances"]["fp32"], "q_abs": q_abs}}
         parity = {"fp32": {**report.to_dict(), "puzzles_source": puzzles.source, "golden": figures,
-                           "sample": parity_sample_note(report, budget)}}
+                           "sample": parity_sample_note(report, budget),
+                           "rounding_sensitive_threshold": options.rounding_sensitive_threshold}}
         manifest = _with_files(manifest, stage, parity=parity, golden={**manifest.golden, "tolerances": tolerances})
         path = stage.commit(manifest)
     say(f"bundle written: {path}")
     return path, manifest, report
+
+
+def _loud(message: str) -> None:
+    print(message, flush=True)
+
+
+def _strict_refusal(report: ParityReport, threshold: float) -> str:
+    return (f"--strict: {report.rounding_sensitive_words()} checked are rounding-sensitive, above the "
+            f"{100 * threshold:.3g}% threshold: float32 cannot reproduce this model's answers on them (ill-conditioned "
+            "recursion: another rounding of the reference itself changes them; the graph matches the reference). "
+            "No bundle was written (an earlier one at the output is untouched). Without --strict the bundle is written "
+            "with this warning and the share in its manifest; or check the checkpoint (a trained model rarely shows "
+            "any)")
 
 
 def parity_sample_note(report: ParityReport, budget: float | None) -> str:

@@ -4,10 +4,11 @@ Runtime only (numpy + onnxruntime, TensorRT when its engines are built; tqdm and
 `trm-export report BUNDLE` re-measures on a Jetson after `trm-export build`, so its owner gets real numbers.
 
 Per variant: one fixed run of the largest budget gives the accuracy of every fixed budget and of adaptive
-halting (report.trajectory); step latency is timed at batch 1 and at the target's batch with its spread
-(report.latency). A setting's latency per puzzle is its mean steps times the measured step time (batch 1);
-its throughput, the target's batch over the same product at that batch (halted slots refilled). Accuracy
-carries its sample size and a 95% interval. A backend or target that is not present is listed as not measured.
+halting, by the Q head and by the policies that do not trust it (`stable:K`, `q+stable:K`; report.trajectory);
+step latency is timed at batch 1 and at the target's batch with its spread (report.latency). A setting's
+latency per puzzle is its mean steps times the measured step time (batch 1); its throughput, the target's batch
+over the same product at that batch (halted slots refilled). Accuracy carries its sample size and a 95%
+interval. A backend or target that is not present is listed as not measured.
 """
 
 from __future__ import annotations
@@ -24,10 +25,12 @@ from trm_export.report.latency import StepTiming, time_steps
 from trm_export.report.trajectory import Trajectory, run_trajectory
 from trm_export.runtime.io import task_for_encoding
 from trm_export.runtime.manifest import Manifest, read_manifest
-from trm_export.runtime.solver import Solver
+from trm_export.runtime.solver import HaltingPolicy, Solver, parse_halting
 from trm_export.tasks import TaskData
 
 BUDGETS = (1, 2, 4, 8, 16)
+# Halting policies beside the Q head's (runtime.solver), each capped at the largest budget.
+HALTING_POLICIES = ("stable:1", "stable:2", "q+stable:2")
 DRIFT_PUZZLES = 32
 DRIFT_BYTES = 64 << 20  # fp32's z_H at every step of the drift puzzles is held in memory: bounded for large models
 
@@ -42,6 +45,7 @@ class ReportOptions:
     threads: int | None = None
     backend: str = "auto"  # auto | onnxruntime | tensorrt (see Solver)
     progress: bool = True
+    halting: tuple[str, ...] = HALTING_POLICIES  # measured beside fixed budgets and the Q head ("q")
 
 
 @dataclass
@@ -51,8 +55,8 @@ class Measurement:
     variant: str
     precision: str
     backend: str
-    mode: str  # fixed | adaptive
-    budget: int
+    mode: str  # fixed | adaptive (the Q head) | stable:K | q+stable:K (other halting policies)
+    budget: int  # fixed: the steps; otherwise: the cap
     puzzles: int
     exact_accuracy: float
     exact_low: float  # 95% Wilson interval of exact_accuracy
@@ -105,6 +109,21 @@ def host_description() -> str:
     return ", ".join(x for x in (platform.machine(), platform.system(), cpu, f"{cores} cores" if cores else "") if x)
 
 
+def rounding_notes(manifest: Manifest) -> list[str]:
+    """The export's rounding-sensitive share (export.parity): puzzles float32 itself cannot promise, said first."""
+    fp32 = manifest.parity.get("fp32", {})
+    share, count, puzzles = (fp32.get("rounding_sensitive_share"), fp32.get("rounding_sensitive_puzzles"),
+                             fp32.get("puzzles"))
+    if not isinstance(share, (int, float)) or not share > 0:
+        return []
+    threshold = fp32.get("rounding_sensitive_threshold")
+    loud = isinstance(threshold, (int, float)) and share > threshold
+    return [f"{'**WARNING**: ' if loud else ''}{count} of {puzzles} parity puzzles ({100 * share:.2g}%) are "
+            "rounding-sensitive at export: float32 itself cannot promise the reference's answers there (another "
+            "rounding of the reference changes them), so accuracy differences between variants on such puzzles are "
+            "not precision effects alone"]
+
+
 def _peak_rss_reset() -> None:
     try:  # Linux: writing 5 resets the peak-RSS counter (VmHWM) of this process
         Path("/proc/self/clear_refs").write_text("5")
@@ -140,9 +159,16 @@ def _backends(manifest: Manifest, variant: str, requested: str) -> list[str]:
 
 def settings_of(variant: str, precision: str, backend: str, trajectory: Trajectory, budgets: tuple[int, ...],
                 single: StepTiming, batched: StepTiming, size_mb: float,
-                peak_rss_mb: float | None = None) -> list[Measurement]:
-    """Every fixed budget and adaptive halting capped at the largest, from one trajectory and two step timings."""
-    outcomes = [trajectory.fixed(b) for b in budgets] + [trajectory.adaptive(max(budgets))]
+                peak_rss_mb: float | None = None, halting: tuple[str, ...] = HALTING_POLICIES) -> list[Measurement]:
+    """Every fixed budget, adaptive halting on the Q head and by each policy of `halting` (runtime.solver), each
+    capped at the largest budget, from one trajectory and two step timings. A policy that cannot halt a puzzle
+    before the cap (stable:K with K + 1 >= cap) is left out: it is fixed or Q halting by another name."""
+    cap = max(budgets)
+    policies = [parse_halting(p) for p in halting]
+    outcomes = [trajectory.fixed(b) for b in budgets] + [trajectory.adaptive(cap)]
+    if trajectory.changed is not None:
+        outcomes += [trajectory.adaptive(cap, policy=p) for p in policies
+                     if p != HaltingPolicy() and p.stable + 1 < cap]
     rows = []
     for o in outcomes:
         low, high = o.interval
@@ -176,6 +202,7 @@ def measure_bundle(bundle: str | Path, options: ReportOptions = ReportOptions())
     steps = max(options.budgets)
     report = ReportData(str(bundle), target.name, host_description(), manifest.task.name or "custom", len(data),
                         f"{manifest.task.name} held-out split, first {len(data)}")
+    report.notes += rounding_notes(manifest)
     if target.runtime == "tensorrt" and not manifest.build.get("engines"):
         report.not_measured.append(f"TensorRT on {target.name}: no engine in this bundle (build it on the device "
                                    "with `trm-export build`, then re-run `trm-export report` there)")
@@ -210,7 +237,8 @@ def measure_bundle(bundle: str | Path, options: ReportOptions = ReportOptions())
             report.drift.append(drift.curve())
         size_mb = (bundle / manifest.graphs[variant].file).stat().st_size / 1e6
         report.measurements += settings_of(variant, manifest.graphs[variant].precision, batched.backend.name,
-                                           trajectory, options.budgets, timing_1, timing_b, size_mb, _peak_rss_mb())
+                                           trajectory, options.budgets, timing_1, timing_b, size_mb, _peak_rss_mb(),
+                                           options.halting)
     return report
 
 

@@ -1,7 +1,8 @@
 """Turn measurements into report/REPORT.md, report/report.json and three plots a user would rather look at.
 
 - pareto.png: exact accuracy against per-puzzle latency (batch 1), every setting labelled, frontier drawn;
-- accuracy_vs_steps.png: exact accuracy against the step budget, one line per variant, adaptive as markers;
+- accuracy_vs_steps.png: exact accuracy against the step budget, one line per variant, adaptive halting (Q head:
+  stars; stable-answer policies: triangles, labelled) as markers at their mean steps;
 - drift.png: per-step relative error and cosine similarity of z_H of each reduced precision against FP32.
 A recommendation: the fastest setting whose exact accuracy is within the budget of the best FP32 setting, where
 faster means beyond the timing noise; settings that cannot be told apart are named as equivalent.
@@ -64,7 +65,32 @@ def recommend(rows: list[Measurement], max_drop_points: float) -> Recommendation
 
 
 def _setting(r: Measurement) -> str:
-    return f"{r.variant}, {'adaptive' if r.mode == 'adaptive' else 'fixed'} {r.budget}"
+    return f"{r.variant}, {_loop(r)}"
+
+
+def _loop(r: Measurement) -> str:
+    """The loop setting: "fixed 16", "adaptive 16" (the Q head, capped at 16), "stable:2 16", "q+stable:2 16"."""
+    return f"{r.mode} {r.budget}"
+
+
+def _short(r: Measurement) -> str:
+    """A plot label: 16 (fixed), A16 (Q head), S2@16 (stable:2), QS2@16 (q+stable:2)."""
+    if r.mode == "fixed":
+        return str(r.budget)
+    if r.mode == "adaptive":
+        return f"A{r.budget}"
+    return f"{r.mode.replace('q+', 'Q').replace('stable:', 'S')}@{r.budget}"
+
+
+_MARKERS = {"fixed": "o", "adaptive": "*"}  # any other halting policy: "^"
+
+
+def _halting_legend(rows: list[Measurement]) -> list[str]:
+    if not any(r.mode not in _MARKERS for r in rows):
+        return []
+    return ["Loop: `fixed N` runs N steps; `adaptive N` halts on the trained Q head; `stable:K N` halts a puzzle once "
+            "its answer has not changed for K steps in a row; `q+stable:K N` halts on whichever says so first; N caps "
+            "them (`trm-export run --halting`).", ""]
 
 
 def _acc(r: Measurement) -> str:
@@ -101,10 +127,10 @@ def markdown(data: ReportData, max_drop_points: float) -> str:
     for r in data.measurements:
         rss = "n/a" if r.peak_rss_mb is None else f"{r.peak_rss_mb:.0f}"
         mark = " *" if id(r) in front else ""
-        lines.append(f"| {r.variant}{mark} | {r.backend} | {r.mode} {r.budget} | {r.mean_steps:.2f} | {_acc(r)} | "
+        lines.append(f"| {r.variant}{mark} | {r.backend} | {_loop(r)} | {r.mean_steps:.2f} | {_acc(r)} | "
                      f"{100 * r.token_accuracy:.2f}% | {r.latency_ms_p50:.2f} [{r.latency_ms_p25:.2f}, "
                      f"{r.latency_ms_p75:.2f}] | {r.throughput:.0f} (batch {r.batch}) | {r.size_mb:.2f} | {rss} |")
-    lines += ["", "`*`: on the accuracy/latency Pareto frontier.", ""]
+    lines += ["", "`*`: on the accuracy/latency Pareto frontier.", ""] + _halting_legend(data.measurements)
     if data.drift:
         lines += ["## Drift against FP32 (z_H, fixed loop)", "",
                   "| variant | rel. error step 1 | rel. error last step | cosine last step |", "|---|---|---|---|"]
@@ -142,15 +168,17 @@ def plots(data: ReportData, folder: Path) -> list[str]:
                     xerr=[[r.latency_ms_p50 - r.latency_ms_p25], [r.latency_ms_p75 - r.latency_ms_p50]],
                     yerr=[[100 * (r.exact_accuracy - r.exact_low)], [100 * (r.exact_high - r.exact_accuracy)]])
         ax.scatter(r.latency_ms_p50, 100 * r.exact_accuracy, color=colors[r.variant],
-                   marker="*" if r.mode == "adaptive" else "o", s=90 if r.mode == "adaptive" else 40)
+                   marker=_MARKERS.get(r.mode, "^"), s=40 if r.mode == "fixed" else 90 if r.mode == "adaptive" else 55)
     for r in front:  # only the frontier is labelled: every other point is beaten on both axes by one of these
-        ax.annotate(f"{r.variant} {'A' if r.mode == 'adaptive' else ''}{r.budget}", (r.latency_ms_p50,
+        ax.annotate(f"{r.variant} {_short(r)}", (r.latency_ms_p50,
                     100 * r.exact_accuracy), textcoords="offset points", xytext=(4, -10), fontsize=8)
     ax.step([r.latency_ms_p50 for r in front], [100 * r.exact_accuracy for r in front], where="post", color="gray",
             linestyle="--", label="Pareto frontier")
     for v in variants:
         ax.scatter([], [], color=colors[v], label=v)
-    ax.scatter([], [], color="black", marker="*", label="adaptive halting (A)")
+    ax.scatter([], [], color="black", marker="*", label="adaptive halting, Q head (A)")
+    if any(r.mode not in _MARKERS for r in rows):
+        ax.scatter([], [], color="black", marker="^", label="stable answer (SK), or Q head too (QSK)")
     ax.set_xscale("log")
     ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
     ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
@@ -158,7 +186,9 @@ def plots(data: ReportData, folder: Path) -> list[str]:
     ax.set_xlabel("latency per puzzle, batch 1, p50 with quartiles (ms, log scale)")
     ax.set_ylabel("exact accuracy (%), 95% interval")
     ax.set_title(f"Accuracy versus latency ({data.task}, {data.puzzles} held-out puzzles; frontier labelled, "
-                 "A = adaptive)")
+                 "A = adaptive)" if all(r.mode in _MARKERS for r in rows) else
+                 f"Accuracy versus latency ({data.task}, {data.puzzles} held-out puzzles; frontier labelled,\n"
+                 "A = Q head, SK = answer unchanged K steps, QSK = either)")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
@@ -177,6 +207,10 @@ def plots(data: ReportData, folder: Path) -> list[str]:
             if r.variant == v and r.mode == "adaptive":
                 ax.scatter(r.mean_steps, 100 * r.exact_accuracy, marker="*", s=120, color=colors[v],
                            label=f"{v}, adaptive (at its mean steps)")
+            elif r.variant == v and r.mode != "fixed":
+                ax.scatter(r.mean_steps, 100 * r.exact_accuracy, marker="^", s=60, color=colors[v])
+                ax.annotate(_short(r).split("@")[0], (r.mean_steps, 100 * r.exact_accuracy),
+                            textcoords="offset points", xytext=(4, 4), fontsize=7, color=colors[v])
     ax.set_xscale("log", base=2)
     budgets = sorted({r.budget for r in rows if r.mode == "fixed"})
     ax.set_xticks(budgets, [str(b) for b in budgets])

@@ -3,7 +3,9 @@
 A puzzle's state after step t depends neither on when it would have halted nor on its batch neighbours (every op
 of the step graph is per sample). So one fixed run of T steps holds the answer of every fixed budget k <= T (the
 answer after step k) and of adaptive halting capped at any k <= T (the answer at the first step whose Q values
-say halt, as `Solver` decides it). Evaluating every setting costs one run instead of one per setting.
+say halt, as `Solver` decides it). It records too whether each puzzle's answer changed at each step, so it holds
+the halting policies that do not trust the Q head (`stable:K`, `q+stable:K`, see runtime.solver) at any cap.
+Evaluating every setting costs one run instead of one per setting.
 
 Accuracies come with their sample size and a 95% Wilson interval: a figure from 100 puzzles moves by a point per
 puzzle, and a decision between two settings should not rest on less than that.
@@ -17,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from trm_export.runtime.solver import Solver, halt_now
+from trm_export.runtime.solver import HaltingPolicy, Solver, halt_now, parse_halting
 from trm_export.runtime.validate import validate_puzzles
 
 
@@ -35,8 +37,8 @@ def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, flo
 class LoopOutcome:
     """Accuracy of one loop setting on a puzzle set."""
 
-    mode: str  # fixed | adaptive
-    budget: int  # fixed: the steps; adaptive: the cap
+    mode: str  # fixed | adaptive (the Q head) | stable:K | q+stable:K (the halting policy's name)
+    budget: int  # fixed: the steps; otherwise: the cap
     puzzles: int
     solved: int | None  # puzzles answered exactly right (None without labels)
     token_accuracy: float | None
@@ -62,15 +64,27 @@ class Trajectory:
     exact: np.ndarray | None  # [T, N] bool: answer exactly right (None without labels)
     token: np.ndarray | None  # [T, N] float32: share of tokens right
     final_predictions: np.ndarray  # [N, seq_len] after the last step
+    changed: np.ndarray | None = None  # [T, N] bool: the answer differs from the previous step's (step 1: True)
 
     @property
     def puzzles(self) -> int:
         return self.q_halt.shape[1]
 
-    def halting_steps(self, cap: int, min_steps: int = 1) -> np.ndarray:
-        """[N] the step (1-based) at which adaptive halting stops each puzzle, capped at `cap`."""
+    def halting_steps(self, cap: int, min_steps: int = 1, policy: str | HaltingPolicy = "q") -> np.ndarray:
+        """[N] the step (1-based) at which adaptive halting by `policy` ("q", "stable:K", "q+stable:K", as
+        `Solver.solve(halting=...)`) stops each puzzle, capped at `cap`."""
         self._check_budget(cap)
-        halt = halt_now(self.q_halt[:cap], self.q_continue[:cap], self.halting_rule)
+        rule = parse_halting(policy)
+        halt = np.zeros((cap, self.puzzles), bool)
+        if rule.q:
+            halt |= halt_now(self.q_halt[:cap], self.q_continue[:cap], self.halting_rule)
+        if rule.stable:
+            if self.changed is None:
+                raise ValueError("this trajectory has no record of answer changes: it cannot tell stable halting")
+            unchanged = np.zeros(self.puzzles, np.int64)  # steps in a row with the same answer, as Solver counts
+            for t in range(cap):
+                unchanged = np.where(self.changed[t], 0, unchanged + 1)
+                halt[t] |= unchanged >= rule.stable
         halt[: min_steps - 1] = False
         halt[cap - 1] = True
         return halt.argmax(axis=0) + 1
@@ -79,8 +93,11 @@ class Trajectory:
         self._check_budget(budget)
         return self._outcome("fixed", budget, np.full(self.puzzles, budget))
 
-    def adaptive(self, cap: int, min_steps: int = 1) -> LoopOutcome:
-        return self._outcome("adaptive", cap, self.halting_steps(cap, min_steps))
+    def adaptive(self, cap: int, min_steps: int = 1, policy: str | HaltingPolicy = "q") -> LoopOutcome:
+        """Adaptive halting by `policy` capped at `cap`; its mode is "adaptive" for the Q head, else the policy."""
+        rule = parse_halting(policy)
+        mode = "adaptive" if rule == HaltingPolicy() else rule.name
+        return self._outcome(mode, cap, self.halting_steps(cap, min_steps, rule))
 
     def _outcome(self, mode: str, budget: int, steps: np.ndarray) -> LoopOutcome:
         cols = np.arange(self.puzzles)
@@ -102,7 +119,7 @@ class Trajectory:
             return None if any(a is None for a in arrays) else np.concatenate(arrays, axis=axis)
 
         return Trajectory(first.steps, first.halting_rule, cat("q_halt", 1), cat("q_continue", 1), cat("exact", 1),
-                          cat("token", 1), cat("final_predictions", 0))
+                          cat("token", 1), cat("final_predictions", 0), cat("changed", 1))
 
 
 def run_trajectory(solver: Solver, tokens: np.ndarray, puzzle_ids: np.ndarray | None, labels: np.ndarray | None,
@@ -121,16 +138,22 @@ def run_trajectory(solver: Solver, tokens: np.ndarray, puzzle_ids: np.ndarray | 
     exact = None if labels is None else np.zeros((steps, n), bool)
     token = None if labels is None else np.zeros((steps, n), np.float32)
     final = np.zeros((n, solver.task.seq_len), np.int64)
+    changed = np.zeros((steps, n), bool)
     chunk = solver.backend.capacity
     for start in range(0, n, chunk):
         idx = np.arange(start, min(start + chunk, n))
+        previous = np.zeros((len(idx), solver.task.seq_len), np.int64)  # the chunk's answers after the last step
 
-        def on_step(slots: np.ndarray, steps_done: np.ndarray, qh: np.ndarray, qc: np.ndarray, idx=idx) -> None:
+        def on_step(slots: np.ndarray, steps_done: np.ndarray, qh: np.ndarray, qc: np.ndarray, idx=idx,
+                    previous=previous) -> None:
             t = int(steps_done[0]) - 1  # fixed mode, one chunk per solve: every slot at the same step, in order
             which = idx[slots]
             q[0, t, which], q[1, t, which] = qh, qc
+            answers = solver.backend.logits(np.arange(len(slots))).argmax(-1)
+            changed[t, which] = True if t == 0 else (answers != previous[slots]).any(axis=1)
+            previous[slots] = answers
             if labels is not None:
-                right = solver.backend.logits(np.arange(len(slots))).argmax(-1) == labels[which]
+                right = answers == labels[which]
                 exact[t, which] = right.all(axis=1)
                 token[t, which] = right.mean(axis=1)
             if on_state is not None:
@@ -140,4 +163,4 @@ def run_trajectory(solver: Solver, tokens: np.ndarray, puzzle_ids: np.ndarray | 
         final[idx] = result.predictions
         if on_chunk is not None:
             on_chunk(int(idx[-1]) + 1)
-    return Trajectory(steps, solver.manifest.loop.halting_rule, q[0], q[1], exact, token, final)
+    return Trajectory(steps, solver.manifest.loop.halting_rule, q[0], q[1], exact, token, final, changed)

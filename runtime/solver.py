@@ -4,8 +4,19 @@
     answer = solver.solve(puzzle_tokens)              # one puzzle or [N, seq_len]
     answer.predictions, answer.steps_used
 
-Modes: `fixed` runs every puzzle `max_steps` steps (the papers' evaluation); `adaptive` halts a puzzle when the
-trained Q head says so (after at least `min_steps`, at most `max_steps`, which may exceed the trained limit).
+Modes: `fixed` runs every puzzle `max_steps` steps (the papers' evaluation); `adaptive` halts a puzzle by a halting
+policy (after at least `min_steps`, at most `max_steps`, which may exceed the trained limit):
+
+- `halting="q"` (the default): when the trained Q head says so, by the rule the checkpoint was trained with;
+- `halting="stable:K"`: once the puzzle's answer (the argmax of its logits) has not changed for K consecutive
+  steps, i.e. at the first step t whose answer equals the answers after steps t-1, ..., t-K (so at step K+1 at
+  the earliest). It does not trust the Q head; it stops models that would "overthink" a settled answer;
+- `halting="q+stable:K"`: at the first step where either says halt (the Q head, or K unchanged steps).
+
+`min_steps` holds every policy back, `max_steps` stops every puzzle. The stable policies read every active
+puzzle's answer after every step: free on ONNX Runtime (the logits are in host memory), a device-to-host copy of
+the logits per step on TensorRT; the `q` policy reads answers only when a puzzle halts.
+
 Puzzles stream through `batch_size` slots; with `refill` (default) a halted puzzle's slot takes the next puzzle
 on the next step, so the batch stays full. A puzzle's computation never mixes with its neighbours' (every op
 of the step graph is per sample), so its answer does not depend on what else is in the batch.
@@ -32,6 +43,7 @@ from trm_export.runtime.manifest import Manifest, member, read_manifest
 from trm_export.runtime.validate import validate_puzzles
 
 MODES = ("fixed", "adaptive")
+HALTING_FORMS = ("q", "stable:K", "q+stable:K")
 BACKENDS = ("auto", "onnxruntime", "tensorrt")
 # A step budget beyond any use (the papers evaluate 16 steps; HRM's accuracy knob goes to a few times that).
 MAX_STEPS = 4096
@@ -61,6 +73,41 @@ class SolveResult:
 
     def __len__(self) -> int:
         return len(self.steps_used)
+
+
+@dataclass(frozen=True)
+class HaltingPolicy:
+    """How `adaptive` mode halts a puzzle: on the Q head (`q`), on `stable` unchanged answers in a row (0: not), or
+    on either, whichever says so first."""
+
+    q: bool = True
+    stable: int = 0
+
+    @property
+    def name(self) -> str:
+        """The policy as `parse_halting` reads it: "q", "stable:K" or "q+stable:K"."""
+        return "+".join((["q"] if self.q else []) + ([f"stable:{self.stable}"] if self.stable else []))
+
+
+def parse_halting(policy: str | HaltingPolicy) -> HaltingPolicy:
+    """"q" | "stable:K" | "q+stable:K" (K an integer, 1..MAX_STEPS) -> HaltingPolicy; anything else: InputError."""
+    if isinstance(policy, HaltingPolicy):
+        if isinstance(policy.stable, bool) or not isinstance(policy.stable, int) or not (
+                policy.q or policy.stable) or not 0 <= policy.stable <= MAX_STEPS:
+            raise InputError(f"not a halting policy: {policy!r}")
+        return policy
+    if isinstance(policy, str):
+        text = policy.strip()
+        q = text == "q" or text.startswith("q+")
+        rest = text[2:] if text.startswith("q+") else text
+        if text == "q":
+            return HaltingPolicy(True, 0)
+        if rest.startswith("stable:"):
+            k = rest[len("stable:"):]
+            if k.isascii() and k.isdigit() and 1 <= int(k) <= MAX_STEPS:
+                return HaltingPolicy(q, int(k))
+    raise InputError(f"halting must be one of {', '.join(HALTING_FORMS)} with K an integer 1..{MAX_STEPS} (the "
+                     f"answer unchanged for K steps in a row), got {policy!r}")
 
 
 def halt_now(q_halt: np.ndarray, q_continue: np.ndarray, rule: str) -> np.ndarray:
@@ -150,8 +197,12 @@ class Solver:
 
     def solve(self, puzzles: object, puzzle_ids: object = None, *, mode: str = "adaptive",
               max_steps: int | None = None, min_steps: int = 1, refill: bool = True,
-              on_step: Callable[[int, np.ndarray, np.ndarray, np.ndarray], None] | None = None) -> SolveResult:
+              on_step: Callable[[int, np.ndarray, np.ndarray, np.ndarray], None] | None = None,
+              halting: str | HaltingPolicy = "q") -> SolveResult:
         """Solve puzzles ([N, seq_len] tokens, or one puzzle) and return answers in input order.
+
+        `halting` (adaptive mode; `fixed` ignores it, but it must still be a valid policy): "q" (the bundle's
+        trained Q-head rule), "stable:K" or "q+stable:K" (see the module docstring).
 
         `on_step(puzzle_index[n], steps[n], q_halt[n], q_continue[n])` is called after every step for the n active
         slots (puzzle index -1: a finished puzzle waiting for its batch; steps: how many steps each puzzle has
@@ -160,6 +211,7 @@ class Solver:
         """
         if mode not in MODES:
             raise InputError(f"mode must be one of {MODES}, got {mode!r}")
+        policy = parse_halting(halting)
         limit = self.manifest.loop.halt_max_steps if max_steps is None else max_steps
         for name, value in (("max_steps", limit), ("min_steps", min_steps)):
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
@@ -169,12 +221,18 @@ class Solver:
             raise InputError(f"need 1 <= min_steps ({min_steps}) <= max_steps ({limit}) <= {MAX_STEPS}")
         tokens, ids = validate_puzzles(puzzles, puzzle_ids, self.task)
         with self._lock:  # one batch of state in the backend: solves on one Solver take turns
-            return self._solve(tokens, ids, mode, limit, int(min_steps), refill, on_step)
+            return self._solve(tokens, ids, mode, limit, int(min_steps), refill, on_step, policy)
 
     def _solve(self, tokens: np.ndarray, ids: np.ndarray, mode: str, limit: int, min_steps: int, refill: bool,
-               on_step: Callable | None) -> SolveResult:
+               on_step: Callable | None, policy: HaltingPolicy = HaltingPolicy()) -> SolveResult:
         n_total, capacity = len(tokens), self.backend.capacity
         rule = self.manifest.loop.halting_rule
+        use_q = mode == "adaptive" and policy.q
+        stable = policy.stable if mode == "adaptive" else 0
+        # stable:K, per slot: the answer after its last step, and how many steps in a row it has not changed
+        # (moved along with the slot when slots are packed, reset when the slot takes a new puzzle).
+        slot_answer = np.zeros((capacity if stable else 0, self.task.seq_len), np.int64)
+        slot_unchanged = np.zeros(capacity, np.int32)
 
         predictions = np.zeros((n_total, self.task.seq_len), np.int64)
         steps_used = np.zeros(n_total, np.int32)
@@ -191,7 +249,7 @@ class Solver:
                 slots = slots[:take]
                 z_H, z_L = self.embedder.initial_state(take)
                 self.backend.load(slots, self.embedder(tokens[idx], ids[idx]), z_H, z_L)
-                slot_puzzle[slots], slot_steps[slots] = idx, 0
+                slot_puzzle[slots], slot_steps[slots], slot_unchanged[slots] = idx, 0, 0
                 queue += take
             return take
 
@@ -206,25 +264,38 @@ class Solver:
             slot_steps[:active] += live
             if on_step is not None:
                 on_step(slot_puzzle[:active].copy(), slot_steps[:active].copy(), q_halt, q_cont)
+            answers = None
+            if stable:  # every active slot's answer, every step (on TensorRT: a copy of the logits to the host)
+                answers = self.backend.logits(np.arange(active)).argmax(-1)
+                same = (slot_steps[:active] > 1) & (answers == slot_answer[:active]).all(axis=1)  # step 1: changed
+                slot_unchanged[:active] = np.where(same, slot_unchanged[:active] + 1, 0)
+                slot_answer[:active] = answers
             halted = live & (slot_steps[:active] >= limit)
             if mode == "adaptive":
-                halted |= live & (slot_steps[:active] >= min_steps) & halt_now(q_halt, q_cont, rule)
+                says = np.zeros(active, bool)
+                if use_q:
+                    says |= halt_now(q_halt, q_cont, rule)
+                if stable:
+                    says |= slot_unchanged[:active] >= stable
+                halted |= live & (slot_steps[:active] >= min_steps) & says
             done = np.flatnonzero(halted)
             if len(done):
                 puzzles_done = slot_puzzle[done]
-                predictions[puzzles_done] = self.backend.logits(done).argmax(-1)
+                predictions[puzzles_done] = self.backend.logits(done).argmax(-1) if answers is None else answers[done]
                 steps_used[puzzles_done] = slot_steps[done]
                 final_q[0, puzzles_done], final_q[1, puzzles_done] = q_halt[done], q_cont[done]
                 slot_puzzle[done] = -1
             if refill:
-                active = self._refill(done, active, load, slot_puzzle, slot_steps)
+                carried = (slot_answer, slot_unchanged) if stable else ()
+                active = self._refill(done, active, load, slot_puzzle, slot_steps, carried)
             elif not (slot_puzzle[:active] >= 0).any():  # wait for the whole batch, then load the next one
                 active = load(np.arange(capacity))
         return SolveResult(predictions, steps_used, final_q[0], final_q[1])
 
     def _refill(self, done: np.ndarray, active: int, load, slot_puzzle: np.ndarray,
-                slot_steps: np.ndarray) -> int:
-        """New puzzles into the freed slots; if the queue is empty, pack the survivors to the front."""
+                slot_steps: np.ndarray, carried: tuple[np.ndarray, ...] = ()) -> int:
+        """New puzzles into the freed slots; if the queue is empty, pack the survivors to the front (with them the
+        per-slot arrays of `carried`)."""
         if not len(done):
             return active
         filled = load(done)
@@ -237,6 +308,8 @@ class Solver:
         if len(targets):
             self.backend.move(sources, targets)
             slot_puzzle[targets], slot_steps[targets] = slot_puzzle[sources], slot_steps[sources]
+            for array in carried:
+                array[targets] = array[sources]
         return new_active
 
     def solve_one(self, puzzle: object, puzzle_id: int = 0, **kwargs) -> SolveResult:

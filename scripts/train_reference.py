@@ -180,13 +180,21 @@ def save_official(out: Path, ema_model: RecursiveModel, cfg: ModelConfig, recipe
     for old in out.glob("step_*"):
         if old.name != f"step_{step}":
             old.unlink()
-    arch = {"name": ARCH_NAME, "loss": {"name": "losses@ACTLossHead", "loss_type": "softmax_cross_entropy"},
+    # loss_type: the official TRM ACTLossHead calls its loss with valid_mask=, which only stablemax_cross_entropy
+    # takes (its softmax_cross_entropy raises), and HRM's losses.py has the same name: the value the official code
+    # runs. This trainer's token loss is plain softmax cross-entropy, recorded beside it in `trained_lm_loss`.
+    arch = {"name": ARCH_NAME, "loss": {"name": "losses@ACTLossHead", "loss_type": "stablemax_cross_entropy"},
             **recipe["arch"], "H_layers": 0, "rms_norm_eps": cfg.rms_norm_eps, "rope_theta": cfg.rope_theta}
     all_config = {"arch": arch, "data_paths": [f"data/{recipe['out']}"], "global_batch_size": recipe["batch_size"],
                   "lr": recipe["lr"], "weight_decay": recipe["weight_decay"], "lr_warmup_steps": recipe["warmup"],
-                  "ema": True, "ema_rate": recipe["ema"], "seed": 0, **train_cfg}
+                  "ema": True, "ema_rate": recipe["ema"], "seed": 0,
+                  "trained_lm_loss": "softmax cross-entropy (scripts/train_reference.py), not arch.loss.loss_type",
+                  **train_cfg}
     (out / "all_config.yaml").write_text(yaml.safe_dump(all_config, sort_keys=False))
-    (out / "dataset.json").write_text(json.dumps(spec.dataset_json(), indent=2) + "\n")
+    # The training split: the pool's puzzles, one per group, augmented on the fly (not stored).
+    puzzles = recipe["train_pool"] + recipe.get("short_pool", {}).get("size", 0)
+    meta = spec.dataset_json(total_groups=puzzles, mean_puzzle_examples=1.0, total_puzzles=puzzles)
+    (out / "dataset.json").write_text(json.dumps(meta, indent=2) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -257,12 +257,10 @@ def _drop_words(variant: str, drop: float | None) -> str:
 
 
 def _fp32_reference(parity: dict[str, Any]) -> dict[str, Any] | None:
-    """The first reduced-precision entry that measured fp32 on its own puzzles (the figures to compare with)."""
-    for name in sorted(parity):
-        entry = _obj(parity[name])
-        if name != "fp32" and _num(entry.get("fp32_exact_accuracy")) is not None:
-            return entry
-    return None
+    """The reduced-precision entry that measured fp32 on the most puzzles (screened variants saw fewer)."""
+    entries = [_obj(parity[name]) for name in sorted(parity) if name != "fp32"]
+    entries = [e for e in entries if _num(e.get("fp32_exact_accuracy")) is not None]
+    return max(entries, key=lambda e: _count(e.get("puzzles")) or 0, default=None)
 
 
 def _puzzles_words(count: Any, source: Any, steps: Any) -> str:
@@ -325,11 +323,16 @@ def _accuracy(manifest: Manifest) -> list[str]:
                                                                      "adaptive_predictions_identical")))
         ref = _pct(fp32.get("reference_exact_accuracy"))
         source = fp32.get("puzzles_source")
+        share, sensitive = _num(fp32.get("rounding_sensitive_share")), _count(fp32.get("rounding_sensitive_puzzles"))
+        rounding = (f" **{sensitive} of the {checked} puzzles ({100 * share:.3g}%) are rounding-sensitive: float32 "
+                    "cannot promise the reference's answers there (another rounding of the reference itself changes "
+                    "them), so this device may answer them differently.**"
+                    if share is not None and 0 < share <= 1 and sensitive else "")
         lines += ["", f"Parity of the fp32 graph with the PyTorch reference at export: {sample} puzzles"
                       f"{' of ' + md_code(source) if isinstance(source, str) else ''}, fixed-step answers identical "
                       f"{identical}, adaptive halting identical {adaptive}"
                       f"{', passed' if fp32.get('passed') is True else ''}"
-                      f"{f'; the reference itself solves {ref} of them' if ref else ''}."]
+                      f"{f'; the reference itself solves {ref} of them' if ref else ''}.{rounding}"]
     return lines + [""]
 
 

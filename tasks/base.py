@@ -150,16 +150,25 @@ class TaskSpec:
     ignore_label_id: int | None = None
     num_puzzle_identifiers: int = 1
 
-    def dataset_json(self, total_groups: int = 1, mean_puzzle_examples: float = 1.0) -> dict[str, Any]:
-        """The official ``dataset.json`` fields (HRM/TRM ``PuzzleDatasetMetadata``).
+    def dataset_json(
+        self, total_groups: int = 1, mean_puzzle_examples: float = 1.0, total_puzzles: int | None = None
+    ) -> dict[str, Any]:
+        """The official ``dataset.json`` fields (TRM/HRM ``PuzzleDatasetMetadata``), in its order.
 
         ``blank_identifier_id`` is the blank *puzzle identifier* of the official loader
         (always 0 here), not the blank cell token. ``total_groups`` should be the number of
-        original puzzles in the set and ``mean_puzzle_examples`` the examples per puzzle
-        (1.0 when augmentation is done on the fly rather than stored).
+        original puzzles in the set, ``total_puzzles`` the number of puzzles stored in it
+        (default: ``total_groups``, one puzzle per group, as the official Sudoku and maze
+        builders write it; the official TRM loader requires the field) and
+        ``mean_puzzle_examples`` the examples per puzzle (1.0 when augmentation is done on
+        the fly rather than stored).
         """
         if total_groups < 0:
             raise ValueError(f"total_groups must be >= 0, got {total_groups}")
+        if total_puzzles is None:
+            total_puzzles = total_groups
+        if total_puzzles < total_groups:
+            raise ValueError(f"total_puzzles ({total_puzzles}) must be >= total_groups ({total_groups})")
         return {
             "pad_id": self.pad_id,
             "ignore_label_id": self.ignore_label_id,
@@ -169,6 +178,7 @@ class TaskSpec:
             "num_puzzle_identifiers": self.num_puzzle_identifiers,
             "total_groups": int(total_groups),
             "mean_puzzle_examples": float(mean_puzzle_examples),
+            "total_puzzles": int(total_puzzles),
             "sets": ["all"],
         }
 

@@ -73,6 +73,12 @@ VARIANTS = {
         Variant("hrm", family="hrm", H_layers=2, puzzle_emb_ndim=32, puzzle_emb_len=0, no_ACT_continue=False),
         Variant("hrm-learned", family="hrm", H_layers=1, L_layers=1, pos_encodings="learned",
                 puzzle_emb_ndim=48, puzzle_emb_len=0, no_ACT_continue=False),
+        # hidden_size not a multiple of num_heads: the official Attention takes head_dim = hidden // heads and
+        # sizes qkv_proj [3 * heads * head_dim, hidden], o_proj [hidden, heads * head_dim] (32 / 3: 10, 30).
+        Variant("trm-att-rope-3heads", num_heads=3),
+        # ... and an odd head_dim (64 / 3 = 21, 63 wide), which the official code runs without RoPE.
+        Variant("hrm-learned-3heads", family="hrm", hidden_size=64, num_heads=3, H_layers=1, L_layers=1,
+                pos_encodings="learned", puzzle_emb_ndim=64, puzzle_emb_len=0, no_ACT_continue=False),
     )
 }
 
@@ -113,8 +119,9 @@ def official_state_dict(v: Variant, seed: int = 0) -> dict[str, torch.Tensor]:
                 sd[p + "mlp_t.gate_up_proj.weight"] = _trunc(g, 2 * inter_t, total, std=gain / math.sqrt(total))
                 sd[p + "mlp_t.down_proj.weight"] = _trunc(g, total, inter_t, std=gain / math.sqrt(inter_t))
             else:
-                sd[p + "self_attn.qkv_proj.weight"] = _trunc(g, 3 * d, d, std=gain / math.sqrt(d))
-                sd[p + "self_attn.o_proj.weight"] = _trunc(g, d, d, std=gain / math.sqrt(d))
+                width = v.num_heads * (d // v.num_heads)  # heads x head_dim, as the official Attention sizes it
+                sd[p + "self_attn.qkv_proj.weight"] = _trunc(g, 3 * width, d, std=gain / math.sqrt(d))
+                sd[p + "self_attn.o_proj.weight"] = _trunc(g, d, width, std=gain / math.sqrt(width))
             sd[p + "mlp.gate_up_proj.weight"] = _trunc(g, 2 * inter, d, std=gain / math.sqrt(d))
             sd[p + "mlp.down_proj.weight"] = _trunc(g, d, inter, std=gain / math.sqrt(inter))
     return sd

@@ -76,21 +76,22 @@ def report_folder(sudoku_bundle, tmp_path_factory):
 def test_report_measures_every_setting(report_folder):
     data, folder = report_folder
     settings = [(r.mode, r.budget) for r in data.measurements]
-    assert settings == [("fixed", 1), ("fixed", 2), ("fixed", 8), ("adaptive", 8)]
+    assert settings == [("fixed", 1), ("fixed", 2), ("fixed", 8), ("adaptive", 8), ("stable:1", 8), ("stable:2", 8),
+                        ("q+stable:2", 8)]  # the halting policies that do not trust the Q head, from the same run
     for r in data.measurements:
         assert 0 <= r.exact_accuracy <= r.token_accuracy <= 1 and r.exact_low <= r.exact_accuracy <= r.exact_high
         assert 0 < r.latency_ms_p25 <= r.latency_ms_p50 <= r.latency_ms_p75 <= r.latency_ms_p95 and r.throughput > 0
         assert r.size_mb > 0 and r.batch == 16  # the cpu target's optimal batch
     assert data.measurements[-1].mean_steps <= 8
     saved = json.loads((folder / "report.json").read_text())
-    assert len(saved["measurements"]) == 4 and saved["puzzles"] == 24
+    assert len(saved["measurements"]) == 7 and saved["puzzles"] == 24
 
 
 def test_report_markdown_and_plots(report_folder):
     data, folder = report_folder
     text = (folder / "REPORT.md").read_text()
     assert "## Recommendation" in text and "Measured on" in text and "95% interval" in text
-    assert text.count("| fp32") == 4
+    assert text.count("| fp32") == 7 and "| stable:2 8 |" in text and "`stable:K N` halts a puzzle" in text
     for name in ("pareto.png", "accuracy_vs_steps.png"):
         assert (folder / name).read_bytes()[:8] == PNG_MAGIC
         assert f"]({name})" in text

@@ -150,7 +150,9 @@ def test_build_and_run_engine_matches_golden(tmp_path):
     assert verify_bundle(path, variant="fp32")
 
 
-@pytest.mark.parametrize("target", ["jetson-xavier-nx", "jetson-orin-nano", "gpu-trt11"])
+@pytest.mark.parametrize("target", [  # one TensorRT generation by default; the other two under -m slow (9 s each)
+    pytest.param("jetson-xavier-nx", marks=pytest.mark.slow), "jetson-orin-nano",
+    pytest.param("gpu-trt11", marks=pytest.mark.slow)])
 def test_quantized_bundle_for_a_target_passes_its_checks_and_recipes(tmp_path, target):
     from test_export import export, random_puzzles, stable
 

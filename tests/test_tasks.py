@@ -243,6 +243,7 @@ def test_specs_match_official_encoding(sudoku: SudokuTask, maze: MazeTask) -> No
         "num_puzzle_identifiers": 1,
         "total_groups": 1000,
         "mean_puzzle_examples": 1.0,
+        "total_puzzles": 1000,
         "sets": ["all"],
     }
     json.dumps(meta)  # must be JSON-serialisable as is
