@@ -208,12 +208,7 @@ def valid_maze_solutions(puzzles: Any, predictions: Any, side: int | None = None
 
     For the generated mazes (unique shortest paths) this is the same as an exact match with the label.
     """
-    p = np.asarray(puzzles)
-    s = np.asarray(predictions)
-    if p.ndim == 1:
-        p = p[None, :]
-    if s.ndim == 1:
-        s = s[None, :]
+    p, s = np.atleast_2d(np.asarray(puzzles)), np.atleast_2d(np.asarray(predictions))  # one puzzle: [L] -> [1, L]
     if p.ndim != 2 or p.shape != s.shape:
         raise ValueError(f"need puzzles and predictions of the same shape [N, side*side], got {p.shape} and {s.shape}")
     n, length = p.shape

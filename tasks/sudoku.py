@@ -287,12 +287,7 @@ def valid_sudoku_solutions(puzzles: Any, predictions: Any) -> np.ndarray:
     token in a puzzle can never be kept, so such a puzzle has no valid answer). This is ``is_valid_solution``
     for a batch; for the generated (unique) puzzles it is the same as an exact match with the label.
     """
-    p = np.asarray(puzzles)
-    s = np.asarray(predictions)
-    if p.ndim == 1:
-        p = p[None, :]
-    if s.ndim == 1:
-        s = s[None, :]
+    p, s = np.atleast_2d(np.asarray(puzzles)), np.atleast_2d(np.asarray(predictions))  # one puzzle: [L] -> [1, L]
     if p.ndim != 2 or p.shape[1] != 81 or p.shape != s.shape:
         raise ValueError(f"need puzzles and predictions of the same shape [N, 81], got {p.shape} and {s.shape}")
     n = p.shape[0]

@@ -410,7 +410,7 @@ def test_new_bundle_is_atomic_and_never_overwrites_without_force(bundle, tmp_pat
     def broken(*args, **kwargs):
         raise RuntimeError("interrupted mid-way")
 
-    monkeypatch.setattr(variants, "verify_bundle", broken)
+    monkeypatch.setattr(variants, "compare_graph", broken)  # files staged, a graph written
     with pytest.raises(RuntimeError, match="interrupted"):
         add_variants(bundle, tmp_path / "other.bundle", options)
     assert not (tmp_path / "other.bundle").exists() and not list(tmp_path.glob(".other.bundle.*"))

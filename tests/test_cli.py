@@ -52,6 +52,7 @@ def test_export_takes_the_users_puzzles_and_names_a_bad_file(sudoku_bundle, tmp_
                                       "--threads", "1", "--no-report"])  # the report: test_deploy
     assert result.exit_code == 0, result.output
     assert "6 puzzles x 8 steps" in result.output and "mine.txt" in result.output
+    assert not (tmp_path / "b" / "report").exists()  # --no-report
     bad = tmp_path / "bad.txt"
     bad.write_text("12345\n")
     result = CliRunner().invoke(cli, [str(sudoku_bundle / "ckpt"), "-o", str(tmp_path / "c"), "--puzzles", str(bad)])

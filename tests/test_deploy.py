@@ -101,7 +101,7 @@ def test_one_command_for_a_jetson_gives_an_int8_bundle_built_first(tmp_path):
     assert (out / "report" / "pareto.png").is_file() and (out / "report" / "accuracy_vs_steps.png").is_file()
 
 
-def test_one_command_for_a_cpu_writes_the_report_unless_asked_not_to(tmp_path):
+def test_one_command_for_a_cpu_writes_the_report(tmp_path):
     write_official_checkpoint(tmp_path / "ck", SUDOKU_SHAPED)
     common = [str(tmp_path / "ck"), "--target", "cpu", "--parity-puzzles", "8", "--threads", "1", "--eval-puzzles",
               "16"]
@@ -111,8 +111,7 @@ def test_one_command_for_a_cpu_writes_the_report_unless_asked_not_to(tmp_path):
     assert "16 puzzles (sudoku held-out split, first 16)" in text and "95% interval" in text
     assert "report:" in result.output and "stage times:" in result.output and "README.md" in result.output
     assert CliRunner().invoke(cli, ["verify", str(tmp_path / "b")]).exit_code == 0  # report/ is not checksummed
-    result = CliRunner().invoke(cli, [*common, "-o", str(tmp_path / "n"), "--no-report"])
-    assert result.exit_code == 0 and not (tmp_path / "n" / "report").exists()
+    # --no-report: test_cli's export test
 
 
 def test_one_command_checks_its_inputs_before_any_work(tmp_path):
