@@ -17,13 +17,12 @@ runs it unchanged.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,6 +63,7 @@ from trm_export.report.measure import (
     settings_of,
 )
 from trm_export.report.render import write_report
+from trm_export.report.trajectory import puzzle_progress
 from trm_export.runtime.manifest import GraphSpec, Manifest, member, read_manifest
 from trm_export.runtime.selfcheck import golden_figures, verify_bundle
 from trm_export.runtime.solver import Solver
@@ -225,7 +225,7 @@ def add_variants(bundle: str | Path, out: str | Path, options: QuantizeOptions =
         screen = n_eval if options.screen_puzzles is None else max(1, min(options.screen_puzzles, n_eval))
 
         say(f"FP32 loop on {n_eval} evaluation puzzles ({eval_set.source}): the reference of every variant")
-        with _bar("fp32", n_eval, options.progress) as tick:
+        with puzzle_progress("fp32", n_eval, options.progress) as tick:
             reference = run_fp32(bundle, eval_set, options.compare, on_chunk=tick)
         clock.lap("fp32 reference")
         prepared = prepare_graph(fp32_model, threads=options.threads)
@@ -238,7 +238,7 @@ def add_variants(bundle: str | Path, out: str | Path, options: QuantizeOptions =
         def measure(variant: str, puzzles: int) -> VariantComparison:
             """Compare `variant` with fp32 on the first `puzzles` (extending an earlier, smaller comparison)."""
             previous = comparisons.get(variant)
-            with _bar(variant, puzzles, options.progress, start=previous.puzzles if previous else 0) as tick:
+            with puzzle_progress(variant, puzzles, options.progress, start=previous.puzzles if previous else 0) as tick:
                 cmp = compare_graph(bundle, paths[variant], reference, variant, options.compare, work,
                                     puzzles=puzzles, previous=previous, on_chunk=tick)
             comparisons[variant] = cmp
@@ -427,21 +427,6 @@ class _StageClock:
         now = time.perf_counter()
         self.seconds[name] = self.seconds.get(name, 0.0) + now - self._start
         self._start = now
-
-
-@contextlib.contextmanager
-def _bar(name: str, total: int, enabled: bool, start: int = 0) -> Iterator[Callable[[int], None]]:
-    """A progress bar with ETA over puzzles; yields `tick(done)` (puzzles done so far, absolute)."""
-    if not enabled:
-        yield lambda done: None
-        return
-    from tqdm import tqdm
-
-    bar = tqdm(total=total, initial=start, desc=f"  {name}", unit="puzzle", leave=False)
-    try:
-        yield lambda done: bar.update(done - bar.n)
-    finally:
-        bar.close()
 
 
 def _score(cmp: VariantComparison) -> tuple[float, float]:

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from trm_export.report.latency import StepTiming, time_steps
-from trm_export.report.trajectory import Trajectory, run_trajectory
+from trm_export.report.trajectory import Trajectory, puzzle_progress, run_trajectory
 from trm_export.runtime.io import task_for_encoding
 from trm_export.runtime.manifest import Manifest, read_manifest
 from trm_export.runtime.solver import HaltingPolicy, Solver, parse_halting
@@ -181,14 +181,6 @@ def settings_of(variant: str, precision: str, backend: str, trajectory: Trajecto
     return rows
 
 
-def _progress(total: int, desc: str, enabled: bool):
-    if not enabled or importlib.util.find_spec("tqdm") is None:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit="puzzle")
-
-
 def measure_bundle(bundle: str | Path, options: ReportOptions = ReportOptions()) -> ReportData:
     """Measure every variant of `bundle` here (see the module docstring)."""
     bundle = Path(bundle)
@@ -228,11 +220,8 @@ def measure_bundle(bundle: str | Path, options: ReportOptions = ReportOptions())
         s, d = batched.embedder.state_shape
         n_drift = max(1, min(DRIFT_PUZZLES, len(data), DRIFT_BYTES // (4 * steps * s * d)))
         drift = _DriftProbe(fp32_states, variant, n_drift)
-        bar = _progress(len(data), f"report {variant} ({backend})", options.progress)
-        trajectory = run_trajectory(batched, data.inputs, data.puzzle_ids, data.labels, steps, drift,
-                                    None if bar is None else (lambda done, bar=bar: bar.update(done - bar.n)))
-        if bar is not None:
-            bar.close()
+        with puzzle_progress(f"report {variant} ({backend})", len(data), options.progress) as tick:
+            trajectory = run_trajectory(batched, data.inputs, data.puzzle_ids, data.labels, steps, drift, tick)
         if variant != "fp32" and fp32_states:
             report.drift.append(drift.curve())
         size_mb = (bundle / manifest.graphs[variant].file).stat().st_size / 1e6

@@ -13,8 +13,10 @@ puzzle, and a decision between two settings should not rest on less than that.
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -164,3 +166,19 @@ def run_trajectory(solver: Solver, tokens: np.ndarray, puzzle_ids: np.ndarray | 
         if on_chunk is not None:
             on_chunk(int(idx[-1]) + 1)
     return Trajectory(steps, solver.manifest.loop.halting_rule, q[0], q[1], exact, token, final, changed)
+
+
+@contextlib.contextmanager
+def puzzle_progress(name: str, total: int, enabled: bool = True, start: int = 0) -> Iterator[Callable[[int], None]]:
+    """A progress bar with ETA over the puzzles of a run; yields `tick(done)` (puzzles done so far, absolute), the
+    `on_chunk` of `run_trajectory`. Silent when disabled or where tqdm is not installed (a device's runtime)."""
+    if not enabled or importlib.util.find_spec("tqdm") is None:
+        yield lambda done: None
+        return
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, initial=start, desc=f"  {name}", unit="puzzle", leave=False)
+    try:
+        yield lambda done: bar.update(done - bar.n)
+    finally:
+        bar.close()
