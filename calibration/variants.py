@@ -53,7 +53,7 @@ from trm_export.calibration.quantize import (
     quantize_int8,
 )
 from trm_export.export.staging import StagedBundle
-from trm_export.report.latency import StepTiming, faster_beyond_noise
+from trm_export.report.latency import StepTiming, affordable_batch, faster_beyond_noise
 from trm_export.report.measure import (
     BUDGETS,
     DriftCurve,
@@ -61,6 +61,7 @@ from trm_export.report.measure import (
     host_description,
     rounding_notes,
     settings_of,
+    trained_rows,
 )
 from trm_export.report.render import write_report
 from trm_export.report.trajectory import puzzle_progress
@@ -101,6 +102,10 @@ class QuantizeOptions:
     compare: CompareOptions = CompareOptions()
     calib_puzzles: int | None = None
     eval_puzzles: int | None = None
+    # Time budget of the FP32 reference loop on the evaluation puzzles: as many of them as fit (at least one; None:
+    # all). Every variant is measured on the same puzzles, so this sizes the whole measurement; when it cuts the
+    # set, the screening sample is a fifth of what fit.
+    eval_seconds: float | None = None
     # Every graph is first measured on this many evaluation puzzles; the best calibration method, and any
     # variant the choice may fall back to, then on all of them (None: every graph on all).
     screen_puzzles: int | None = 200
@@ -222,12 +227,22 @@ def add_variants(bundle: str | Path, out: str | Path, options: QuantizeOptions =
         calib_set = _calibration_puzzles(manifest, calib, options.calib_puzzles)
         eval_set = _evaluation_puzzles(manifest, heldout, calib_set, options.eval_puzzles)
         n_eval = len(eval_set)
-        screen = n_eval if options.screen_puzzles is None else max(1, min(options.screen_puzzles, n_eval))
-
-        say(f"FP32 loop on {n_eval} evaluation puzzles ({eval_set.source}): the reference of every variant")
+        budget_words = "" if options.eval_seconds is None else f", as many as fit {options.eval_seconds:g} s"
+        say(f"FP32 loop on {n_eval} evaluation puzzles{budget_words} ({eval_set.source}): the reference of every "
+            "variant")
         with puzzle_progress("fp32", n_eval, options.progress) as tick:
-            reference = run_fp32(bundle, eval_set, options.compare, on_chunk=tick)
+            reference = run_fp32(bundle, eval_set, options.compare, on_chunk=tick, seconds=options.eval_seconds)
+        screen = n_eval if options.screen_puzzles is None else max(1, min(options.screen_puzzles, n_eval))
+        if len(reference.puzzles) < n_eval:
+            eval_set, n_eval = reference.puzzles, len(reference.puzzles)
+            screen = max(1, min(screen, n_eval // 5))
+            say(f"  {n_eval} puzzles fit the {options.eval_seconds:g} s budget: every variant is measured on them "
+                "(--eval-puzzles N measures N whatever the time)")
         clock.lap("fp32 reference")
+        # What one puzzle-step costs here (batched, as measured): sizes the rest of a paper-size model's work.
+        step_seconds = clock.seconds["fp32 reference"] / max(1, n_eval * reference.steps)
+        if options.eval_seconds is not None and options.methods:
+            calib_set = _fit_calibration(calib_set, options, reference.steps, step_seconds, say)
         prepared = prepare_graph(fp32_model, threads=options.threads)
         graphs: dict[str, GraphSpec] = dict(manifest.graphs)
         comparisons: dict[str, VariantComparison] = {}
@@ -315,8 +330,12 @@ def add_variants(bundle: str | Path, out: str | Path, options: QuantizeOptions =
         timings: dict[str, tuple[StepTiming, StepTiming]] = {}
         if options.choose is not None or options.report:
             stage.write_manifest(dataclasses.replace(new_manifest, files=stage.checksums()))
-            say(f"timing one step of each variant here (batch 1 and {target.batch.opt})")
-            timings = step_timings(stage.path, sorted(graphs), target.batch.opt, threads=options.threads, seconds=0.5)
+            batch = affordable_batch(target.batch.opt, step_seconds)
+            slow = "" if batch == target.batch.opt else (
+                f"; batch {batch}, not the target's {target.batch.opt}: a step there would take about "
+                f"{target.batch.opt * step_seconds:.0f} s on this CPU")
+            say(f"timing one step of each variant here (batch 1 and {batch}{slow})")
+            timings = step_timings(stage.path, sorted(graphs), batch, threads=options.threads, seconds=0.5)
             clock.lap("step latency")
         if options.choose is not None:
             chosen, record = _choose(options.choose, comparisons, budget, timings, n_eval, measure)
@@ -371,6 +390,8 @@ def report_data(bundle: Path, manifest: Manifest, reference: Fp32Run, comparison
         data.not_measured.append("accuracy: the evaluation puzzles have no labels")
         return data
     data.notes += rounding_notes(manifest)
+    data.trained, malformed = trained_rows(manifest)
+    data.notes += malformed
     trajectories = {"fp32": reference.trajectory, **{v: c.trajectory for v, c in comparisons.items()}}
     for variant, trajectory in trajectories.items():
         size_mb = (bundle / manifest.graphs[variant].file).stat().st_size / 1e6
@@ -416,6 +437,23 @@ def _choose(precision: str, comparisons: dict[str, VariantComparison], budget: f
     if screened:
         record["screened_only"] = screened  # measured on the first puzzles only: never chosen from those
     return chosen, record
+
+
+# Time budget of recording the calibration inputs when the evaluation is budgeted too (QuantizeOptions.eval_seconds):
+# the FP32 loop on the calibration puzzles, every step.
+RECORD_SECONDS = 60.0
+
+
+def _fit_calibration(calib: PuzzleSet, options: QuantizeOptions, steps: int, step_seconds: float,
+                     say: Callable[[str], None]) -> PuzzleSet:
+    """The calibration puzzles whose loops fit RECORD_SECONDS at the rate just measured (at least one); all of
+    them for a small model."""
+    fit = max(1, int(RECORD_SECONDS / (steps * step_seconds)))
+    if fit >= len(calib) or options.calib_puzzles is not None:
+        return calib
+    say(f"calibration on the first {fit} of {len(calib)} calibration puzzles: as many as fit {RECORD_SECONDS:g} s at "
+        f"{1000 * step_seconds:.0f} ms per puzzle-step here (--calib-puzzles N takes N whatever the time)")
+    return calib.head(fit)
 
 
 class _StageClock:

@@ -30,6 +30,14 @@ _OVERRIDE_OPTIONS = [
 ]
 
 
+# One flag, the same on every command that takes puzzles (export, quantize, report, evaluate, run).
+data_option = click.option(
+    "--data", type=click.Path(path_type=Path), default=None, metavar="DIR",
+    help="Official dataset folder, as the official builders write it (DIR/test and DIR/train, each with dataset.json "
+         "and all__*.npy): held-out puzzles and their labels from test/, calibration puzzles from train/, a sample "
+         "spread evenly over each split.")
+
+
 def override_options(func):
     for option in reversed(_OVERRIDE_OPTIONS):
         func = option(func)
@@ -133,13 +141,21 @@ def inspect(model: Path | None, dataset_json: Path | None, **overrides) -> None:
 @click.option("--adaptive/--no-adaptive", default=True, show_default=True,
               help="Also halt on the Q head, capped at the largest budget.")
 @click.option("--threads", type=int, default=None, help="torch threads (default: all cores).")
+@click.option("--compute-dtype", "compute_dtypes", type=click.Choice(["auto", "float32", "bfloat16", "both"]),
+              default="auto", show_default=True,
+              help="The reference's arithmetic: float32 (what every export computes), bfloat16 (as the official code "
+                   "computes with forward_dtype bfloat16: the accuracy a training run printed), both side by side; "
+                   "auto: both when the checkpoint's forward_dtype is bfloat16, else float32.")
+@data_option
 @override_options
 def evaluate(model: Path | None, split: str, limit: int | None, steps: str, adaptive: bool, threads: int | None,
-             dataset_json: Path | None, **overrides) -> None:
-    """Exact accuracy of the PyTorch reference (float32) per step budget on the matching task's puzzles."""
+             compute_dtypes: str, data: Path | None, dataset_json: Path | None, **overrides) -> None:
+    """Exact accuracy of the PyTorch reference per step budget on the matching task's puzzles, or on a dataset
+    folder's (--data: test/ for heldout, train/ for calibration; 1000 spread evenly unless --limit), in float32 and
+    in the bfloat16 the official code trains and evaluates in."""
     import torch
 
-    from trm_export.export.accuracy import accuracy_by_budget, format_table, task_for_config
+    from trm_export.export.accuracy import accuracy_by_budget_and_dtype, format_table, task_for_config
 
     if threads:
         torch.set_num_threads(threads)
@@ -150,10 +166,21 @@ def evaluate(model: Path | None, split: str, limit: int | None, steps: str, adap
     if not budgets or budgets[0] < 1:
         raise click.BadParameter("step budgets must be >= 1", param_hint="--steps")
     ck = _load(model, dataset_json, **overrides)
-    task = task_for_config(ck.config)
-    data = task.split(split, size=limit)
-    click.echo(f"{ck.path}: {task.spec.name} {split} split, {len(data)} puzzles")
-    rows = accuracy_by_budget(ck.model, data, budgets, adaptive=adaptive, progress=True)
+    cfg = ck.config
+    if data is not None:
+        from trm_export.tasks.official import HELDOUT_PUZZLES, DatasetFolder
+
+        folder = DatasetFolder.open(data).check_model(cfg.seq_len, cfg.vocab_size, cfg.num_puzzle_identifiers)
+        puzzles, source = folder.sample(split, limit or HELDOUT_PUZZLES, cfg.num_puzzle_identifiers)
+    else:
+        task = task_for_config(cfg)
+        puzzles = task.split(split, size=limit)
+        source = f"{task.spec.name} {split} split"
+    click.echo(f"{ck.path}: {source}, {len(puzzles)} puzzles")
+    dtypes = {"auto": None, "float32": ("float32",), "bfloat16": ("bfloat16",),
+              "both": ("float32", "bfloat16")}[compute_dtypes]
+    rows = accuracy_by_budget_and_dtype(ck.model, puzzles, budgets, adaptive=adaptive, progress=True,
+                                        compute_dtypes=dtypes)
     click.echo(format_table(rows))
 
 
@@ -179,6 +206,10 @@ def evaluate(model: Path | None, split: str, limit: int | None, steps: str, adap
               help="Share of rounding-sensitive puzzles above which the export warns (and --strict refuses).")
 @click.option("--puzzle-table-dtype", type=click.Choice(["float32", "float16"]), default="float32",
               show_default=True, help="Storage of the puzzle-embedding table (float16 halves large ARC tables).")
+@click.option("--keep-puzzles", type=click.Path(path_type=Path), default=None, metavar="DIR|FILE",
+              help="Keep only the puzzle-table rows a deployment will be asked for: a dataset folder (its test "
+                   "split's identifiers), an ARC challenge file (its tasks' views; needs --data for the names) or a "
+                   "list of identifiers or puzzle names, one per line. Puzzles keep their identifiers.")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "int8", "best"]), default=None,
               help="Precision the bundle runs by default (default: the target's, see `trm-export targets`); "
                    "best = the fastest variant within --max-accuracy-drop, measured here.")
@@ -190,17 +221,23 @@ def evaluate(model: Path | None, split: str, limit: int | None, steps: str, adap
 @click.option("--calib-puzzles", type=click.IntRange(1, None), default=None,
               help="Calibrate on the first N calibration puzzles (default: all).")
 @click.option("--eval-puzzles", type=click.IntRange(1, None), default=None,
-              help="Measure each variant on the first N held-out puzzles (default: all).")
+              help="Measure each variant on the first N held-out puzzles, whatever the time (default: as many of "
+                   "the 1000 as fit --eval-seconds).")
+@click.option("--eval-seconds", type=click.FloatRange(1, None), default=120.0, show_default=True,
+              help="Time budget of the FP32 reference loop on the held-out puzzles; every variant is then measured on "
+                   "the same puzzles (a paper-size model fits tens, ours all 1000).")
 @click.option("--threads", type=click.IntRange(1, 1024), default=None,
               help="torch and ONNX Runtime threads (default: all cores).")
 @click.option("--no-report", is_flag=True,
               help="Skip report/ (accuracy versus latency of every variant, measured here, with plots).")
+@data_option
 @override_options
 def export(model: Path | None, target: str, output: Path | None, force: bool, puzzles: Path | None,
            parity_puzzles: str | None, parity_seconds: float, strict: bool, strict_threshold: float,
-           puzzle_table_dtype: str, precision: str | None,
+           puzzle_table_dtype: str, keep_puzzles: Path | None, precision: str | None,
            max_accuracy_drop: float, calib: Path | None, calib_puzzles: int | None, eval_puzzles: int | None,
-           threads: int | None, no_report: bool, dataset_json: Path | None, **overrides) -> None:
+           eval_seconds: float, threads: int | None, no_report: bool, data: Path | None, dataset_json: Path | None,
+           **overrides) -> None:
     """Export MODEL to a self-verifying bundle at the target's precision (INT8 for Jetsons: calibrated, measured,
     chosen within the accuracy budget, fp32 and fp16 kept beside it)."""
     import torch
@@ -220,10 +257,11 @@ def export(model: Path | None, target: str, output: Path | None, force: bool, pu
     given = puzzles_from_file(puzzles, ck.config) if puzzles else None
     options = DeployOptions(
         export=ExportOptions(target=target, force=force, parity_puzzles=_parity_count(parity_puzzles),
-                             parity_seconds=parity_seconds, puzzle_table_dtype=puzzle_table_dtype, strict=strict,
+                             parity_seconds=parity_seconds, puzzle_table_dtype=puzzle_table_dtype,
+                             keep_puzzles=keep_puzzles, strict=strict,
                              rounding_sensitive_threshold=strict_threshold / 100),
         precision=precision, max_accuracy_drop=max_accuracy_drop, calib=calib, calib_puzzles=calib_puzzles,
-        eval_puzzles=eval_puzzles, threads=threads, report=not no_report)
+        eval_puzzles=eval_puzzles, eval_seconds=eval_seconds, threads=threads, report=not no_report, data=data)
     result = deploy(ck, out, options, puzzles=given, log=lambda m: click.echo(m))
     click.echo("")
     click.echo(result.table())
@@ -270,11 +308,17 @@ def verify(bundle: Path, variant: str | None, backend: str, provider: str | None
 
 @main.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
-@click.option("--input", "-i", "input_path", type=click.Path(path_type=Path), required=True,
+@click.option("--input", "-i", "input_path", type=click.Path(path_type=Path), default=None,
               help="Puzzles: Sudoku lines of 81 characters (0 or . for blanks), maze grids, or a .npy of tokens.")
+@data_option
+@click.option("--limit", type=click.IntRange(1, None), default=None,
+              help="With --data: solve N test puzzles spread evenly over the split (default: all of them).")
 @click.option("--output", "-o", type=click.Path(path_type=Path), default=None,
               help="Write solutions here (.npz: arrays with predictions, steps and valid; any other name: the text "
                    "lines); default: print them, the summary line to stderr.")
+@click.option("--solutions", type=click.Path(path_type=Path), default=None,
+              help="ARC: the solutions file of the --input challenges ({task_id: [grid per test input]}); scores "
+                   "pass@1 and pass@2 as the official evaluator does.")
 @click.option("--force", is_flag=True, help="Replace an existing --output file.")
 @click.option("--mode", type=click.Choice(["adaptive", "fixed"]), default="adaptive", show_default=True,
               help="adaptive: each puzzle halts by --halting; fixed: every puzzle runs --max-steps steps.")
@@ -296,17 +340,25 @@ def verify(bundle: Path, variant: str | None, backend: str, provider: str | None
 @click.option("--threads", type=click.IntRange(1, 1024), default=None, help="ONNX Runtime intra-op threads.")
 @click.option("--skip-selfcheck", is_flag=True,
               help="Do not run the bundle's golden puzzles first (they take a few steps; they catch a swapped graph).")
-def run(bundle: Path, input_path: Path, output: Path | None, force: bool, mode: str, halting: str,
-        max_steps: int | None, min_steps: int, batch_size: int, variant: str | None, backend: str,
-        provider: str | None, threads: int | None, skip_selfcheck: bool) -> None:
+def run(bundle: Path, input_path: Path | None, data: Path | None, limit: int | None, output: Path | None,
+        solutions: Path | None, force: bool, mode: str, halting: str, max_steps: int | None, min_steps: int,
+        batch_size: int, variant: str | None, backend: str, provider: str | None, threads: int | None,
+        skip_selfcheck: bool) -> None:
     """Solve puzzles with a bundle (runtime only: numpy + onnxruntime).
 
-    Each answer is marked valid or invalid where the task can check it (Sudoku, maze); a summary line counts them.
+    Each answer is marked valid or invalid where the task can check it (Sudoku, maze); a summary line counts them
+    (with --data, also the answers equal to the folder's labels). ARC: --input challenges.json solves every view
+    the model was trained with of each test input, votes as the official evaluator does, and writes the
+    submission (attempt_1, attempt_2 per test input); with --solutions FILE it also scores pass@1 and pass@2.
     """
     from trm_export.runtime.io import check_output_file, check_solutions, describe_run, read_puzzles, write_solutions
     from trm_export.runtime.selfcheck import check_golden
     from trm_export.runtime.solver import Solver, parse_halting
 
+    if (input_path is None) == (data is None):
+        raise click.UsageError("give the puzzles with --input FILE or --data DIR (one of them)")
+    if limit is not None and data is None:
+        raise click.UsageError("--limit goes with --data")
     policy = parse_halting(halting)  # a bad policy fails before anything loads
     if mode == "fixed" and policy.name != "q":
         click.echo(f"--halting {policy.name} is ignored with --mode fixed (every puzzle runs --max-steps steps)",
@@ -318,18 +370,64 @@ def run(bundle: Path, input_path: Path, output: Path | None, force: bool, mode: 
     note = getattr(solver, "backend_note", None)
     if note:
         click.echo(note, err=True)
-    tokens = read_puzzles(input_path, solver.task)
+    arc = input_path is not None and input_path.suffix.lower() == ".json"
+    if solutions is not None and not arc:
+        raise click.UsageError("--solutions goes with an ARC challenge file (--input challenges.json)")
     if not skip_selfcheck:
         check_golden(solver)
-    result = solver.solve(tokens, mode=mode, max_steps=max_steps, min_steps=min_steps, halting=policy)
+    if arc:
+        _run_arc(solver, input_path, solutions, output, dict(mode=mode, max_steps=max_steps, min_steps=min_steps,
+                                                             halting=policy))
+        return
+    labels, ids = None, None
+    if data is not None:
+        from trm_export.tasks import DatasetFolder
+
+        enc = solver.task
+        folder = DatasetFolder.open(data).check_model(enc.seq_len, enc.vocab_size, enc.num_puzzle_identifiers)
+        puzzles, _ = folder.sample("heldout", limit, enc.num_puzzle_identifiers)
+        tokens, labels, ids = puzzles.inputs, puzzles.labels, puzzles.puzzle_ids
+    else:
+        tokens = read_puzzles(input_path, solver.task)
+    result = solver.solve(tokens, ids, mode=mode, max_steps=max_steps, min_steps=min_steps, halting=policy)
     valid = check_solutions(tokens, result.predictions, solver.task)
     text = write_solutions(result, solver.task, output, valid)
     loop = mode if mode == "fixed" or policy.name == "q" else f"{mode}, halting {policy.name}"
-    summary = describe_run(result, valid, loop, solver.backend.name)
+    summary = describe_run(result, valid, loop, solver.backend.name, labels)
     if output is None:
         click.echo(text, nl=False)
         click.echo(summary, err=True)  # stdout stays the solutions alone
     else:
+        click.echo(f"{summary} -> {output}")
+
+
+def _run_arc(solver, challenges: Path, solutions: Path | None, output: Path | None, solve_options: dict) -> None:
+    """ARC: every view of every test input, voted; the submission to --output (or stdout), one summary line."""
+    import json
+
+    from trm_export.report.trajectory import puzzle_progress
+    from trm_export.runtime.arc import bundle_views, solve_arc
+    from trm_export.runtime.io import write_text_atomically
+    from trm_export.tasks.arc import read_challenges, read_solutions
+
+    tasks = read_challenges(challenges)
+    truth = read_solutions(solutions, tasks) if solutions is not None else None  # both read before any work
+    index = bundle_views(solver.bundle, solver.manifest)
+    total = sum(len(t.test_inputs) * len(index.get(name, ())) for name, t in tasks.items())
+    with puzzle_progress("ARC views", total) as tick:
+        result = solve_arc(solver, tasks, index, on_progress=lambda done, _: tick(done), **solve_options)
+    text = json.dumps(result.submission())
+    inputs = sum(len(t.test_inputs) for t in tasks.values())
+    summary = (f"{len(tasks)} task(s), {inputs} test input(s), {total} views solved (mean "
+               f"{result.mean_steps:.2f} steps), voted")
+    if truth is not None:
+        scores = result.score(truth)
+        summary += f"; pass@1 {100 * scores[1]:.1f}%, pass@2 {100 * scores[2]:.1f}% (mean over tasks)"
+    if output is None:
+        click.echo(text)
+        click.echo(summary, err=True)
+    else:
+        write_text_atomically(output, text + "\n")
         click.echo(f"{summary} -> {output}")
 
 
@@ -368,7 +466,8 @@ def build(bundle: Path, variants: tuple[str, ...], dla_core: int | None, print_r
 @click.option("--puzzles", type=click.IntRange(1, 1000), default=None,
               help="Held-out puzzles to evaluate (default 1000; quick: 100).")
 @click.option("--seconds", type=click.FloatRange(1, None), default=None,
-              help="Time budget of the accuracy runs, all variants together: as many puzzles as fit (printed).")
+              help="Time budget of the accuracy runs, all variants together: as many puzzles as fit (printed). "
+                   "Default without --puzzles: 300 s (quick: 60 s); with --puzzles: none.")
 @click.option("--max-accuracy-drop", type=click.FloatRange(0, 100), default=0.5, show_default=True,
               help="Accuracy budget (points of exact accuracy below the best FP32 setting) for the recommendation.")
 @click.option("--backend", type=click.Choice(["auto", "onnxruntime", "tensorrt"]), default="auto", show_default=True,
@@ -376,8 +475,9 @@ def build(bundle: Path, variants: tuple[str, ...], dla_core: int | None, print_r
 @click.option("--threads", type=click.IntRange(1, 1024), default=None, help="ONNX Runtime intra-op threads.")
 @click.option("--output", "-o", type=click.Path(path_type=Path), default=None,
               help="Report folder (default: BUNDLE/report).")
+@data_option
 def report(bundle: Path, quick: bool, puzzles: int | None, seconds: float | None, max_accuracy_drop: float,
-           backend: str, threads: int | None, output: Path | None) -> None:
+           backend: str, threads: int | None, output: Path | None, data: Path | None) -> None:
     """Measure accuracy versus latency of every variant and step budget here; write Markdown, JSON and plots.
 
     Runtime only (no torch): on the device it measures what runs there, TensorRT engines included."""
@@ -387,8 +487,10 @@ def report(bundle: Path, quick: bool, puzzles: int | None, seconds: float | None
     if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
         raise click.ClickException(f"{folder} is a symbolic link or a file; a report folder must be a plain folder "
                                    "(remove it, or give --output)")
+    if seconds is None and puzzles is None:  # a paper-size model's 1000 puzzles would take hours on a CPU
+        seconds = 60.0 if quick else 300.0
     data = measure_bundle(bundle, ReportOptions(quick=quick, puzzles=puzzles, seconds=seconds, threads=threads,
-                                                backend=backend))
+                                                backend=backend, data=data))
     folder = write_report(data, folder, max_accuracy_drop)
     click.echo(f"report written: {folder / 'REPORT.md'}")
 
@@ -404,7 +506,12 @@ def report(bundle: Path, quick: bool, puzzles: int | None, seconds: float | None
               help="Calibration puzzles (.npy tokens or the task's text format); default: the task's calibration "
                    "split, never the held-out one.")
 @click.option("--calib-puzzles", type=int, default=None, help="Use the first N calibration puzzles.")
-@click.option("--eval-puzzles", type=int, default=None, help="Evaluate on the first N held-out puzzles.")
+@click.option("--eval-puzzles", type=int, default=None,
+              help="Evaluate on the first N held-out puzzles, whatever the time (default: as many as fit "
+                   "--eval-seconds).")
+@click.option("--eval-seconds", type=click.FloatRange(1, None), default=120.0, show_default=True,
+              help="Time budget of the FP32 reference loop on the held-out puzzles; every variant is measured on the "
+                   "same ones.")
 @click.option("--max-samples", type=int, default=512, show_default=True,
               help="Step-input samples kept for calibration, spread over every step of the loop.")
 @click.option("--max-accuracy-drop", type=float, default=0.5, show_default=True,
@@ -416,9 +523,11 @@ def report(bundle: Path, quick: bool, puzzles: int | None, seconds: float | None
 @click.option("--keep-float", multiple=True, help="Layer label or node name to leave in float (repeatable).")
 @click.option("--quantize-attention", is_flag=True, help="Also quantize the attention products (q k^T, softmax v).")
 @click.option("--threads", type=int, default=None, help="ONNX Runtime threads.")
+@data_option
 def quantize(bundle: Path, output: Path, force: bool, methods: str, calib: Path | None, calib_puzzles: int | None,
              eval_puzzles: int | None, max_samples: int, max_accuracy_drop: float, no_mixed: bool,
-             fp16: bool | None, keep_float: tuple[str, ...], quantize_attention: bool, threads: int | None) -> None:
+             fp16: bool | None, keep_float: tuple[str, ...], quantize_attention: bool, threads: int | None,
+             eval_seconds: float, data: Path | None) -> None:
     """Add recursion-aware INT8 (calibrated on every step's state) and FP16 variants to a bundle, measured."""
     from trm_export.calibration import Int8Options, MixedOptions, QuantizeOptions, RecordOptions, add_variants
 
@@ -426,8 +535,18 @@ def quantize(bundle: Path, output: Path, force: bool, methods: str, calib: Path 
         methods=tuple(m.strip() for m in methods.split(",") if m.strip()), mixed=False if no_mixed else None, fp16=fp16,
         record=RecordOptions(max_samples=max_samples), int8=Int8Options(tuple(keep_float), quantize_attention),
         mixed_options=MixedOptions(max_accuracy_drop=max_accuracy_drop), calib_puzzles=calib_puzzles,
-        eval_puzzles=eval_puzzles, force=force, threads=threads)
-    result = add_variants(bundle, output, options, calib=calib)
+        eval_puzzles=eval_puzzles, eval_seconds=None if eval_puzzles else eval_seconds, force=force, threads=threads)
+    heldout = None
+    if data is not None:  # checked against the bundle before any work
+        from trm_export.calibration.data import folder_split
+        from trm_export.runtime.manifest import read_manifest
+        from trm_export.tasks.official import CALIBRATION_PUZZLES, HELDOUT_PUZZLES
+
+        task = read_manifest(bundle).task
+        heldout = folder_split(data, "heldout", task, eval_puzzles or HELDOUT_PUZZLES)
+        if calib is None:
+            calib = folder_split(data, "calibration", task, calib_puzzles or CALIBRATION_PUZZLES)
+    result = add_variants(bundle, output, options, calib=calib, heldout=heldout)
     click.echo(f"next: trm-export check {result.path}   |   trm-export report {result.path}")
 
 

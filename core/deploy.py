@@ -19,10 +19,11 @@ from pathlib import Path
 
 from trm_export.errors import TrmExportError
 from trm_export.export.checkpoint import LoadedCheckpoint
-from trm_export.export.pipeline import ExportOptions, Puzzles, export_bundle
+from trm_export.export.pipeline import ExportOptions, Puzzles, export_bundle, puzzles_from_folder
 from trm_export.export.staging import check_writable
-from trm_export.runtime.manifest import Manifest, read_manifest
+from trm_export.runtime.manifest import Manifest, TaskEncoding, read_manifest
 from trm_export.targets.registry import get_target
+from trm_export.tasks.official import HELDOUT_PUZZLES
 
 
 @dataclass(frozen=True)
@@ -30,9 +31,11 @@ class DeployOptions:
     export: ExportOptions = ExportOptions()
     precision: str | None = None  # None: the target's default_precision; fp32 | fp16 | int8 | best
     max_accuracy_drop: float = 0.5  # points of exact accuracy below fp32
-    calib: Path | None = None  # calibration puzzles file; None: the task's calibration split
+    calib: Path | None = None  # calibration puzzles file; None: the dataset folder's train split, or the task's
+    data: Path | None = None  # an official dataset folder: held-out puzzles from test/, calibration from train/
     calib_puzzles: int | None = None  # the first N calibration puzzles (None: all)
-    eval_puzzles: int | None = None  # the first N held-out puzzles each variant is measured on (None: all)
+    eval_puzzles: int | None = None  # the first N held-out puzzles each variant is measured on (None: eval_seconds)
+    eval_seconds: float = 120.0  # without eval_puzzles: the FP32 reference on as many as fit (variants: the same)
     threads: int | None = None
     report: bool = True  # write report/ (accuracy versus latency of every variant, measured here) into the bundle
     report_seconds: float = 30.0  # fp32 bundles: time budget of the report's accuracy run (variants reuse theirs)
@@ -88,7 +91,10 @@ def deploy(checkpoint: LoadedCheckpoint, out: Path, options: DeployOptions, puzz
     check_writable(out)
     if out.exists() and not options.export.force:
         raise TrmExportError(f"{out} already exists; pass --force to replace it")
-    if precision != "fp32" and options.calib is None:
+    calib, heldout = options.calib, None
+    if options.data is not None:  # read and checked before any work: a bad folder fails in a second
+        options, puzzles, calib, heldout = _from_folder(checkpoint, options, puzzles, precision)
+    elif precision != "fp32" and calib is None:
         _check_calibration_split(checkpoint)
     times: dict[str, float] = {}
     start = time.perf_counter()
@@ -113,8 +119,9 @@ def deploy(checkpoint: LoadedCheckpoint, out: Path, options: DeployOptions, puzz
         result = add_variants(source, out, QuantizeOptions(
             fp16=True, mixed_options=MixedOptions(max_accuracy_drop=options.max_accuracy_drop), choose=precision,
             force=options.export.force, threads=options.threads, progress=options.export.progress,
-            calib_puzzles=options.calib_puzzles, eval_puzzles=options.eval_puzzles, report=options.report),
-            calib=options.calib, log=log)
+            calib_puzzles=options.calib_puzzles, eval_puzzles=options.eval_puzzles, report=options.report,
+            eval_seconds=None if options.eval_puzzles else options.eval_seconds),
+            calib=calib, heldout=heldout, log=log)
         times.update(result.stage_seconds)
     finally:
         shutil.rmtree(source, ignore_errors=True)
@@ -127,14 +134,67 @@ def _fp32_report(path: Path, options: DeployOptions, log: Callable[[str], None])
     from trm_export.runtime.io import task_for_encoding
 
     manifest = read_manifest(path)
-    if task_for_encoding(manifest.task) is None:
-        log("report skipped: it needs labelled puzzles of a shipped task (run `trm-export report` with them)")
+    if task_for_encoding(manifest.task) is None and options.data is None:
+        log("report skipped: it needs labelled puzzles (run `trm-export report BUNDLE --data DIR` with the official "
+            "dataset folder)")
         return
     log(f"report: accuracy versus latency here, as many held-out puzzles as fit {options.report_seconds:g} s")
     data = measure_bundle(path, ReportOptions(seconds=options.report_seconds, threads=options.threads,
                                               puzzles=options.eval_puzzles, progress=options.export.progress,
-                                              latency_seconds=0.5))
+                                              latency_seconds=0.5, data=options.data))
     write_report(data, path / "report", options.max_accuracy_drop)
+
+
+def _from_folder(checkpoint: LoadedCheckpoint, options: DeployOptions, puzzles: Puzzles | None, precision: str):
+    """(options, parity puzzles, calibration puzzles, held-out puzzles) from the official dataset folder (--data):
+    held-out ones with labels from test/ (parity unless --puzzles gave others, evaluation, report), calibration ones
+    from train/ unless --calib gave others, and the puzzle table's row names from identifiers.json (ARC)."""
+    from trm_export.calibration.data import PuzzleSet, folder_split
+    from trm_export.tasks.official import CALIBRATION_PUZZLES
+
+    folder = Path(options.data)
+    if (folder / "identifiers.json").is_file():
+        options = dataclasses.replace(options, export=dataclasses.replace(options.export,
+                                                                          identifiers=folder / "identifiers.json"))
+    tested = puzzles_from_folder(folder, checkpoint.config, options.eval_puzzles or HELDOUT_PUZZLES)
+    heldout = PuzzleSet(tested.tokens, tested.puzzle_ids, tested.labels, tested.source)
+    calib = options.calib
+    if precision != "fp32" and calib is None:
+        calib = folder_split(folder, "calibration", _encoding(checkpoint), options.calib_puzzles or CALIBRATION_PUZZLES)
+    if options.export.keep_puzzles is not None:  # a bundle of a few rows can run only the puzzles of those rows
+        keep = _kept_identifiers(checkpoint, options)
+        heldout = _only_kept(heldout, keep, "held-out")
+        if isinstance(calib, PuzzleSet):
+            calib = _only_kept(calib, keep, "calibration")
+    return options, puzzles or tested, calib, heldout
+
+
+def _kept_identifiers(checkpoint: LoadedCheckpoint, options: DeployOptions):
+    from trm_export.export.puzzle_rows import select_rows
+    from trm_export.tasks.arc import read_identifiers
+
+    names = read_identifiers(options.export.identifiers) if options.export.identifiers else None
+    return select_rows(options.export.keep_puzzles, checkpoint.config.num_puzzle_identifiers, names)
+
+
+def _only_kept(puzzles, keep, what: str):
+    import numpy as np
+
+    inside = np.isin(puzzles.puzzle_ids, keep)
+    if not inside.any():
+        raise TrmExportError(f"none of the {what} puzzles ({puzzles.source}) has an identifier that --keep-puzzles "
+                             "keeps: keep the tasks the folder's puzzles belong to")
+    if inside.all():
+        return puzzles
+    return dataclasses.replace(puzzles, tokens=puzzles.tokens[inside], puzzle_ids=puzzles.puzzle_ids[inside],
+                               labels=None if puzzles.labels is None else puzzles.labels[inside],
+                               source=f"{puzzles.source}; the {int(inside.sum())} with kept identifiers")
+
+
+def _encoding(checkpoint: LoadedCheckpoint) -> TaskEncoding:
+    """The bundle's task encoding, before the bundle exists: what a dataset folder is checked against."""
+    cfg = checkpoint.config
+    return TaskEncoding(None, cfg.vocab_size, cfg.seq_len, 0, None, cfg.prefix_len, cfg.num_puzzle_identifiers, None)
 
 
 def _check_calibration_split(checkpoint: LoadedCheckpoint) -> None:
@@ -144,5 +204,6 @@ def _check_calibration_split(checkpoint: LoadedCheckpoint) -> None:
     try:
         task_for_config(checkpoint.config)
     except ValueError as exc:
-        raise TrmExportError(f"INT8/FP16 needs calibration puzzles and {exc}: give --calib FILE (real puzzles of "
-                             "the training distribution, never the evaluation set) or --precision fp32") from None
+        raise TrmExportError(f"INT8/FP16 needs calibration puzzles and {exc}: give the official dataset folder "
+                             "(--data DIR: its train split) or --calib FILE (real puzzles of the training "
+                             "distribution, never the evaluation set), or --precision fp32") from None

@@ -2,6 +2,9 @@
 
 One fixed run of the largest budget gives every smaller fixed budget (the prefix of the same computation) and
 the adaptive result (its halting step read off the recorded Q values), so a whole table costs one loop.
+
+compute_dtype "bfloat16" computes as the official code does with forward_dtype bfloat16 (export/bfloat16.py): the
+accuracy the user's training printed. `format_table` puts float32 and bfloat16 rows side by side.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import numpy as np
 from trm_export.export.config import ModelConfig
 from trm_export.export.model import RecursiveModel
 from trm_export.export.reference import run_reference
-from trm_export.tasks import Task, TaskData, exact_accuracy, get_task, token_accuracy
+from trm_export.tasks import IGNORE_LABEL, Task, TaskData, exact_accuracy, get_task, token_accuracy
 
 
 @dataclass(frozen=True)
@@ -25,6 +28,7 @@ class BudgetResult:
     exact_accuracy: float
     token_accuracy: float
     mean_steps: float
+    compute_dtype: str = "float32"  # the reference's arithmetic: "float32" (what exports compute) or "bfloat16"
 
 
 def task_for_config(config: ModelConfig) -> Task:
@@ -38,25 +42,101 @@ def task_for_config(config: ModelConfig) -> Task:
                      "known: sudoku (11 x 81), maze (6 x n*n)")
 
 
+def training_compute_dtypes(config: ModelConfig) -> tuple[str, ...]:
+    """The reference dtypes worth showing for a checkpoint: float32 (what every export computes), and bfloat16
+    beside it when the model was trained in bfloat16 (forward_dtype, the official default)."""
+    return ("float32", "bfloat16") if config.forward_dtype == "bfloat16" else ("float32",)
+
+
 def accuracy_by_budget(model: RecursiveModel, data: TaskData, budgets: tuple[int, ...] = (1, 2, 4, 8, 16),
-                       adaptive: bool = True, batch_size: int = 256, progress: bool = False) -> list[BudgetResult]:
+                       adaptive: bool = True, batch_size: int = 256, progress: bool = False,
+                       compute_dtype: str = "float32") -> list[BudgetResult]:
+    """One row per fixed budget (and one adaptive row), the reference computing in `compute_dtype`."""
     longest = max(budgets)
     trace = run_reference(model, data.inputs, data.puzzle_ids, mode="adaptive" if adaptive else "fixed",
-                          max_steps=longest, batch_size=batch_size, progress=progress)
+                          max_steps=longest, batch_size=batch_size, progress=progress, compute_dtype=compute_dtype)
     rows = []
     for budget in sorted(budgets):
         preds = trace.step_predictions[budget - 1]
-        rows.append(BudgetResult("fixed", budget, exact_accuracy(preds, data.labels),
-                                 token_accuracy(preds, data.labels), float(budget)))
+        rows.append(BudgetResult("fixed", budget, exact_accuracy(preds, data.labels, IGNORE_LABEL),
+                                 token_accuracy(preds, data.labels, IGNORE_LABEL), float(budget), compute_dtype))
     if adaptive:
-        rows.append(BudgetResult("adaptive", longest, exact_accuracy(trace.predictions, data.labels),
-                                 token_accuracy(trace.predictions, data.labels), float(np.mean(trace.steps_used))))
+        rows.append(BudgetResult("adaptive", longest, exact_accuracy(trace.predictions, data.labels, IGNORE_LABEL),
+                                 token_accuracy(trace.predictions, data.labels, IGNORE_LABEL),
+                                 float(np.mean(trace.steps_used)), compute_dtype))
+    return rows
+
+
+def accuracy_by_budget_and_dtype(model: RecursiveModel, data: TaskData, budgets: tuple[int, ...] = (1, 2, 4, 8, 16),
+                                 adaptive: bool = True, batch_size: int = 256, progress: bool = False,
+                                 compute_dtypes: tuple[str, ...] | None = None) -> list[BudgetResult]:
+    """accuracy_by_budget once per compute dtype (default: training_compute_dtypes(model.config)), rows of all
+    dtypes in one list for format_table."""
+    rows = []
+    for dtype in compute_dtypes or training_compute_dtypes(model.config):
+        rows += accuracy_by_budget(model, data, budgets, adaptive=adaptive, batch_size=batch_size,
+                                   progress=progress, compute_dtype=dtype)
     return rows
 
 
 def format_table(rows: list[BudgetResult]) -> str:
+    """Markdown table; rows of several compute dtypes become one line per loop setting, the dtypes side by side."""
+    dtypes = list(dict.fromkeys(r.compute_dtype for r in rows))
+    if len(dtypes) > 1:
+        return _format_side_by_side(rows, dtypes)
     lines = ["| loop | steps | exact accuracy | token accuracy | mean steps |", "|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r.mode} | {r.budget} | {100 * r.exact_accuracy:.1f}% | {100 * r.token_accuracy:.2f}% "
                      f"| {r.mean_steps:.2f} |")
     return "\n".join(lines)
+
+
+def _format_side_by_side(rows: list[BudgetResult], dtypes: list[str]) -> str:
+    by_key = {(r.mode, r.budget, r.compute_dtype): r for r in rows}
+    settings = list(dict.fromkeys((r.mode, r.budget) for r in rows))
+    columns = ["exact accuracy", "token accuracy", "mean steps"]
+    header = ["loop", "steps"] + [f"{c} ({d})" for c in columns for d in dtypes]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for mode, budget in settings:
+        cells = [mode, str(budget)]
+        for fmt in (lambda r: f"{100 * r.exact_accuracy:.1f}%", lambda r: f"{100 * r.token_accuracy:.2f}%",
+                    lambda r: f"{r.mean_steps:.2f}"):
+            cells += [fmt(by_key[mode, budget, d]) if (mode, budget, d) in by_key else "-" for d in dtypes]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+TRAINED_BUDGETS = (1, 2, 4, 8, 16)
+
+
+def trained_dtype_accuracy(model: RecursiveModel, tokens: np.ndarray, puzzle_ids: np.ndarray, labels: np.ndarray,
+                           source: str, seconds: float = 20.0, max_puzzles: int = 200) -> dict | None:
+    """The accuracy in the arithmetic the model was trained in, for the bundle (manifest.reference): a device has
+    no PyTorch to compute it, and it is the number the user's training printed. None for a float32-trained model.
+
+    On the first puzzles that fit `seconds` (at most `max_puzzles`): fixed budgets up to halt_max_steps and the Q
+    head's halting, each puzzle's loop run once (report.latency.budget_chunks sizes the batches)."""
+    from trm_export.report.latency import budget_chunks
+
+    dtype = model.config.forward_dtype
+    if dtype != "bfloat16":
+        return None
+    steps = model.config.halt_max_steps
+    budgets = sorted({b for b in TRAINED_BUDGETS if b <= steps} | {steps})
+    traces = [run_reference(model, tokens[part], puzzle_ids[part], mode="adaptive", compute_dtype=dtype)
+              for part in budget_chunks(min(len(tokens), max_puzzles), 64, seconds)]
+    done = sum(len(t.predictions) for t in traces)
+    step_predictions = np.concatenate([t.step_predictions for t in traces], axis=1)
+    adaptive = np.concatenate([t.predictions for t in traces])
+    steps_used = np.concatenate([t.steps_used for t in traces])
+    expected = labels[:done]
+    rows = [{"mode": "fixed", "budget": b, "exact_accuracy": exact_accuracy(step_predictions[b - 1], expected,
+                                                                            IGNORE_LABEL),
+             "token_accuracy": token_accuracy(step_predictions[b - 1], expected, IGNORE_LABEL), "mean_steps": float(b)}
+            for b in budgets]
+    rows.append({"mode": "adaptive", "budget": steps,
+                 "exact_accuracy": exact_accuracy(adaptive, expected, IGNORE_LABEL),
+                 "token_accuracy": token_accuracy(adaptive, expected, IGNORE_LABEL),
+                 "mean_steps": float(steps_used.mean())})
+    return {"puzzles": done, "source": f"{source}, the first {done}: as many as fit {seconds:g} s, at most "
+                                       f"{max_puzzles}", "rows": rows}

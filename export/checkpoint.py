@@ -134,12 +134,19 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
     if bad:
         raise CheckpointError(path, f"expected a state dict of tensors; non-tensor entries: {bad[:5]}")
-    broken = [k for k, v in obj.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    broken = [k for k, v in obj.items() if v.is_floating_point() and not _all_finite(v)]
     if broken:
         raise CheckpointError(path, f"{len(broken)} tensor(s) hold NaN or infinite values ({', '.join(broken[:3])}"
                               f"{' ...' if len(broken) > 3 else ''}): the training run diverged or the file is "
                               "damaged; export an earlier checkpoint")
     return obj
+
+
+def _all_finite(tensor: torch.Tensor, chunk_rows: int = 1 << 16) -> bool:
+    """torch.isfinite(t).all() in row chunks: a bool mask of a whole ARC puzzle table is a quarter of its size."""
+    if tensor.dim() < 2 or tensor.shape[0] <= chunk_rows:
+        return bool(torch.isfinite(tensor).all())
+    return all(bool(torch.isfinite(tensor[i:i + chunk_rows]).all()) for i in range(0, tensor.shape[0], chunk_rows))
 
 
 def strip_prefix(path: Path, state: dict[str, torch.Tensor]) -> tuple[str, dict[str, torch.Tensor]]:
@@ -436,6 +443,19 @@ def _settle_seq_len_and_prefix(facts: dict, values: dict, sources: dict, put, ha
     return [message]
 
 
+def _build_model(config: ModelConfig) -> RecursiveModel:
+    """RecursiveModel(config) without allocating the puzzle-embedding table, which the checkpoint's tensor replaces
+    (load_state_dict(assign=True)): the model is built with a one-row table, then shaped as the config says."""
+    if config.puzzle_emb_ndim == 0 or config.num_puzzle_identifiers == 1:
+        return RecursiveModel(config)
+    import dataclasses
+
+    model = RecursiveModel(dataclasses.replace(config, num_puzzle_identifiers=1))
+    model.config = config
+    model.puzzle_emb.weights = torch.empty(config.num_puzzle_identifiers, config.puzzle_emb_ndim, device="meta")
+    return model
+
+
 def check_state_dict(path: Path, model: RecursiveModel, state: dict[str, torch.Tensor]) -> None:
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
@@ -472,10 +492,13 @@ def load_checkpoint(path: str | Path, dataset_json: str | Path | None = None,
     dataset = read_dataset_json(dataset_path) if dataset_path else None
     config, sources, ambiguous = build_config(file, state, train_config, config_path if train_config else None,
                                               dataset, dataset_path, dict(overrides or {}), allow_ambiguous)
-    model = RecursiveModel(config)
+    model = _build_model(config)
     check_state_dict(file, model, state)
     stored_dtypes = {k: str(v.dtype).replace("torch.", "") for k, v in state.items()}
-    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+    # assign=True: the model takes the loaded tensors (float32 ones as they are, others converted once) instead of
+    # copying them into its own; an ARC puzzle table (~1M x 512) is held once, not twice.
+    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True, assign=True)
+    del raw, state
     model.float().eval()
     return LoadedCheckpoint(path=file, config=config, model=model, key_prefix=prefix, sha256=sha256_file(file),
                             stored_dtypes=stored_dtypes, dataset=dataset,

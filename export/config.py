@@ -64,7 +64,9 @@ class ModelConfig:
     # Adaptive computation time.
     halt_max_steps: int = 16
     no_ACT_continue: bool = True  # official name: halt on q_halt > 0 instead of q_halt > q_continue
-    forward_dtype: str = "bfloat16"  # the training dtype; the reference always computes in float32
+    # The training arithmetic. Exported graphs and the parity reference compute in float32; export/bfloat16.py
+    # computes as the official code does in bfloat16, for the accuracy a training run printed.
+    forward_dtype: str = "bfloat16"
 
     def __post_init__(self) -> None:
         problems = []

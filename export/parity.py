@@ -41,6 +41,8 @@ import torch
 from trm_export.export.model import RecursiveModel
 from trm_export.export.reference import run_reference
 from trm_export.runtime.solver import Solver
+from trm_export.tasks.metrics import per_puzzle_correct
+from trm_export.tasks.official import IGNORE_LABEL
 
 # How much of float32's own error on an input (against float64) the graph may add to the tolerance there.
 ROUNDING_FACTOR = 4.0
@@ -186,7 +188,7 @@ def check_parity(model: RecursiveModel, solver: Solver, tokens: np.ndarray, puzz
     report = ParityReport(puzzles=n, steps=steps, tolerance=tolerance, max_abs_z_H=list(zeros),
                           max_abs_z_L=list(zeros), max_abs_logits=list(zeros), free_running_max_abs_z_H=list(zeros),
                           free_running_max_abs_logits=list(zeros))
-    chunk = solver.backend.capacity
+    chunk = max(1, min(solver.backend.capacity, _puzzles_per_chunk(model, steps, traces=1)))
     sign_flips = np.zeros(n, np.int64)
     same_pred = same_steps = same_adaptive = 0
     bundle_preds = np.zeros((n, model.config.seq_len), np.int64)
@@ -243,9 +245,20 @@ def check_parity(model: RecursiveModel, solver: Solver, tokens: np.ndarray, puzz
     report.adaptive_steps_identical = same_steps / n
     report.adaptive_predictions_identical = same_adaptive / n
     if labels is not None:
-        report.reference_exact_accuracy = float(np.mean(np.all(ref_preds == labels, axis=1)))
-        report.bundle_exact_accuracy = float(np.mean(np.all(bundle_preds == labels, axis=1)))
+        report.reference_exact_accuracy = float(np.mean(per_puzzle_correct(ref_preds, labels, IGNORE_LABEL)))
+        report.bundle_exact_accuracy = float(np.mean(per_puzzle_correct(bundle_preds, labels, IGNORE_LABEL)))
     return report
+
+
+# Recorded states (z_H and z_L of every step, float32) that one chunk of a parity or rounding check may hold: a
+# paper-size maze / ARC model's states are 60 MB per puzzle at 16 steps, so 64 puzzles would take 4 GB per trace.
+STATE_BYTES_PER_CHUNK = 2 << 30
+
+
+def _puzzles_per_chunk(model: RecursiveModel, steps: int, traces: int, most: int = 64) -> int:
+    cfg = model.config
+    per_puzzle = traces * steps * (2 * cfg.total_seq_len * cfg.hidden_size + cfg.seq_len * cfg.vocab_size) * 4
+    return max(1, min(most, STATE_BYTES_PER_CHUNK // per_puzzle))
 
 
 def _rounding_sensitive(model: RecursiveModel, tokens: np.ndarray, puzzle_ids: np.ndarray, indices: list[int],
@@ -262,9 +275,10 @@ def rounding_sensitive(model: RecursiveModel, tokens: np.ndarray, puzzle_ids: np
     decision is closer than ROUNDING_FACTOR x the drift seen: an argmax margin (top two logits) at the fixed or
     the adaptive answer's step, or the halting margin at any step."""
     steps = int(steps or model.config.halt_max_steps)
-    if len(tokens) > 64:  # three traces with every step's states: bound the memory
-        return np.concatenate([rounding_sensitive(model, tokens[i:i + 64], puzzle_ids[i:i + 64], steps)
-                               for i in range(0, len(tokens), 64)])
+    chunk = _puzzles_per_chunk(model, steps, traces=3)  # three traces with every step's states: bound the memory
+    if len(tokens) > chunk:
+        return np.concatenate([rounding_sensitive(model, tokens[i:i + chunk], puzzle_ids[i:i + chunk], steps)
+                               for i in range(0, len(tokens), chunk)])
     n = len(tokens)
 
     def trace(m: RecursiveModel):
@@ -280,7 +294,7 @@ def rounding_sensitive(model: RecursiveModel, tokens: np.ndarray, puzzle_ids: np
 
     changed = np.zeros(n, bool)
     logit_drift, halting_drift, q_halt_drift = np.zeros(n), np.zeros(n), np.zeros(n)
-    for other in (form32, trace(copy.deepcopy(model).double())):
+    for other in (form32, _float64_trace(model, tokens, puzzle_ids, steps)):
         changed |= ~np.all(f32.step_predictions[-1] == other.step_predictions[-1], axis=1)
         changed |= (f32.steps_used != other.steps_used) | ~np.all(f32.predictions == other.predictions, axis=1)
         changed |= np.any((f32.q_halt > 0) != (other.q_halt > 0), axis=0)
@@ -294,6 +308,27 @@ def rounding_sensitive(model: RecursiveModel, tokens: np.ndarray, puzzle_ids: np
         top2 = np.sort(f32.logits[deciding, np.arange(n)], axis=-1)[..., -2:]
         changed |= (top2[..., 1] - top2[..., 0]).min(axis=1) < ROUNDING_FACTOR * logit_drift
     return changed
+
+
+def float64_copy(model: RecursiveModel, puzzle_rows: np.ndarray | None = None) -> RecursiveModel:
+    """A float64 copy of `model` for rounding checks, without copying its puzzle-embedding table: it keeps only
+    `puzzle_rows` of it (none by default: the step itself never reads the table). An ARC table (~1M x 512) would
+    otherwise be copied and widened to float64 (4 GB) for every check; callers then index the kept rows by their
+    position in `puzzle_rows`."""
+    memo = {}
+    emb = getattr(model, "puzzle_emb", None)
+    if emb is not None:
+        table = emb.weights
+        rows = np.zeros(0, np.int64) if puzzle_rows is None else np.asarray(puzzle_rows, np.int64)
+        memo[id(table)] = table[torch.from_numpy(rows)].clone()
+    return copy.deepcopy(model, memo).double()
+
+
+def _float64_trace(model: RecursiveModel, tokens: np.ndarray, puzzle_ids: np.ndarray, steps: int):
+    """run_reference of the float64 copy, which holds only the rows these puzzles use."""
+    rows, local_ids = np.unique(np.asarray(puzzle_ids, np.int64), return_inverse=True)
+    return run_reference(float64_copy(model, rows), tokens, local_ids.reshape(-1), mode="adaptive",
+                         max_steps=steps, record_states=True)
 
 
 class _ExactStep:
@@ -313,7 +348,7 @@ class _ExactStep:
 
     def _models(self) -> tuple[RecursiveModel, list[RecursiveModel]]:
         if self._double is None:
-            self._double = copy.deepcopy(self.model).double()
+            self._double = float64_copy(self.model)  # the step reads no puzzle table: none is copied
             gen = torch.Generator().manual_seed(0)
             for _ in range(self.SAMPLES):
                 m = copy.deepcopy(self._double)

@@ -8,6 +8,7 @@ verify parity against the PyTorch reference by running the staged bundle with th
 from __future__ import annotations
 
 import copy
+import json
 import platform
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,9 +22,11 @@ import torch
 
 from trm_export import __version__
 from trm_export.errors import TrmExportError
+from trm_export.export.accuracy import trained_dtype_accuracy
 from trm_export.export.checkpoint import LoadedCheckpoint, load_checkpoint
 from trm_export.export.onnx_graph import check_graph, export_step_graph
 from trm_export.export.parity import ROUNDING_SENSITIVE_THRESHOLD, ParityReport, check_parity, rounding_sensitive
+from trm_export.export.puzzle_rows import select_rows
 from trm_export.export.reference import run_reference
 from trm_export.export.staging import StagedBundle
 from trm_export.runtime.manifest import (
@@ -38,6 +41,8 @@ from trm_export.runtime.selfcheck import golden_figures
 from trm_export.runtime.solver import Solver
 from trm_export.targets.engines import write_build_recipes
 from trm_export.targets.registry import Target, get_target
+from trm_export.tasks.arc import ARC_SEQ_LEN, ARC_VOCAB
+from trm_export.tasks.official import HELDOUT_PUZZLES
 
 # The TorchScript exporter's highest opset that every TensorRT-10 parser accepts; lower targets cap it further.
 EXPORTER_MAX_OPSET = 20
@@ -61,6 +66,16 @@ class ExportOptions:
     parity_seconds: float = 45.0  # the default parity sample's time budget (whole chunks of batch_size, at least one)
     golden_puzzles: int = 8
     puzzle_table_dtype: str = "float32"  # or "float16": halves a large (ARC) puzzle table
+    # identifiers.json of the official dataset folder (the names of the puzzle table's rows), copied into the
+    # bundle: ARC's runtime finds a task's views there. Its length must be the table's row count.
+    identifiers: Path | None = None
+    # Keep only these rows of the puzzle table (export.puzzle_rows: a dataset folder, an ARC challenge file or a
+    # list of identifiers); None keeps every row.
+    keep_puzzles: Path | None = None
+    # A model trained in bfloat16 (forward_dtype, the official default): its accuracy computed as the official code
+    # computes (export.bfloat16) on the labelled puzzles, at most this many seconds (None: not measured), recorded
+    # in manifest.reference for the report: the number the user's training printed, beside every variant's.
+    trained_dtype_seconds: float | None = 20.0
     tolerance: float = 1e-4
     batch_size: int = 64
     progress: bool = True
@@ -118,6 +133,24 @@ def puzzles_from_file(path: Path, config) -> Puzzles:
     return Puzzles(tokens, ids, None, f"{path.name} ({len(tokens)} puzzles)", encoding.name, encoding.grid_side)
 
 
+def puzzles_from_folder(folder: str | Path, config, size: int | None = HELDOUT_PUZZLES) -> Puzzles:
+    """Held-out puzzles with labels from an official dataset folder's test split (`--data`), spread evenly over it.
+
+    Where the folder's encoding is a shipped task's (Sudoku, maze), the bundle keeps that task's name and text
+    format; any other task (ARC) is a custom one, its accuracy measured against the folder's labels."""
+    from trm_export.export.accuracy import task_for_config
+    from trm_export.tasks.official import DatasetFolder
+
+    source = DatasetFolder.open(folder).check_model(config.seq_len, config.vocab_size, config.num_puzzle_identifiers)
+    data, described = source.sample("heldout", size, config.num_puzzle_identifiers)
+    try:
+        spec = task_for_config(config).spec
+    except ValueError:
+        spec = None
+    return Puzzles(data.inputs.astype(np.int64), data.puzzle_ids.astype(np.int64), data.labels.astype(np.int64),
+                   described, spec.name if spec else None, spec.side if spec else None)
+
+
 def opset_for(target: Target) -> int:
     return min(target.max_opset, EXPORTER_MAX_OPSET)
 
@@ -156,12 +189,23 @@ def export_bundle(checkpoint: str | Path | LoadedCheckpoint, out: str | Path, op
         say(f"step graph: opset {opset}, IR {graph.model.ir_version}, {len(graph.model.graph.node)} nodes, "
             f"{len(graph.data) / 1e6:.2f} MB ({cfg.net_calls_per_step} network calls unrolled)")
 
-        embedding = _write_tables(stage, model, options.puzzle_table_dtype)
+        names = None if options.identifiers is None else _read_identifiers(options.identifiers, cfg)
+        keep = None
+        if options.keep_puzzles is not None and cfg.puzzle_emb_ndim > 0:
+            keep = select_rows(options.keep_puzzles, cfg.num_puzzle_identifiers, names)
+            puzzles = _kept_puzzles(puzzles, keep, options.keep_puzzles)
+            row_bytes = cfg.puzzle_emb_ndim * np.dtype(options.puzzle_table_dtype).itemsize
+            say(f"puzzle table: {len(keep):,} of {cfg.num_puzzle_identifiers:,} rows kept ({options.keep_puzzles}), "
+                f"{row_bytes * cfg.num_puzzle_identifiers / 1e6:,.1f} MB -> {row_bytes * len(keep) / 1e6:,.1f} MB")
+        embedding = _write_tables(stage, model, options.puzzle_table_dtype, keep)
         golden = _write_golden(stage, model, puzzles, options.golden_puzzles)
-        task = TaskEncoding(name=puzzles.task_name, vocab_size=cfg.vocab_size, seq_len=cfg.seq_len,
+        identifiers = None if names is None else _write_identifiers(stage, names, keep)
+        arc = names is not None and (cfg.vocab_size, cfg.seq_len) == (ARC_VOCAB, ARC_SEQ_LEN)
+        task = TaskEncoding(name="arc" if arc else puzzles.task_name, vocab_size=cfg.vocab_size, seq_len=cfg.seq_len,
                             pad_id=int((ck.dataset or {}).get("pad_id", 0)),
                             blank_id=1 if puzzles.task_name == "sudoku" else None, prefix_len=cfg.prefix_len,
-                            num_puzzle_identifiers=cfg.num_puzzle_identifiers, grid_side=puzzles.grid_side)
+                            num_puzzle_identifiers=cfg.num_puzzle_identifiers, grid_side=puzzles.grid_side,
+                            identifiers=identifiers)
         manifest = Manifest(
             format_version=FORMAT_VERSION,
             model={"family": cfg.family, "config": cfg.to_dict()},
@@ -207,7 +251,18 @@ def export_bundle(checkpoint: str | Path | LoadedCheckpoint, out: str | Path, op
         parity = {"fp32": {**report.to_dict(), "puzzles_source": puzzles.source, "golden": figures,
                            "sample": parity_sample_note(report, budget),
                            "rounding_sensitive_threshold": options.rounding_sensitive_threshold}}
-        manifest = _with_files(manifest, stage, parity=parity, golden={**manifest.golden, "tolerances": tolerances})
+        reference = {}
+        if options.trained_dtype_seconds and puzzles.labels is not None and cfg.forward_dtype == "bfloat16":
+            say(f"accuracy as trained ({cfg.forward_dtype}, PyTorch as the official code computes), as many puzzles "
+                f"as fit {options.trained_dtype_seconds:g} s")
+            trained = trained_dtype_accuracy(model, puzzles.tokens, puzzles.puzzle_ids, puzzles.labels,
+                                             puzzles.source, seconds=options.trained_dtype_seconds)
+            reference = {cfg.forward_dtype: trained}
+            last = trained["rows"][-2]  # fixed, the trained step limit
+            say(f"  {cfg.forward_dtype}: {100 * last['exact_accuracy']:.1f}% exact at {last['budget']} fixed steps "
+                f"on {trained['puzzles']} puzzles")
+        manifest = _with_files(manifest, stage, parity=parity, golden={**manifest.golden, "tolerances": tolerances},
+                               reference=reference)
         path = stage.commit(manifest)
     say(f"bundle written: {path}")
     return path, manifest, report
@@ -243,18 +298,59 @@ def _with_files(manifest: Manifest, stage: StagedBundle, **changes: Any) -> Mani
     return replace(manifest, files=stage.checksums(), **changes)
 
 
-def _write_tables(stage: StagedBundle, model, puzzle_dtype: str) -> EmbeddingSpec:
+def _write_tables(stage: StagedBundle, model, puzzle_dtype: str, keep: np.ndarray | None) -> EmbeddingSpec:
+    """The embedding tables as .npy files; of the puzzle table only the rows of `keep` (original identifiers,
+    ascending) when given, with their identifiers beside it. The model's float32 tensors are viewed, not copied: a
+    large table costs one copy of the kept rows at most."""
     cfg = model.config
     sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
     token_table = stage.write_array("tables/embed_tokens.npy", sd["embed_tokens.embedding_weight"])
     pos_table = (stage.write_array("tables/embed_pos.npy", sd["embed_pos.embedding_weight"])
                  if cfg.pos_encodings == "learned" else None)
-    puzzle_table = (stage.write_array("tables/puzzle_emb.npy", sd["puzzle_emb.weights"].astype(puzzle_dtype))
-                    if cfg.puzzle_emb_ndim > 0 else None)
+    puzzle_table = puzzle_rows = None
+    if cfg.puzzle_emb_ndim > 0:
+        table = sd["puzzle_emb.weights"] if keep is None else sd["puzzle_emb.weights"][keep]
+        puzzle_table = stage.write_array("tables/puzzle_emb.npy", table.astype(puzzle_dtype, copy=False))
+        if keep is not None:
+            puzzle_rows = stage.write_array("tables/puzzle_rows.npy", keep.astype(np.int64))
     return EmbeddingSpec(token_table=token_table, scale=float(model.embed_scale), position_table=pos_table,
                          position_scale=0.707106781, puzzle_table=puzzle_table, puzzle_emb_ndim=cfg.puzzle_emb_ndim,
                          hidden_size=cfg.hidden_size, H_init=stage.write_array("tables/H_init.npy", sd["H_init"]),
-                         L_init=stage.write_array("tables/L_init.npy", sd["L_init"]))
+                         L_init=stage.write_array("tables/L_init.npy", sd["L_init"]), puzzle_rows=puzzle_rows)
+
+
+def _kept_puzzles(puzzles: Puzzles, keep: np.ndarray, spec: Path) -> Puzzles:
+    """The parity / golden puzzles whose identifiers the bundle keeps (the others cannot run on it)."""
+    inside = np.isin(puzzles.puzzle_ids, keep)
+    if inside.all():
+        return puzzles
+    if not inside.any():
+        raise TrmExportError(f"none of the {len(puzzles.tokens)} parity puzzles ({puzzles.source}) has an identifier "
+                             f"that --keep-puzzles {spec} keeps: give puzzles of the kept tasks (--data DIR or "
+                             "--puzzles FILE)")
+    return Puzzles(puzzles.tokens[inside], puzzles.puzzle_ids[inside],
+                   None if puzzles.labels is None else puzzles.labels[inside],
+                   f"{puzzles.source}; the {int(inside.sum())} with kept identifiers", puzzles.task_name,
+                   puzzles.grid_side)
+
+
+def _read_identifiers(path: Path, cfg) -> list[str]:
+    """The dataset folder's identifiers.json, checked: one name per row of the checkpoint's puzzle table."""
+    from trm_export.tasks.arc import read_identifiers
+
+    names = read_identifiers(path)
+    if len(names) != cfg.num_puzzle_identifiers:
+        raise TrmExportError(f"{path}: {len(names)} puzzle names, the checkpoint's puzzle table has "
+                             f"{cfg.num_puzzle_identifiers} rows: not the dataset folder this model was trained on")
+    return names
+
+
+def _write_identifiers(stage: StagedBundle, names: list[str], keep: np.ndarray | None) -> str:
+    """The names by identifier into the bundle; with --keep-puzzles, the names of rows not kept are empty."""
+    if keep is not None:
+        kept = set(keep.tolist())
+        names = [n if i in kept else "" for i, n in enumerate(names)]
+    return stage.write_bytes("tables/identifiers.json", json.dumps(names).encode())
 
 
 def _write_golden(stage: StagedBundle, model, puzzles: Puzzles, count: int) -> dict[str, Any]:

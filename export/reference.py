@@ -6,6 +6,10 @@ Two loop modes, as the runtime offers them:
   (q_halt > 0, or q_halt > q_continue for checkpoints trained with the continue head), or at max_steps.
 
 For comparison step by step, every step's heads are recorded and, on request, every step's z_H / z_L / logits.
+
+compute_dtype "float32" (default) runs the model's own float32 function, the one every exported graph computes;
+"bfloat16" computes as the official code does with forward_dtype bfloat16 (export/bfloat16.py), the number the
+user's training printed.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from trm_export.export.bfloat16 import for_compute_dtype
 from trm_export.export.model import RecursiveModel
 from trm_export.runtime.solver import halt_now
 
@@ -33,6 +38,7 @@ class ReferenceTrace:
     q_halt: np.ndarray  # [T, N] float32
     q_continue: np.ndarray  # [T, N] float32
     step_predictions: np.ndarray  # [T, N, seq_len] int32
+    compute_dtype: str = "float32"  # the reference's arithmetic (recorded arrays are float32 either way)
     z_H: np.ndarray | None = None  # [T, N, S, D] float32, when record_states
     z_L: np.ndarray | None = None
     logits: np.ndarray | None = None  # [T, N, seq_len, vocab]
@@ -45,14 +51,16 @@ class ReferenceTrace:
 @torch.inference_mode()
 def run_reference(model: RecursiveModel, tokens: np.ndarray, puzzle_ids: np.ndarray | None = None, *,
                   mode: str = "fixed", max_steps: int | None = None, min_steps: int = 1,
-                  batch_size: int = 256, record_states: bool = False, progress: bool = False) -> ReferenceTrace:
-    """Run the recursion on `tokens` [N, seq_len] and trace it.
+                  batch_size: int = 256, record_states: bool = False, progress: bool = False,
+                  compute_dtype: str = "float32") -> ReferenceTrace:
+    """Run the recursion on `tokens` [N, seq_len] and trace it, in `compute_dtype` ("float32" or "bfloat16").
 
     Adaptive mode still runs all `max_steps` steps for every puzzle (so per-step values are comparable across
     modes); a puzzle's answer is frozen at its halting step, which is exactly what a real early exit returns.
     """
     if mode not in ("fixed", "adaptive"):
         raise ValueError(f"mode must be 'fixed' or 'adaptive', got {mode!r}")
+    net = for_compute_dtype(model, compute_dtype)
     cfg = model.config
     steps = int(max_steps or cfg.halt_max_steps)
     if steps < 1 or not 1 <= min_steps <= steps:
@@ -76,18 +84,18 @@ def run_reference(model: RecursiveModel, tokens: np.ndarray, puzzle_ids: np.ndar
     if progress:
         from tqdm import tqdm
 
-        batches = tqdm(batches, desc=f"reference ({mode}, {steps} steps)", unit="batch")
+        batches = tqdm(batches, desc=f"reference ({mode}, {steps} steps, {compute_dtype})", unit="batch")
     for start in batches:
         sl = slice(start, min(start + batch_size, n))
-        x = model.embed(torch.tensor(tokens[sl], dtype=torch.long), torch.tensor(puzzle_ids[sl], dtype=torch.long))
-        z_H, z_L = model.initial_state(x.shape[0])
+        x = net.embed(torch.tensor(tokens[sl], dtype=torch.long), torch.tensor(puzzle_ids[sl], dtype=torch.long))
+        z_H, z_L = net.initial_state(x.shape[0])
         for t in range(steps):
-            z_H, z_L, logits, qh, qc = model.step(x, z_H, z_L)
+            z_H, z_L, logits, qh, qc = net.step(x, z_H, z_L)
             q_halt[t, sl], q_cont[t, sl] = qh.numpy(), qc.numpy()
-            step_preds[t, sl] = logits.argmax(-1).numpy()
-            if record_states:
-                states["z_H"][t, sl], states["z_L"][t, sl] = z_H.numpy(), z_L.numpy()
-                states["logits"][t, sl] = logits.numpy()
+            step_preds[t, sl] = logits.argmax(-1).numpy()  # in the compute dtype: bfloat16 ties as officially
+            if record_states:  # .float(): exact for bfloat16 values
+                states["z_H"][t, sl], states["z_L"][t, sl] = z_H.float().numpy(), z_L.float().numpy()
+                states["logits"][t, sl] = logits.float().numpy()
 
     if mode == "fixed":
         steps_used = np.full(n, steps, np.int32)
@@ -98,4 +106,4 @@ def run_reference(model: RecursiveModel, tokens: np.ndarray, puzzle_ids: np.ndar
         steps_used = (halt.argmax(axis=0) + 1).astype(np.int32)
     predictions = step_preds[steps_used - 1, np.arange(n)]
     return ReferenceTrace(mode=mode, predictions=predictions, steps_used=steps_used, q_halt=q_halt,
-                          q_continue=q_cont, step_predictions=step_preds, **states)
+                          q_continue=q_cont, step_predictions=step_preds, compute_dtype=compute_dtype, **states)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import errno
-import io
 import os
 import shutil
 import signal
@@ -79,9 +78,13 @@ class StagedBundle:
         return rel
 
     def write_array(self, rel: str, array: np.ndarray) -> str:
-        buffer = io.BytesIO()
-        np.save(buffer, np.ascontiguousarray(array), allow_pickle=False)
-        return self.write_bytes(rel, buffer.getvalue())
+        """np.save straight to the staged file: no in-memory .npy (a BytesIO and its bytes were two more copies of
+        an ARC puzzle table)."""
+        target = self.path / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with open(target, "wb") as f:
+            np.save(f, np.ascontiguousarray(array), allow_pickle=False)
+        return rel
 
     def checksums(self) -> dict[str, str]:
         """sha256 of every staged file except the manifest."""

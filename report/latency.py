@@ -9,6 +9,7 @@ on medians alone; seen: int8 at 205 ms under load, fp32 at 78 ms when quieter).
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,20 +41,62 @@ def faster_beyond_noise(a: StepTiming, b: StepTiming) -> bool:
 
 def time_steps(solver: Solver, seconds: float = 1.0, min_samples: int = 5, max_samples: int = 500) -> StepTiming:
     """Time single steps of `solver`'s backend with every slot full (zero puzzles: the work does not depend on
-    the values), for `seconds` or at least `min_samples` steps, after two warm-up steps."""
+    the values), for `seconds` or at least `min_samples` steps, after two warm-up steps.
+
+    A step slower than the budget (a paper-size model at a large batch) gets one warm-up step, and `min_samples`
+    holds only while the time spent stays within four budgets: at least one sample, never minutes of them."""
     backend = solver.backend
     n = backend.capacity
     s, d = solver.embedder.state_shape
     zeros = np.zeros((n, s, d), np.float32)
     x = solver.embedder(np.zeros((n, solver.task.seq_len), np.int64), np.zeros(n, np.int64))
     backend.load(np.arange(n), x, zeros, zeros)
-    for _ in range(2):
+    start = time.perf_counter()
+    backend.step(n)
+    if time.perf_counter() - start < seconds:
         backend.step(n)
     times: list[float] = []
-    deadline = time.perf_counter() + seconds
-    while len(times) < max_samples and (len(times) < min_samples or time.perf_counter() < deadline):
+    start = time.perf_counter()
+    deadline, hard = start + seconds, start + 4 * seconds
+
+    def more() -> bool:
+        now = time.perf_counter()
+        return not times or (len(times) < max_samples and (now < deadline or (len(times) < min_samples and
+                                                                             now < hard)))
+
+    while more():
         start = time.perf_counter()
         backend.step(n)
         times.append(1000.0 * (time.perf_counter() - start))
     p25, p50, p75, p95 = np.percentile(times, [25, 50, 75, 95])
     return StepTiming(n, len(times), float(p25), float(p50), float(p75), float(p95))
+
+
+def budget_chunks(total: int, capacity: int, seconds: float | None) -> Iterator[slice]:
+    """Consecutive slices of `total` items to process within `seconds` (None: all of them, `capacity` at a time).
+
+    With a budget the first slice is one item, each next one as many as the rate so far says still fit (at most
+    `capacity`), and none starts once the budget is spent: a paper-size model, where one full batch can take
+    minutes, stays within it too. The caller times nothing; the slices it was given cover what was done."""
+    started, start = time.perf_counter(), 0
+    while start < total:
+        size = capacity
+        if seconds is not None:
+            spent = time.perf_counter() - started
+            if start and spent >= seconds:
+                return
+            size = 1 if not start else int(min(capacity, max(1, (seconds - spent) / (spent / start))))
+        stop = min(start + size, total)
+        yield slice(start, stop)
+        start = stop
+
+
+TIMING_STEP_SECONDS = 0.5  # the largest batch timed: the target's, or what one step does in about this long here
+
+
+def affordable_batch(target_batch: int, seconds_per_puzzle_step: float) -> int:
+    """The target's batch, or the largest power of two whose step takes about TIMING_STEP_SECONDS here: timing a
+    paper-size model at batch 64 on a CPU would take minutes per sample."""
+    if target_batch * seconds_per_puzzle_step <= TIMING_STEP_SECONDS:
+        return target_batch
+    return max(1, 1 << int(np.log2(max(1.0, TIMING_STEP_SECONDS / seconds_per_puzzle_step))))

@@ -21,12 +21,13 @@ from pathlib import Path
 
 import numpy as np
 
-from trm_export.report.latency import StepTiming, time_steps
-from trm_export.report.trajectory import Trajectory, puzzle_progress, run_trajectory
+from trm_export.errors import InputError
+from trm_export.report.latency import StepTiming, affordable_batch, time_steps
+from trm_export.report.trajectory import Trajectory, puzzle_progress, run_trajectory, wilson_interval
 from trm_export.runtime.io import task_for_encoding
 from trm_export.runtime.manifest import Manifest, read_manifest
 from trm_export.runtime.solver import HaltingPolicy, Solver, parse_halting
-from trm_export.tasks import TaskData
+from trm_export.tasks import DatasetFolder, TaskData
 
 BUDGETS = (1, 2, 4, 8, 16)
 # Halting policies beside the Q head's (runtime.solver), each capped at the largest budget.
@@ -46,6 +47,7 @@ class ReportOptions:
     backend: str = "auto"  # auto | onnxruntime | tensorrt (see Solver)
     progress: bool = True
     halting: tuple[str, ...] = HALTING_POLICIES  # measured beside fixed budgets and the Q head ("q")
+    data: Path | None = None  # an official dataset folder: its test split (with labels) instead of the task's
 
 
 @dataclass
@@ -74,6 +76,23 @@ class Measurement:
 
 
 @dataclass
+class TrainedRow:
+    """One loop setting of the PyTorch reference in the arithmetic the model was trained in (bfloat16 for the
+    official configs), measured at export (manifest.reference): the number the user's training printed."""
+
+    compute_dtype: str
+    mode: str  # fixed | adaptive
+    budget: int
+    puzzles: int
+    exact_accuracy: float
+    exact_low: float
+    exact_high: float
+    token_accuracy: float
+    mean_steps: float
+    source: str
+
+
+@dataclass
 class DriftCurve:
     variant: str
     relative_error: list[float]  # per step: ||z_H - z_H_fp32|| / ||z_H_fp32||, mean over puzzles
@@ -90,6 +109,7 @@ class ReportData:
     source: str  # which puzzles
     measurements: list[Measurement] = field(default_factory=list)
     drift: list[DriftCurve] = field(default_factory=list)
+    trained: list[TrainedRow] = field(default_factory=list)  # the training arithmetic's accuracy, from the export
     not_measured: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -124,6 +144,29 @@ def rounding_notes(manifest: Manifest) -> list[str]:
             "not precision effects alone"]
 
 
+def trained_rows(manifest: Manifest) -> tuple[list[TrainedRow], list[str]]:
+    """manifest.reference as report rows (a stranger's bundle: every value checked; a malformed entry is left out
+    with a note, never rendered)."""
+    rows, notes = [], []
+    for dtype, entry in sorted(manifest.reference.items()):
+        try:
+            puzzles = entry["puzzles"]
+            if dtype not in ("bfloat16", "float16", "float32") or not isinstance(puzzles, int) or puzzles < 1:
+                raise ValueError
+            source = " ".join(str(entry.get("source", ""))[:200].replace("|", "/").split())
+            for r in entry["rows"]:
+                mode, budget, exact, token, steps = (r["mode"], r["budget"], float(r["exact_accuracy"]),
+                                                     float(r["token_accuracy"]), float(r["mean_steps"]))
+                if mode not in ("fixed", "adaptive") or not isinstance(budget, int) or not 0 <= exact <= 1 \
+                        or not 0 <= token <= 1 or not 0 < steps <= budget:
+                    raise ValueError
+                low, high = wilson_interval(round(exact * puzzles), puzzles)
+                rows.append(TrainedRow(dtype, mode, budget, puzzles, exact, low, high, token, steps, source))
+        except (KeyError, TypeError, ValueError, AttributeError):
+            notes.append(f"manifest.reference.{str(dtype)[:20]} is malformed and left out (re-export the bundle)")
+    return rows, notes
+
+
 def _peak_rss_reset() -> None:
     try:  # Linux: writing 5 resets the peak-RSS counter (VmHWM) of this process
         Path("/proc/self/clear_refs").write_text("5")
@@ -141,11 +184,18 @@ def _peak_rss_mb() -> float | None:
     return None
 
 
-def _data_for(manifest: Manifest, count: int) -> TaskData:
-    task = task_for_encoding(manifest.task)
+def _data_for(manifest: Manifest, count: int, folder: Path | None) -> tuple[TaskData, str]:
+    """The labelled held-out puzzles: the dataset folder's test split, else the shipped task's held-out split."""
+    enc = manifest.task
+    if folder is not None:
+        source = DatasetFolder.open(folder).check_model(enc.seq_len, enc.vocab_size, enc.num_puzzle_identifiers)
+        return source.sample("heldout", count, enc.num_puzzle_identifiers)
+    task = task_for_encoding(enc)
     if task is None:
-        raise ValueError("the report needs labelled puzzles: this bundle's task is not a shipped one")
-    return task.split("heldout", size=min(count, 1000))
+        raise InputError("the report needs labelled puzzles and this bundle's task is not a shipped one: give the "
+                         "official dataset folder the model was trained on (--data DIR)")
+    data = task.split("heldout", size=min(count, 1000))
+    return data, f"the {enc.name} held-out split"
 
 
 def _backends(manifest: Manifest, variant: str, requested: str) -> list[str]:
@@ -187,14 +237,16 @@ def measure_bundle(bundle: str | Path, options: ReportOptions = ReportOptions())
     manifest = read_manifest(bundle, verify=True)
     count = options.puzzles or (100 if options.quick else 1000)
     latency_seconds = options.latency_seconds or (0.25 if options.quick else 1.0)
-    data = _data_for(manifest, count)
+    data, source = _data_for(manifest, count, options.data)
     from trm_export.targets.registry import get_target
 
     target = get_target(manifest.target)
     steps = max(options.budgets)
     report = ReportData(str(bundle), target.name, host_description(), manifest.task.name or "custom", len(data),
-                        f"{manifest.task.name} held-out split, first {len(data)}")
+                        source)
     report.notes += rounding_notes(manifest)
+    report.trained, malformed = trained_rows(manifest)
+    report.notes += malformed
     if target.runtime == "tensorrt" and not manifest.build.get("engines"):
         report.not_measured.append(f"TensorRT on {target.name}: no engine in this bundle (build it on the device "
                                    "with `trm-export build`, then re-run `trm-export report` there)")
@@ -205,18 +257,25 @@ def measure_bundle(bundle: str | Path, options: ReportOptions = ReportOptions())
         _peak_rss_reset()
         single = Solver(bundle, variant=variant, backend=backend, batch_size=1, threads=options.threads,
                         verify=False)
-        batched = Solver(bundle, variant=variant, backend=backend, batch_size=target.batch.opt,
-                         threads=options.threads, verify=False)
-        timing_1, timing_b = time_steps(single, latency_seconds), time_steps(batched, latency_seconds)
+        timing_1 = time_steps(single, latency_seconds)
+        if i == 0:  # the target's batch, or a smaller one where a step there takes too long here (paper size)
+            batch = affordable_batch(target.batch.opt, timing_1.p50 / 1000.0)
+            if batch < target.batch.opt:
+                report.notes.append(f"throughput and accuracy runs at batch {batch}, not the target's "
+                                    f"{target.batch.opt}: one step at batch {target.batch.opt} would take about "
+                                    f"{target.batch.opt * timing_1.p50 / 1000:.0f} s here")
+        batched = Solver(bundle, variant=variant, backend=backend, batch_size=batch, threads=options.threads,
+                         verify=False)
+        timing_b = time_steps(batched, latency_seconds)
         if options.seconds is not None and i == 0:  # as many whole batches as the budget allows, all variants
             per_puzzle_s = steps * timing_b.p75 / 1000.0 / timing_b.batch
             fit = int(options.seconds / len(jobs) / per_puzzle_s) // timing_b.batch * timing_b.batch
             if fit < len(data):
                 data = data.select(np.arange(max(fit, min(timing_b.batch, len(data)))))
-                report.puzzles, report.source = len(data), f"{report.source.rsplit(',', 1)[0]}, first {len(data)}"
+                report.puzzles, report.source = len(data), f"{source}; the first {len(data)} of them (time budget)"
                 report.notes.append(f"accuracy on the first {len(data)} held-out puzzles: as many as fit the "
-                                    f"report's time budget of {options.seconds:g} s (`trm-export report` measures "
-                                    "1000 without one)")
+                                    f"report's time budget of {options.seconds:g} s (`--puzzles N` measures N "
+                                    "whatever the time)")
         s, d = batched.embedder.state_shape
         n_drift = max(1, min(DRIFT_PUZZLES, len(data), DRIFT_BYTES // (4 * steps * s * d)))
         drift = _DriftProbe(fp32_states, variant, n_drift)

@@ -97,6 +97,30 @@ def _acc(r: Measurement) -> str:
     return f"{100 * r.exact_accuracy:.1f}% [{100 * r.exact_low:.1f}, {100 * r.exact_high:.1f}] of {r.puzzles}"
 
 
+def _trained_section(data: ReportData, rec: Recommendation | None) -> list[str]:
+    """The accuracy in the arithmetic the model was trained in (PyTorch at export): what the training printed,
+    beside which every deployed variant above and below is read."""
+    dtypes = sorted({r.compute_dtype for r in data.trained})
+    lines = [f"## As trained: the PyTorch reference in {', '.join(dtypes)}", "",
+             "Measured at export (a device has no PyTorch), on the first puzzles of the same held-out set "
+             f"({data.trained[0].source}). The official code trains and evaluates in this arithmetic: this is the "
+             "number a training run prints. Every variant of this bundle computes in float32 or below.", "",
+             "| reference | loop | steps (mean) | exact acc [95% CI] of puzzles | token acc |", "|---|---|---|---|---|"]
+    for r in data.trained:
+        loop = f"fixed {r.budget}" if r.mode == "fixed" else f"Q head, cap {r.budget}"
+        lines.append(f"| PyTorch {r.compute_dtype} | {loop} | {r.mean_steps:.2f} | {100 * r.exact_accuracy:.1f}% "
+                     f"[{100 * r.exact_low:.1f}, {100 * r.exact_high:.1f}] of {r.puzzles} | "
+                     f"{100 * r.token_accuracy:.2f}% |")
+    if rec is not None:
+        same = next((r for r in data.trained if r.mode == "fixed" and rec.chosen.mode == "fixed"
+                     and r.budget == rec.chosen.budget), None)
+        if same is not None:
+            lines += ["", f"The recommended setting gets {100 * rec.chosen.exact_accuracy:.1f}% of "
+                          f"{rec.chosen.puzzles}; the same loop in {same.compute_dtype}, as trained, "
+                          f"{100 * same.exact_accuracy:.1f}% of {same.puzzles}."]
+    return lines + [""]
+
+
 def markdown(data: ReportData, max_drop_points: float) -> str:
     lines = [f"# Accuracy versus latency: `{Path(data.bundle).name}`", "",
              f"Target `{data.target}`. **Measured on {data.host}**, {data.puzzles} puzzles ({data.source}). "
@@ -120,6 +144,8 @@ def markdown(data: ReportData, max_drop_points: float) -> str:
                       ", ".join(f"{_setting(r)} ({100 * r.exact_accuracy:.1f}%, {r.latency_ms_p50:.2f} ms)"
                                 for r in rec.equivalent) + ".", ""]
         lines += [f"- {note}" for note in rec.notes] + ([""] if rec.notes else [])
+    if data.trained:
+        lines += _trained_section(data, rec)
     lines += ["## All settings", "",
               "| variant | backend | loop | steps (mean) | exact acc [95% CI] of puzzles | token acc | ms per puzzle "
               "p50 [p25, p75] | puzzles/s | graph MB | peak RSS MB |", "|---|---|---|---|---|---|---|---|---|---|"]

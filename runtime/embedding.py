@@ -11,13 +11,15 @@ from pathlib import Path
 
 import numpy as np
 
-from trm_export.errors import BundleError
+from trm_export.errors import BundleError, InputError
 from trm_export.runtime.manifest import EmbeddingSpec, TaskEncoding, member
 
 
-def load_array(path: Path, shape: tuple[int | None, ...] | None = None, kinds: str = "biuf") -> np.ndarray:
+def load_array(path: Path, shape: tuple[int | None, ...] | None = None, kinds: str = "biuf",
+               mmap: bool = False) -> np.ndarray:
     """A plain .npy of a bundle, its header checked against `shape` (None: any size) and against the file's size
-    before anything is allocated (a crafted header can claim 1e11 elements)."""
+    before anything is allocated (a crafted header can claim 1e11 elements). `mmap`: a read-only memory map instead
+    of a copy in memory (a large puzzle table: only the rows a run gathers are ever read)."""
     fmt = np.lib.format
     try:
         with open(path, "rb") as f:
@@ -36,6 +38,8 @@ def load_array(path: Path, shape: tuple[int | None, ...] | None = None, kinds: s
             if size - data_start != needed:
                 raise BundleError(f"{path}: header claims {list(found)} {dtype} ({needed} bytes) but the file holds "
                                   f"{size - data_start}; the file is damaged or crafted")
+            if mmap and not fortran:
+                return np.memmap(path, dtype=dtype, mode="r", offset=data_start, shape=tuple(found))
             f.seek(0)
             array = fmt.read_array(f, allow_pickle=False)
     except BundleError:
@@ -64,9 +68,23 @@ class Embedder:
             path = member(bundle, rel)
             return _finite(load_array(path, shape, kinds="f"), path)
 
+        self._puzzle_path = member(bundle, spec.puzzle_table) if spec.puzzle_table else None
+
         self.tokens = table(spec.token_table, (task.vocab_size, d)).astype(np.float32, copy=False)
         self.positions = table(spec.position_table, (total, d)) if spec.position_table else None
-        self.puzzles = (table(spec.puzzle_table, (task.num_puzzle_identifiers, spec.puzzle_emb_ndim))
+        # The puzzle table (ARC: ~1M x 512) is memory-mapped, not read: every Solver of a process (quantize opens
+        # several) would otherwise hold its own copy, and loading it would cost seconds each time. Its rows are
+        # checked for NaN / inf where they are gathered; the manifest's checksum already covers the whole file.
+        # --keep-puzzles: the table holds the rows of these original identifiers only (ascending).
+        self.rows = None
+        if spec.puzzle_rows is not None:
+            self.rows = load_array(member(bundle, spec.puzzle_rows), (None,), kinds="i").astype(np.int64)
+            if len(self.rows) == 0 or np.any(np.diff(self.rows) <= 0) or self.rows[0] < 0 \
+                    or self.rows[-1] >= task.num_puzzle_identifiers:
+                raise BundleError(f"{bundle}: {spec.puzzle_rows} must hold ascending identifiers below "
+                                  f"{task.num_puzzle_identifiers}; the bundle is broken, re-export it")
+        rows = task.num_puzzle_identifiers if self.rows is None else len(self.rows)
+        self.puzzles = (load_array(self._puzzle_path, (rows, spec.puzzle_emb_ndim), kinds="f", mmap=True)
                         if spec.puzzle_table else None)
         if self.puzzles is not None and spec.puzzle_emb_ndim > task.prefix_len * d:
             raise BundleError(f"{bundle}: puzzle_emb_ndim {spec.puzzle_emb_ndim} does not fit the prefix "
@@ -82,13 +100,25 @@ class Embedder:
         x = self.tokens[tokens]
         if self.puzzles is not None:
             d, prefix = self.spec.hidden_size, self.task.prefix_len
-            rows = self.puzzles[puzzle_ids].astype(np.float32)
+            rows = _finite(np.asarray(self.puzzles[self.table_rows(puzzle_ids)], dtype=np.float32), self._puzzle_path)
             padded = np.zeros((len(tokens), prefix * d), np.float32)
             padded[:, : rows.shape[1]] = rows
             x = np.concatenate([padded.reshape(len(tokens), prefix, d), x], axis=1)
         if self.positions is not None:
             x = np.float32(self.spec.position_scale) * (x + self.positions)
         return np.float32(self.spec.scale) * x
+
+    def table_rows(self, puzzle_ids: np.ndarray) -> np.ndarray:
+        """The table rows of (original) puzzle identifiers; one the bundle did not keep is refused."""
+        if self.rows is None:
+            return puzzle_ids
+        at = np.minimum(np.searchsorted(self.rows, puzzle_ids), len(self.rows) - 1)
+        missing = self.rows[at] != puzzle_ids
+        if missing.any():
+            raise InputError(f"puzzle identifier {int(np.asarray(puzzle_ids)[missing][0])} is not in this bundle's "
+                             f"puzzle table: it keeps {len(self.rows):,} of {self.task.num_puzzle_identifiers:,} rows "
+                             "(exported with --keep-puzzles); export again keeping it")
+        return at
 
     def initial_state(self, batch: int) -> tuple[np.ndarray, np.ndarray]:
         shape = (batch, *self.state_shape)

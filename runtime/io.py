@@ -66,14 +66,22 @@ def check_solutions(inputs: np.ndarray, predictions: np.ndarray, encoding: TaskE
         return None
 
 
-def describe_run(result: SolveResult, valid: np.ndarray | None, mode: str, backend: str) -> str:
-    """The one summary line of a run: how many answers are valid solutions, the mode, mean steps, the backend."""
+def describe_run(result: SolveResult, valid: np.ndarray | None, mode: str, backend: str,
+                 labels: np.ndarray | None = None) -> str:
+    """The one summary line of a run: how many answers are valid solutions (and, with `labels`, equal to them:
+    a dataset folder's), the mode, mean steps, the backend."""
+    from trm_export.tasks import IGNORE_LABEL, per_puzzle_correct
+
     n = len(result)
     if valid is None:
-        counted = "answers not checked (no checker for this model's task)"
+        counted = "answers not checked (no checker for this model's task)" if labels is None else ""
     else:
         good = int(np.count_nonzero(valid))
         counted = f"{good} valid solution{'' if good == 1 else 's'}, {n - good} not"
+    if labels is not None:
+        right = int(np.count_nonzero(per_puzzle_correct(result.predictions, labels, IGNORE_LABEL)))
+        exact = f"{right} of {n} exactly right ({100 * right / max(n, 1):.1f}%, against the labels)"
+        counted = f"{counted}; {exact}" if counted else exact
     steps = f"mean {float(result.steps_used.mean()):.2f} steps" if n else "no steps"
     return f"{n} puzzle{'' if n == 1 else 's'}: {counted} ({mode}, {steps}, backend {backend})"
 
@@ -125,15 +133,26 @@ def write_solutions(result: SolveResult, encoding: TaskEncoding, output: str | P
     if output is None:
         return text
     output = Path(output)
+    if output.suffix == ".npz":
+        checked = {} if valid is None else {"valid": np.asarray(valid, dtype=bool)}
+        _write_atomically(output, lambda f: np.savez(f, predictions=result.predictions, steps_used=result.steps_used,
+                                                     q_halt=result.q_halt, q_continue=result.q_continue, **checked))
+    else:
+        write_text_atomically(output, text)
+    return text
+
+
+def write_text_atomically(output: str | Path, text: str) -> None:
+    """`text` to `output` through a temporary file beside it: a reader never sees half of it, an error leaves
+    nothing behind (and an earlier file untouched)."""
+    _write_atomically(Path(output), lambda f: f.write(text.encode()))
+
+
+def _write_atomically(output: Path, write) -> None:
     fd, tmp = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.")
     try:
         with os.fdopen(fd, "wb") as f:
-            if output.suffix == ".npz":
-                checked = {} if valid is None else {"valid": np.asarray(valid, dtype=bool)}
-                np.savez(f, predictions=result.predictions, steps_used=result.steps_used, q_halt=result.q_halt,
-                         q_continue=result.q_continue, **checked)
-            else:
-                f.write(text.encode())
+            write(f)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; a solutions file is an ordinary file
@@ -141,4 +160,3 @@ def write_solutions(result: SolveResult, encoding: TaskEncoding, output: str | P
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return text

@@ -54,6 +54,9 @@ class TaskEncoding:
     prefix_len: int
     num_puzzle_identifiers: int
     grid_side: int | None = None
+    # Bundle file naming every puzzle identifier (the official builder's identifiers.json: position = identifier,
+    # value = puzzle name): ARC needs it to find the views of a task (runtime.arc).
+    identifiers: str | None = None
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,9 @@ class EmbeddingSpec:
     hidden_size: int
     H_init: str
     L_init: str
+    # --keep-puzzles: the original identifiers of the puzzle table's rows (int64, ascending); None: every
+    # identifier 0..num_puzzle_identifiers-1 has its row. Puzzles keep their original identifiers either way.
+    puzzle_rows: str | None = None
 
 
 @dataclass(frozen=True)
@@ -96,6 +102,9 @@ class Manifest:
     # says why (each variant's accuracy drop against the budget).
     default_variant: str = "fp32"
     choice: dict[str, Any] = field(default_factory=dict)
+    # What the PyTorch reference measured at export that a device cannot recompute (it has no torch): the accuracy
+    # in the arithmetic the model was trained in, {"bfloat16": {"puzzles", "source", "rows": [...]}}.
+    reference: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> str:
         """The manifest as written: its fields plus `digest`, the sha256 of their canonical form."""
@@ -110,11 +119,13 @@ class Manifest:
         """Every path the runtime opens -> what it is. Each must be listed in `files` (checked on read)."""
         refs = {g.file: f"graphs.{name}.file" for name, g in self.graphs.items()}
         e = self.embedding
-        for what in ("token_table", "position_table", "puzzle_table", "H_init", "L_init"):
+        for what in ("token_table", "position_table", "puzzle_table", "H_init", "L_init", "puzzle_rows"):
             if getattr(e, what) is not None:
                 refs[getattr(e, what)] = f"embedding.{what}"
         for name in GOLDEN_ARRAYS:
             refs[f"{self.golden['folder']}/{name}.npy"] = "golden"
+        if self.task.identifiers is not None:
+            refs[self.task.identifiers] = "task.identifiers"
         for variant, engine in self.build.get("engines", {}).items():
             refs[engine["file"]] = f"build.engines.{variant}.file"
         return refs
@@ -258,13 +269,14 @@ def _parse(data: Any) -> Manifest:
         seq_len=t.int("seq_len", lo=1), pad_id=t.int("pad_id", hi=LIMITS["vocab_size"]),
         blank_id=t.int("blank_id", hi=LIMITS["vocab_size"], optional=True), prefix_len=t.int("prefix_len"),
         num_puzzle_identifiers=t.int("num_puzzle_identifiers", lo=1),
-        grid_side=t.int("grid_side", lo=1, optional=True))
+        grid_side=t.int("grid_side", lo=1, optional=True), identifiers=t.path("identifiers", True))
     e = _Fields(root.obj("embedding"), "embedding")
     embedding = EmbeddingSpec(
         token_table=e.path("token_table"), scale=e.float("scale"), position_table=e.path("position_table", True),
         position_scale=e.float("position_scale"), puzzle_table=e.path("puzzle_table", True),
         puzzle_emb_ndim=e.int("puzzle_emb_ndim", hi=LIMITS["prefix_len"] * LIMITS["hidden_size"]),
-        hidden_size=e.int("hidden_size", lo=1), H_init=e.path("H_init"), L_init=e.path("L_init"))
+        hidden_size=e.int("hidden_size", lo=1), H_init=e.path("H_init"), L_init=e.path("L_init"),
+        puzzle_rows=e.path("puzzle_rows", True))
     lp = _Fields(root.obj("loop"), "loop")
     loop = LoopSpec(halt_max_steps=lp.int("halt_max_steps", lo=1),
                     halting_rule=lp.str("halting_rule", choices=("q_halt>0", "q_halt>q_continue")),
@@ -310,7 +322,7 @@ def _parse(data: Any) -> Manifest:
                         graphs=graphs, target=root.str("target", pattern=NAME_PATTERN), files=files,
                         provenance=root.obj("provenance"), golden=golden, parity=root.obj("parity", optional=True),
                         build=build, default_variant=root.str("default_variant", pattern=NAME_PATTERN),
-                        choice=root.obj("choice", optional=True))
+                        choice=root.obj("choice", optional=True), reference=root.obj("reference", optional=True))
     if manifest.default_variant not in graphs:
         raise BundleError(f"{MANIFEST_NAME}: default_variant {manifest.default_variant!r} has no graph")
     unlisted = sorted(rel for rel in manifest.referenced_files() if rel not in files)

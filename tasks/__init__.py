@@ -15,11 +15,14 @@ from .base import SPLIT_NAMES, Task, TaskData, TaskSpec
 from .files import load_puzzles
 from .maze import MazeTask, format_maze, parse_maze, solve_maze, valid_maze_solutions
 from .metrics import exact_accuracy, per_puzzle_correct, token_accuracy
-from .official import read_official_dataset, write_official_dataset
+from .official import IGNORE_LABEL, DatasetFolder, DatasetFolderError, read_official_dataset, write_official_dataset
 from .registry import TASK_NAMES, get_task
 from .sudoku import SudokuTask, count_solutions, format_sudoku, parse_sudoku, solve_sudoku, valid_sudoku_solutions
 
 __all__ = [
+    "IGNORE_LABEL",
+    "DatasetFolder",
+    "DatasetFolderError",
     "SPLIT_NAMES",
     "TASK_NAMES",
     "MazeTask",

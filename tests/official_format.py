@@ -194,3 +194,109 @@ def write_official_checkpoint(directory: Path, variant: str | Variant, *, prefix
     if with_dataset:
         (directory / "dataset.json").write_text(json.dumps(official_dataset_json(v)))
     return path
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Paper-size variants (issue #17): the four models users bring, at the official shapes.
+# Shapes: /tmp/official/config/arch/trm.yaml and hrm.yaml, the TRM README's training commands (Sudoku: mlp_t,
+# pos_encodings none, L_layers 2, H_cycles 3, L_cycles 6; Maze / ARC: attention, rope, H 3, L 4), dataset encodings
+# from shared/reference/checkpoints.md. Storage dtypes as the official trainer writes them: CastedLinear /
+# CastedEmbedding parameters and the puzzle-embedding buffer float32, H_init / L_init in forward_dtype (bfloat16).
+# The weights are random at a contractive gain (0.5), so the float32 loop is not chaotic at 16 steps; shapes,
+# sizes and cost are the papers'. The ARC table (one row per augmented training puzzle) is written chunk by chunk,
+# so a 500k x 512 table costs one float32 copy (plus torch.save's stream), never several.
+# ---------------------------------------------------------------------------------------------------------------
+
+PAPER_ARC_ROWS = 1_000  # the tests' default; the benchmark passes several hundred thousand (paper: ~1M)
+_PAPER_COMMON = dict(hidden_size=512, num_heads=8, expansion=4.0, halt_max_steps=16, puzzle_emb_ndim=512,
+                     gain=0.5)
+PAPER_VARIANTS = {
+    v.name: v
+    for v in (
+        # TRM-MLP, Sudoku-Extreme: 81 tokens + 16 prefix = 97 positions, ~5M parameters.
+        Variant("paper-trm-mlpt-sudoku", vocab_size=11, seq_len=81, num_puzzle_identifiers=1, L_layers=2,
+                H_cycles=3, L_cycles=6, pos_encodings="none", puzzle_emb_len=16, mlp_t=True, **_PAPER_COMMON),
+        # TRM-Att, Maze-Hard 30x30: 900 + 16 = 916 positions, ~7M.
+        Variant("paper-trm-att-maze", vocab_size=6, seq_len=900, num_puzzle_identifiers=1, L_layers=2,
+                H_cycles=3, L_cycles=4, pos_encodings="rope", puzzle_emb_len=16, **_PAPER_COMMON),
+        # TRM-Att, ARC-AGI: as the maze model with vocab 12 and a table of one row per augmented puzzle.
+        Variant("paper-trm-att-arc", vocab_size=12, seq_len=900, num_puzzle_identifiers=PAPER_ARC_ROWS, L_layers=2,
+                H_cycles=3, L_cycles=4, pos_encodings="rope", puzzle_emb_len=16, **_PAPER_COMMON),
+        # HRM, Sudoku-Extreme: 27M; H_layers 4, L_layers 4, H 2, L 2; prefix ceil(512 / 512) = 1 (82 positions).
+        Variant("paper-hrm-sudoku", family="hrm", vocab_size=11, seq_len=81, num_puzzle_identifiers=1, H_layers=4,
+                L_layers=4, H_cycles=2, L_cycles=2, pos_encodings="rope", puzzle_emb_len=0, no_ACT_continue=False,
+                **_PAPER_COMMON),
+    )
+}
+
+
+def _replace(v: Variant, **changes) -> Variant:
+    import dataclasses
+
+    return dataclasses.replace(v, **changes)
+
+
+def paper_variant(name: str, arc_rows: int | None = None) -> Variant:
+    """A paper-size variant; `arc_rows` sets the puzzle-embedding row count of the ARC model."""
+    v = PAPER_VARIANTS[name]
+    if arc_rows is not None and "arc" in name:
+        v = _replace(v, num_puzzle_identifiers=int(arc_rows))
+    return v
+
+
+def paper_state_dict(v: Variant, seed: int = 0, table_dtype: str = "float32",
+                     chunk_rows: int = 65536) -> dict[str, torch.Tensor]:
+    """`official_state_dict` for a paper-size variant, with the puzzle table filled in place, chunk by chunk."""
+    sd = official_state_dict(_replace(v, num_puzzle_identifiers=1), seed)
+    if v.puzzle_emb_ndim > 0:
+        g = torch.Generator().manual_seed(seed + 1)
+        table = torch.empty(v.num_puzzle_identifiers, v.puzzle_emb_ndim, dtype=getattr(torch, table_dtype))
+        for start in range(0, v.num_puzzle_identifiers, chunk_rows):
+            block = torch.randn(min(chunk_rows, v.num_puzzle_identifiers - start), v.puzzle_emb_ndim, generator=g)
+            table[start:start + len(block)] = block.mul_(0.3).clamp_(-0.6, 0.6)
+        sd["puzzle_emb.weights"] = table
+    return sd
+
+
+def paper_parameter_count(v: Variant) -> int:
+    """Stored elements (parameters and persistent buffers) of a paper-size variant, from shapes only."""
+    sd = official_state_dict(_replace(v, num_puzzle_identifiers=1))
+    return sum(t.numel() for t in sd.values()) + (v.num_puzzle_identifiers - 1) * v.puzzle_emb_ndim
+
+
+def write_paper_checkpoint(directory: Path, name: str, *, arc_rows: int | None = None, seed: int = 0,
+                           table_dtype: str = "float32", prefix: str = COMPILED_PREFIX,
+                           file_name: str = "step_50000") -> Path:
+    """Write a paper-size checkpoint as the official trainer saves it (+ all_config.yaml, dataset.json)."""
+    v = paper_variant(name, arc_rows)
+    directory.mkdir(parents=True, exist_ok=True)
+    sd = paper_state_dict(v, seed, table_dtype)
+    state = {prefix + k: sd.pop(k) for k in list(sd)}  # same tensors, renamed: no copy
+    path = directory / file_name
+    torch.save(state, path)
+    del state
+    config = official_all_config(v)
+    config["data_paths"] = [f"data/{name.split('-')[-1]}"]
+    (directory / "all_config.yaml").write_text(yaml.safe_dump(config))
+    dataset = official_dataset_json(v)
+    dataset.update(total_groups=v.num_puzzle_identifiers, total_puzzles=v.num_puzzle_identifiers)
+    (directory / "dataset.json").write_text(json.dumps(dataset))
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# bfloat16 reference (issue #17 part 3): the small models whose official bfloat16 and float32 runs are recorded
+# under tests/data/official_bf16/ by scripts/record_official_bf16.py (checked by tests/test_bfloat16_reference.py).
+# Between them they cover every official cast point: RoPE attention (TRM), mlp_t with learned positions (the
+# 0.707106781 scale), HRM's two networks with RoPE and a ceil-sized puzzle prefix.
+# ---------------------------------------------------------------------------------------------------------------
+
+BF16_VARIANTS = {
+    v.name: v
+    for v in (
+        Variant("bf16-trm-att-rope", halt_max_steps=8),
+        Variant("bf16-trm-mlpt-learned", mlp_t=True, pos_encodings="learned", L_layers=1, halt_max_steps=8),
+        Variant("bf16-hrm", family="hrm", H_layers=1, L_layers=1, puzzle_emb_ndim=32, puzzle_emb_len=0,
+                no_ACT_continue=False, halt_max_steps=8),
+    )
+}

@@ -445,3 +445,18 @@ def test_options_are_checked_up_front():
         CalibrationSettings(method="kl")
     with pytest.raises(CalibrationError, match=r"unknown calibration method\(s\) \['kl'\]"):
         QuantizeOptions(methods=("kl",))
+
+
+def test_a_time_budget_sizes_the_evaluation_and_calibration(bundle, tmp_path, monkeypatch):
+    """eval_seconds (the one command's default): the FP32 reference on the puzzles that fit, every variant measured
+    on the same ones, the calibration puzzles sized to the same rate; each said in the log."""
+    import trm_export.calibration.variants as variants
+
+    monkeypatch.setattr(variants, "RECORD_SECONDS", 1e-9)  # one calibration puzzle fits
+    lines: list[str] = []
+    options = dataclasses.replace(FAST, eval_puzzles=None, calib_puzzles=None, eval_seconds=1e-9, methods=("minmax",),
+                                  fp16=False, mixed=False)
+    result = add_variants(bundle, tmp_path / "q", options, log=lines.append)
+    assert result.manifest.parity["int8-minmax"]["puzzles"] == 1
+    assert any("1 puzzles fit the 1e-09 s budget" in line for line in lines)
+    assert result.samples["puzzles"] == 1 and any("calibration on the first 1 of 256" in line for line in lines)

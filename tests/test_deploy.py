@@ -108,7 +108,7 @@ def test_one_command_for_a_cpu_writes_the_report(tmp_path):
     result = CliRunner().invoke(cli, [*common, "-o", str(tmp_path / "b")])
     assert result.exit_code == 0, result.output
     text = (tmp_path / "b" / "report" / "REPORT.md").read_text()
-    assert "16 puzzles (sudoku held-out split, first 16)" in text and "95% interval" in text
+    assert "16 puzzles (the sudoku held-out split)" in text and "95% interval" in text
     assert "report:" in result.output and "stage times:" in result.output and "README.md" in result.output
     assert CliRunner().invoke(cli, ["verify", str(tmp_path / "b")]).exit_code == 0  # report/ is not checksummed
     # --no-report: test_cli's export test

@@ -11,10 +11,10 @@ from click.testing import CliRunner
 
 from trm_export.cli import main as cli
 from trm_export.report import ReportOptions, measure_bundle, write_report
-from trm_export.report.measure import Measurement
+from trm_export.report.measure import Measurement, trained_rows
 from trm_export.report.render import pareto_front, recommend
 from trm_export.report.trajectory import run_trajectory, wilson_interval
-from trm_export.runtime.manifest import seal
+from trm_export.runtime.manifest import read_manifest, seal
 from trm_export.runtime.solver import Solver
 from trm_export.tasks import get_task, per_puzzle_correct, token_accuracy
 
@@ -143,7 +143,58 @@ def test_one_fixed_run_tells_every_fixed_budget_and_adaptive_halting(sudoku_bund
     assert len(set(trajectory.halting_steps(8).tolist())) > 1  # the fixture's puzzles halt at different steps
 
 
+def test_a_time_budget_takes_the_first_puzzles_that_fit_and_the_same_values(sudoku_bundle):
+    """A budget cuts the run to its first puzzles (one, when the budget is spent by the first), chunks sized to
+    what is left; what it records for them is what the full run records."""
+    data = get_task("sudoku").split("heldout", size=24)
+    solver = Solver(sudoku_bundle / "bundle", batch_size=8, threads=1, verify=False)
+    full = run_trajectory(solver, data.inputs, data.puzzle_ids, data.labels, 4)
+    chunks = []
+    cut = run_trajectory(solver, data.inputs, data.puzzle_ids, data.labels, 4, on_chunk=chunks.append,
+                         seconds=1e-9)
+    assert cut.puzzles == 1 and chunks == [1]
+    roomy = run_trajectory(solver, data.inputs, data.puzzle_ids, data.labels, 4, on_chunk=chunks.append,
+                           seconds=3600)
+    assert roomy.puzzles == 24 and chunks[1:] == [1, 9, 17, 24]  # one puzzle, then whole batches of 8
+    for part in (cut, roomy):
+        n = part.puzzles
+        assert np.array_equal(part.final_predictions, full.final_predictions[:n])
+        assert np.array_equal(part.exact, full.exact[:, :n])
+        # another chunk size may round differently in the last bits (another GEMM shape)
+        assert np.allclose(part.q_halt, full.q_halt[:, :n], rtol=0, atol=1e-5)
+
+
 def test_wilson_interval():
     assert wilson_interval(0, 100)[0] == 0 and 0 < wilson_interval(0, 100)[1] < 0.04
     low, high = wilson_interval(975, 1000)
     assert low < 0.975 < high and high - low == pytest.approx(0.019, abs=0.002)
+
+
+def test_the_accuracy_as_trained_is_measured_at_export_and_reported(sudoku_bundle, tmp_path):
+    """A bfloat16-trained checkpoint: the export records its bfloat16 accuracy (what the training printed), the
+    report shows it beside the variants; a device needs no PyTorch for that."""
+    import dataclasses
+
+    from trm_export.export.checkpoint import load_checkpoint
+    from trm_export.export.reference import run_reference
+
+    manifest = read_manifest(sudoku_bundle / "bundle")
+    trained = manifest.reference["bfloat16"]
+    data = get_task("sudoku").split("calibration", size=16)  # the fixture's export puzzles
+    n = trained["puzzles"]
+    assert 1 <= n <= 16
+    trace = run_reference(load_checkpoint(sudoku_bundle / "ckpt").model, data.inputs[:n], data.puzzle_ids[:n],
+                          mode="adaptive", compute_dtype="bfloat16")
+    fixed8 = next(r for r in trained["rows"] if r["mode"] == "fixed" and r["budget"] == 8)
+    assert fixed8["exact_accuracy"] == float(per_puzzle_correct(trace.step_predictions[7], data.labels[:n]).mean())
+    rows, notes = trained_rows(manifest)
+    assert [(r.mode, r.budget) for r in rows] == [("fixed", b) for b in (1, 2, 4, 8)] + [("adaptive", 8)]
+    assert not notes
+    report = measure_bundle(sudoku_bundle / "bundle", ReportOptions(puzzles=8, latency_seconds=0.05, threads=1,
+                                                                    progress=False))
+    text = (write_report(report, tmp_path / "r") / "REPORT.md").read_text()
+    assert "## As trained: the PyTorch reference in bfloat16" in text and f"of {n} |" in text
+    # A stranger's manifest with a malformed entry: left out with a note, never rendered.
+    broken = dataclasses.replace(manifest, reference={"bfloat16": {"puzzles": 3, "rows": [{"mode": "<script>"}]}})
+    rows, notes = trained_rows(broken)
+    assert rows == [] and "malformed" in notes[0]

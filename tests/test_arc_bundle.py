@@ -1,0 +1,102 @@
+"""An ARC-shaped official checkpoint (random weights, small table) through export (keeping the table rows of the
+tasks asked) and `run --input challenges.json`: a valid submission, scored with --solutions, and clear errors for
+what cannot be answered."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+from arc_cases import random_task, write_arc_folder
+from click.testing import CliRunner
+from official_format import VARIANTS, write_official_checkpoint
+
+from trm_export.cli import main as cli
+from trm_export.runtime.arc import bundle_views, solve_arc
+from trm_export.runtime.manifest import read_manifest
+from trm_export.runtime.solver import Solver
+from trm_export.tasks.arc import read_challenges
+
+
+@pytest.fixture(scope="module")
+def arc(tmp_path_factory):
+    root = tmp_path_factory.mktemp("arc")
+    rng = np.random.default_rng(7)
+    tasks = {f"task{i}": random_task(rng, n_test=1 + i % 2) for i in range(4)}
+    identifiers = write_arc_folder(root / "data", tasks, augmentations=3)
+    del tasks["task3"]  # trained on, not asked: --keep-puzzles challenges.json drops its rows
+    variant = dataclasses.replace(VARIANTS["trm-att-rope"], name="arc-shaped", vocab_size=12, seq_len=900,
+                                  num_puzzle_identifiers=len(identifiers), halt_max_steps=2, gain=0.5)
+    write_official_checkpoint(root / "ck", variant)
+    challenges = {t: {"train": v["train"], "test": [{"input": p["input"]} for p in v["test"]]}
+                  for t, v in tasks.items()}
+    (root / "challenges.json").write_text(json.dumps(challenges))
+    (root / "solutions.json").write_text(json.dumps({t: [p["output"] for p in v["test"]] for t, v in tasks.items()}))
+    result = CliRunner().invoke(cli, [str(root / "ck"), "--target", "cpu", "--data", str(root / "data"),
+                                      "--keep-puzzles", str(root / "challenges.json"), "--threads", "1",
+                                      "--parity-puzzles", "2", "--no-report", "-o", str(root / "bundle")])
+    assert result.exit_code == 0, result.output
+    assert "puzzle table: 13 of 17 rows kept" in result.output
+    return root
+
+
+def test_the_bundle_carries_the_puzzle_names_and_only_the_kept_rows(arc):
+    manifest = read_manifest(arc / "bundle")
+    assert manifest.task.name == "arc" and manifest.task.identifiers == "tables/identifiers.json"
+    index = bundle_views(arc / "bundle", manifest)
+    assert sorted(index) == ["task0", "task1", "task2"] and all(len(v) == 4 for v in index.values())
+    rows = np.load(arc / "bundle" / manifest.embedding.puzzle_rows)
+    assert rows.tolist() == [0] + [i for v in index.values() for i, _ in v]  # blank + the asked tasks' views
+    table = np.load(arc / "bundle" / manifest.embedding.puzzle_table)
+    full = torch_table(arc / "ck")
+    assert np.array_equal(table, full[rows])  # the kept rows, under their original identifiers
+    assert CliRunner().invoke(cli, ["verify", str(arc / "bundle")]).exit_code == 0  # goldens through the remap
+
+
+def torch_table(ckpt) -> np.ndarray:
+    from trm_export.export.checkpoint import load_checkpoint
+
+    return load_checkpoint(ckpt).model.puzzle_emb.weights.detach().numpy()
+
+
+def test_run_writes_a_submission_and_scores_it(arc, tmp_path):
+    out = tmp_path / "submission.json"
+    result = CliRunner().invoke(cli, ["run", str(arc / "bundle"), "--input", str(arc / "challenges.json"), "-o",
+                                      str(out), "--solutions", str(arc / "solutions.json"), "--mode", "fixed"])
+    assert result.exit_code == 0, result.output
+    assert "3 task(s), 4 test input(s), 16 views solved (mean 2.00 steps), voted; pass@1" in result.output
+    submission = json.loads(out.read_text())
+    challenges = json.loads((arc / "challenges.json").read_text())
+    assert sorted(submission) == sorted(challenges)
+    for task_id, entries in submission.items():
+        assert len(entries) == len(challenges[task_id]["test"])
+        for entry in entries:
+            assert sorted(entry) == ["attempt_1", "attempt_2"]
+            for grid in entry.values():  # lists of rows of colours (an empty answer is an empty list)
+                assert isinstance(grid, list) and all(all(0 <= c <= 9 for c in row) for row in grid)
+    # The same through the Python API: the vote of every view, each view solved by the runtime.
+    solver = Solver(arc / "bundle", threads=1)
+    api = solve_arc(solver, read_challenges(arc / "challenges.json"), bundle_views(solver.bundle, solver.manifest),
+                    mode="fixed")
+    assert api.submission() == submission
+
+
+def test_what_cannot_be_answered_is_one_clear_line(arc, tmp_path):
+    runner = CliRunner()
+    (tmp_path / "unknown.json").write_text(json.dumps({"other": {"train": [], "test": [{"input": [[1]]}]},
+                                                       "task3": {"train": [], "test": [{"input": [[1]]}]}}))
+    result = runner.invoke(cli, ["run", str(arc / "bundle"), "--input", str(tmp_path / "unknown.json")])
+    assert result.exit_code != 0 and "2 task(s) have no puzzle identifier in this bundle: other, task3" in \
+        result.output  # task3: trained on, its rows not kept
+    result = runner.invoke(cli, ["run", str(arc / "bundle"), "--data", str(arc / "data")])  # task3's test inputs
+    assert result.exit_code != 0 and "is not in this bundle's puzzle table: it keeps 13 of 17 rows" in result.output
+    (tmp_path / "bad.json").write_text(json.dumps({"task0": {"test": [{"input": [[1, 2], [3]]}]}}))
+    result = runner.invoke(cli, ["run", str(arc / "bundle"), "--input", str(tmp_path / "bad.json")])
+    assert result.exit_code != 0 and "test[0].input: rows of different lengths" in result.output
+    result = runner.invoke(cli, ["run", str(arc / "bundle"), "--input", str(arc / "challenges.json"),
+                                 "--solutions", str(tmp_path / "bad.json")])
+    assert result.exit_code != 0 and "solution grid" in result.output
+    for r in (result,):
+        assert len(r.output.strip().splitlines()) == 1
