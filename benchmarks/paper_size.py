@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import signal
 import subprocess
@@ -45,6 +44,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from trm_export.report.measure import cpu_model
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -74,16 +75,6 @@ class StageResult:
     command: str = ""
     log: str = ""
     tail: list[str] = field(default_factory=list)
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def cli() -> str:

@@ -117,16 +117,22 @@ class ReportData:
         return asdict(self)
 
 
-def host_description() -> str:
-    """Where a figure was measured: machine, system, CPU model (Linux tells it in /proc/cpuinfo), cores."""
-    cpu = platform.processor()
+def cpu_model() -> str:
+    """The CPU's model name (Linux tells it in /proc/cpuinfo), else what the platform module says."""
+    cpu = platform.processor() or platform.machine()
     try:
         cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                     if line.startswith(("model name", "Model"))), cpu)
     except OSError:
         pass
+    return cpu
+
+
+def host_description() -> str:
+    """Where a figure was measured: machine, system, CPU model, cores."""
     cores = os.cpu_count()
-    return ", ".join(x for x in (platform.machine(), platform.system(), cpu, f"{cores} cores" if cores else "") if x)
+    return ", ".join(x for x in (platform.machine(), platform.system(), cpu_model(), f"{cores} cores" if cores else "")
+                     if x)
 
 
 def rounding_notes(manifest: Manifest) -> list[str]:

@@ -29,10 +29,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import subprocess
 import sys
 from pathlib import Path
+
+from trm_export.report.measure import cpu_model
 
 ROOT = Path(__file__).resolve().parents[1]
 TRM_COMMIT = "e7b68717f0a6c4cbb4ce6fbef787b14f42083bd9"  # SamsungSAILMontreal/TinyRecursiveModels
@@ -50,16 +51,6 @@ def _official_commit(source: Path, expected: str) -> str:
         return out.stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return expected
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _bits(t):
@@ -181,7 +172,7 @@ def main() -> None:
         "hrm_commit": _official_commit(args.hrm, HRM_COMMIT),
         "hrm_attention": "flash_attn_func replaced by torch SDPA on the same layout (flash-attn needs CUDA)",
         "torch": torch.__version__,
-        "cpu": _cpu_name(),
+        "cpu": cpu_model(),
         # The kernels that rounded: the tests demand bit-exact loops only where these (and the blocks) match.
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "variants": {name: {k: v for k, v in vars(variant).items() if k != "extra"}
