@@ -32,7 +32,6 @@ the export.
 from __future__ import annotations
 
 import copy
-import time
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -40,6 +39,7 @@ import torch
 
 from trm_export.export.model import RecursiveModel
 from trm_export.export.reference import run_reference
+from trm_export.report.latency import budget_chunks
 from trm_export.runtime.solver import Solver
 from trm_export.tasks.metrics import per_puzzle_correct
 from trm_export.tasks.official import IGNORE_LABEL
@@ -180,8 +180,10 @@ def check_parity(model: RecursiveModel, solver: Solver, tokens: np.ndarray, puzz
                  progress: bool = False, time_budget: float | None = None) -> ParityReport:
     """Compare `solver` (any backend) with `model` on the given puzzles, chunk by chunk to bound memory.
 
-    With `time_budget` (seconds), chunks are checked in order until the next one would exceed the budget (at least
-    one): the report then covers the first `report.puzzles` puzzles and says of how many (`report.offered`)."""
+    With `time_budget` (seconds), the puzzles are checked in order while it lasts, in chunks sized to it
+    (report.latency.budget_chunks: the first is one puzzle, so a paper-size model, where a chunk of 64 takes an hour
+    on a CPU, stays within it too): the report then covers the first `report.puzzles` puzzles and says of how many
+    (`report.offered`)."""
     steps = int(steps or model.config.halt_max_steps)
     n = len(tokens)
     zeros = [0.0] * steps
@@ -194,18 +196,14 @@ def check_parity(model: RecursiveModel, solver: Solver, tokens: np.ndarray, puzz
     bundle_preds = np.zeros((n, model.config.seq_len), np.int64)
     ref_preds = np.zeros((n, model.config.seq_len), np.int64)
     exact = _ExactStep(model)
-    starts = range(0, n, chunk)
+    starts = budget_chunks(n, chunk, time_budget)
     if progress:
         from tqdm import tqdm
 
-        starts = tqdm(starts, desc="parity vs PyTorch", unit="batch")
-    began, checked = time.perf_counter(), 0
-    for start in starts:
-        if time_budget is not None and start:  # the next chunk would take about as long as the mean one so far
-            elapsed = time.perf_counter() - began
-            if elapsed * (start + chunk) / start > time_budget:
-                break
-        sl = slice(start, min(start + chunk, n))
+        starts = tqdm(starts, desc="parity vs PyTorch", unit="chunk")
+    checked = 0
+    for sl in starts:
+        start = sl.start
         checked = sl.stop
         ref = run_reference(model, tokens[sl], puzzle_ids[sl], mode="adaptive", max_steps=steps, record_states=True)
         _step_graph_errors(report, solver, ref, tokens[sl], puzzle_ids[sl], exact, first=start)

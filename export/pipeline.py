@@ -29,6 +29,7 @@ from trm_export.export.parity import ROUNDING_SENSITIVE_THRESHOLD, ParityReport,
 from trm_export.export.puzzle_rows import select_rows
 from trm_export.export.reference import run_reference
 from trm_export.export.staging import StagedBundle
+from trm_export.report.latency import budget_chunks
 from trm_export.runtime.manifest import (
     FORMAT_VERSION,
     EmbeddingSpec,
@@ -65,6 +66,9 @@ class ExportOptions:
     parity_puzzles: int | None = None  # None: as many as fit parity_seconds; an int: the first N ("all": len)
     parity_seconds: float = 45.0  # the default parity sample's time budget (whole chunks of batch_size, at least one)
     golden_puzzles: int = 8
+    # Time budget of choosing them among rounding-stable candidates (three reference loops each, one in float64):
+    # candidates are checked while it lasts (at least one), and at most that many puzzles become golden.
+    golden_seconds: float = 60.0
     puzzle_table_dtype: str = "float32"  # or "float16": halves a large (ARC) puzzle table
     # identifiers.json of the official dataset folder (the names of the puzzle table's rows), copied into the
     # bundle: ARC's runtime finds a task's views there. Its length must be the table's row count.
@@ -198,7 +202,7 @@ def export_bundle(checkpoint: str | Path | LoadedCheckpoint, out: str | Path, op
             say(f"puzzle table: {len(keep):,} of {cfg.num_puzzle_identifiers:,} rows kept ({options.keep_puzzles}), "
                 f"{row_bytes * cfg.num_puzzle_identifiers / 1e6:,.1f} MB -> {row_bytes * len(keep) / 1e6:,.1f} MB")
         embedding = _write_tables(stage, model, options.puzzle_table_dtype, keep)
-        golden = _write_golden(stage, model, puzzles, options.golden_puzzles)
+        golden = _write_golden(stage, model, puzzles, options.golden_puzzles, options.golden_seconds)
         identifiers = None if names is None else _write_identifiers(stage, names, keep)
         arc = names is not None and (cfg.vocab_size, cfg.seq_len) == (ARC_VOCAB, ARC_SEQ_LEN)
         task = TaskEncoding(name="arc" if arc else puzzles.task_name, vocab_size=cfg.vocab_size, seq_len=cfg.seq_len,
@@ -353,7 +357,8 @@ def _write_identifiers(stage: StagedBundle, names: list[str], keep: np.ndarray |
     return stage.write_bytes("tables/identifiers.json", json.dumps(names).encode())
 
 
-def _write_golden(stage: StagedBundle, model, puzzles: Puzzles, count: int) -> dict[str, Any]:
+def _write_golden(stage: StagedBundle, model, puzzles: Puzzles, count: int, seconds: float | None = None
+                  ) -> dict[str, Any]:
     """Golden vectors: the reference's loop on `count` puzzles, for the bundle's self-check on a device.
 
     They are taken among the rounding-stable puzzles (parity.rounding_sensitive) of the first 4 x count: a puzzle
@@ -361,9 +366,10 @@ def _write_golden(stage: StagedBundle, model, puzzles: Puzzles, count: int) -> d
     may leave fewer stable puzzles than asked for; the rest are filled in order, and the self-check's
     predictions and q-sign bars are then the stable fraction."""
     candidates = min(4 * count, len(puzzles.tokens))
-    sensitive = rounding_sensitive(model, puzzles.tokens[:candidates], puzzles.puzzle_ids[:candidates])
+    sensitive = np.concatenate([rounding_sensitive(model, puzzles.tokens[part], puzzles.puzzle_ids[part])
+                                for part in budget_chunks(candidates, count, seconds)])
     order = np.concatenate([np.flatnonzero(~sensitive), np.flatnonzero(sensitive)])
-    chosen = np.sort(order[: min(count, candidates)])
+    chosen = np.sort(order[: min(count, len(sensitive))])
     n, stable = len(chosen), int(np.sum(~sensitive[chosen]))
     tokens, ids = puzzles.tokens[chosen], puzzles.puzzle_ids[chosen]
     trace = run_reference(model, tokens, ids, mode="adaptive")

@@ -59,17 +59,18 @@ def test_best_is_the_fastest_within_the_budget():
     assert choose_variant("best", comparisons, 0.5, MS)[0] == "fp32"
 
 
-def test_parity_sample_is_bounded_by_time_and_says_so(tmp_path):
+def test_parity_and_golden_samples_are_bounded_by_time_and_say_so(tmp_path):
     write_official_checkpoint(tmp_path / "ck", SUDOKU_SHAPED)
     p = get_task("sudoku").split("calibration", size=16)
     puzzles = Puzzles(p.inputs, p.puzzle_ids, p.labels, "calibration", "sudoku")
     _, manifest, report = export_bundle(tmp_path / "ck", tmp_path / "b", ExportOptions(
-        progress=False, batch_size=8, parity_seconds=1e-6), puzzles=puzzles)
-    assert (report.puzzles, report.offered) == (8, 16)  # one chunk: always at least one
-    assert "the first 8 of 16 puzzles" in manifest.parity["fp32"]["sample"]
-    assert "(the first 8 of 16, by time budget)" in report.summary()
+        progress=False, batch_size=8, parity_seconds=1e-6, golden_seconds=1e-9), puzzles=puzzles)
+    assert manifest.golden["count"] == 1  # the first candidate checked, then the budget was spent
+    assert (report.puzzles, report.offered) == (1, 16)  # the first chunk, one puzzle: always at least one
+    assert "the first 1 of 16 puzzles" in manifest.parity["fp32"]["sample"]
+    assert "(the first 1 of 16, by time budget)" in report.summary()
     report.offered = None  # what a check of every puzzle reports
-    assert parity_sample_note(report, None) == "every offered puzzle (8) checked"
+    assert parity_sample_note(report, None) == "every offered puzzle (1) checked"
 
 
 @pytest.mark.slow  # 30 s: every method, mixed precision and fp16; test_targets checks the choice on one method
