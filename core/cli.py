@@ -197,7 +197,7 @@ def evaluate(model: Path | None, split: str, limit: int | None, steps: str, adap
 @click.option("--parity-puzzles", default=None, metavar="N|all",
               help="Check parity on the first N puzzles, or all (default: as many as fit --parity-seconds).")
 @click.option("--parity-seconds", type=click.FloatRange(1, None), default=45.0, show_default=True,
-              help="Time budget of the default parity sample (whole batches, at least one).")
+              help="Time budget of the default parity sample (chunks sized to it, at least one puzzle).")
 @click.option("--strict", is_flag=True,
               help="Refuse the export (nothing written) when more than --strict-threshold of the checked puzzles are "
                    "rounding-sensitive: float32 itself cannot reproduce the model's answers there (another rounding "
