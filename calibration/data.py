@@ -24,7 +24,7 @@ from trm_export.errors import InputError, TrmExportError
 from trm_export.runtime.io import task_for_encoding
 from trm_export.runtime.manifest import Manifest, TaskEncoding, read_manifest
 from trm_export.runtime.validate import validate_puzzles
-from trm_export.tasks.official import DatasetFolder
+from trm_export.tasks.official import folder_sample
 
 
 class CalibrationError(TrmExportError):
@@ -77,14 +77,10 @@ def task_split(manifest: Manifest, split: str, size: int | None = None) -> Puzzl
                      f"{task.spec.name} {split} split ({len(data)} puzzles)")
 
 
-def folder_split(folder: str | Path | DatasetFolder, role: str, task: TaskEncoding,
-                 size: int | None = None) -> PuzzleSet:
+def folder_split(folder: str | Path, role: str, task: TaskEncoding, size: int | None = None) -> PuzzleSet:
     """`size` puzzles of an official dataset folder (`--data`): role "calibration" from train/, "heldout" from
     test/, spread evenly over the split, with labels. Errors name the file that does not fit `task`."""
-    if not isinstance(folder, DatasetFolder):
-        folder = DatasetFolder.open(folder)
-    folder.check_model(task.seq_len, task.vocab_size, task.num_puzzle_identifiers)
-    data, source = folder.sample(role, size, task.num_puzzle_identifiers)
+    data, source = folder_sample(folder, role, task.seq_len, task.vocab_size, task.num_puzzle_identifiers, size)
     return PuzzleSet(data.inputs.astype(np.int64), data.puzzle_ids.astype(np.int64), data.labels.astype(np.int64),
                      source)
 

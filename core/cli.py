@@ -168,10 +168,10 @@ def evaluate(model: Path | None, split: str, limit: int | None, steps: str, adap
     ck = _load(model, dataset_json, **overrides)
     cfg = ck.config
     if data is not None:
-        from trm_export.tasks.official import HELDOUT_PUZZLES, DatasetFolder
+        from trm_export.tasks.official import HELDOUT_PUZZLES, folder_sample
 
-        folder = DatasetFolder.open(data).check_model(cfg.seq_len, cfg.vocab_size, cfg.num_puzzle_identifiers)
-        puzzles, source = folder.sample(split, limit or HELDOUT_PUZZLES, cfg.num_puzzle_identifiers)
+        puzzles, source = folder_sample(data, split, cfg.seq_len, cfg.vocab_size, cfg.num_puzzle_identifiers,
+                                        limit or HELDOUT_PUZZLES)
     else:
         task = task_for_config(cfg)
         puzzles = task.split(split, size=limit)
@@ -381,11 +381,10 @@ def run(bundle: Path, input_path: Path | None, data: Path | None, limit: int | N
         return
     labels, ids = None, None
     if data is not None:
-        from trm_export.tasks import DatasetFolder
+        from trm_export.tasks.official import folder_sample
 
         enc = solver.task
-        folder = DatasetFolder.open(data).check_model(enc.seq_len, enc.vocab_size, enc.num_puzzle_identifiers)
-        puzzles, _ = folder.sample("heldout", limit, enc.num_puzzle_identifiers)
+        puzzles, _ = folder_sample(data, "heldout", enc.seq_len, enc.vocab_size, enc.num_puzzle_identifiers, limit)
         tokens, labels, ids = puzzles.inputs, puzzles.labels, puzzles.puzzle_ids
     else:
         tokens = read_puzzles(input_path, solver.task)

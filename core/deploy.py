@@ -162,10 +162,12 @@ def _from_folder(checkpoint: LoadedCheckpoint, options: DeployOptions, puzzles: 
     if precision != "fp32" and calib is None:
         calib = folder_split(folder, "calibration", _encoding(checkpoint), options.calib_puzzles or CALIBRATION_PUZZLES)
     if options.export.keep_puzzles is not None:  # a bundle of a few rows can run only the puzzles of those rows
+        from trm_export.export.puzzle_rows import only_kept
+
         keep = _kept_identifiers(checkpoint, options)
-        heldout = _only_kept(heldout, keep, "held-out")
+        heldout = only_kept(heldout, keep, "held-out")
         if isinstance(calib, PuzzleSet):
-            calib = _only_kept(calib, keep, "calibration")
+            calib = only_kept(calib, keep, "calibration")
     return options, puzzles or tested, calib, heldout
 
 
@@ -175,20 +177,6 @@ def _kept_identifiers(checkpoint: LoadedCheckpoint, options: DeployOptions):
 
     names = read_identifiers(options.export.identifiers) if options.export.identifiers else None
     return select_rows(options.export.keep_puzzles, checkpoint.config.num_puzzle_identifiers, names)
-
-
-def _only_kept(puzzles, keep, what: str):
-    import numpy as np
-
-    inside = np.isin(puzzles.puzzle_ids, keep)
-    if not inside.any():
-        raise TrmExportError(f"none of the {what} puzzles ({puzzles.source}) has an identifier that --keep-puzzles "
-                             "keeps: keep the tasks the folder's puzzles belong to")
-    if inside.all():
-        return puzzles
-    return dataclasses.replace(puzzles, tokens=puzzles.tokens[inside], puzzle_ids=puzzles.puzzle_ids[inside],
-                               labels=None if puzzles.labels is None else puzzles.labels[inside],
-                               source=f"{puzzles.source}; the {int(inside.sum())} with kept identifiers")
 
 
 def _encoding(checkpoint: LoadedCheckpoint) -> TaskEncoding:

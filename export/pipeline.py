@@ -26,7 +26,7 @@ from trm_export.export.accuracy import trained_dtype_accuracy
 from trm_export.export.checkpoint import LoadedCheckpoint, load_checkpoint
 from trm_export.export.onnx_graph import check_graph, export_step_graph
 from trm_export.export.parity import ROUNDING_SENSITIVE_THRESHOLD, ParityReport, check_parity, rounding_sensitive
-from trm_export.export.puzzle_rows import select_rows
+from trm_export.export.puzzle_rows import only_kept, select_rows
 from trm_export.export.reference import run_reference
 from trm_export.export.staging import StagedBundle
 from trm_export.report.latency import budget_chunks
@@ -143,10 +143,10 @@ def puzzles_from_folder(folder: str | Path, config, size: int | None = HELDOUT_P
     Where the folder's encoding is a shipped task's (Sudoku, maze), the bundle keeps that task's name and text
     format; any other task (ARC) is a custom one, its accuracy measured against the folder's labels."""
     from trm_export.export.accuracy import task_for_config
-    from trm_export.tasks.official import DatasetFolder
+    from trm_export.tasks.official import folder_sample
 
-    source = DatasetFolder.open(folder).check_model(config.seq_len, config.vocab_size, config.num_puzzle_identifiers)
-    data, described = source.sample("heldout", size, config.num_puzzle_identifiers)
+    data, described = folder_sample(folder, "heldout", config.seq_len, config.vocab_size,
+                                    config.num_puzzle_identifiers, size)
     try:
         spec = task_for_config(config).spec
     except ValueError:
@@ -197,7 +197,7 @@ def export_bundle(checkpoint: str | Path | LoadedCheckpoint, out: str | Path, op
         keep = None
         if options.keep_puzzles is not None and cfg.puzzle_emb_ndim > 0:
             keep = select_rows(options.keep_puzzles, cfg.num_puzzle_identifiers, names)
-            puzzles = _kept_puzzles(puzzles, keep, options.keep_puzzles)
+            puzzles = only_kept(puzzles, keep, "parity")
             row_bytes = cfg.puzzle_emb_ndim * np.dtype(options.puzzle_table_dtype).itemsize
             say(f"puzzle table: {len(keep):,} of {cfg.num_puzzle_identifiers:,} rows kept ({options.keep_puzzles}), "
                 f"{row_bytes * cfg.num_puzzle_identifiers / 1e6:,.1f} MB -> {row_bytes * len(keep) / 1e6:,.1f} MB")
@@ -321,21 +321,6 @@ def _write_tables(stage: StagedBundle, model, puzzle_dtype: str, keep: np.ndarra
                          position_scale=0.707106781, puzzle_table=puzzle_table, puzzle_emb_ndim=cfg.puzzle_emb_ndim,
                          hidden_size=cfg.hidden_size, H_init=stage.write_array("tables/H_init.npy", sd["H_init"]),
                          L_init=stage.write_array("tables/L_init.npy", sd["L_init"]), puzzle_rows=puzzle_rows)
-
-
-def _kept_puzzles(puzzles: Puzzles, keep: np.ndarray, spec: Path) -> Puzzles:
-    """The parity / golden puzzles whose identifiers the bundle keeps (the others cannot run on it)."""
-    inside = np.isin(puzzles.puzzle_ids, keep)
-    if inside.all():
-        return puzzles
-    if not inside.any():
-        raise TrmExportError(f"none of the {len(puzzles.tokens)} parity puzzles ({puzzles.source}) has an identifier "
-                             f"that --keep-puzzles {spec} keeps: give puzzles of the kept tasks (--data DIR or "
-                             "--puzzles FILE)")
-    return Puzzles(puzzles.tokens[inside], puzzles.puzzle_ids[inside],
-                   None if puzzles.labels is None else puzzles.labels[inside],
-                   f"{puzzles.source}; the {int(inside.sum())} with kept identifiers", puzzles.task_name,
-                   puzzles.grid_side)
 
 
 def _read_identifiers(path: Path, cfg) -> list[str]:

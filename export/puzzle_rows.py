@@ -16,13 +16,17 @@ Identifier 0 (the blank puzzle) is always kept.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
 from trm_export.errors import InputError
 
 MAX_LIST_BYTES = 256 << 20
+
+P = TypeVar("P")  # a puzzle dataclass with tokens, puzzle_ids, labels and source (export's Puzzles, a PuzzleSet)
 
 
 def select_rows(spec: str | Path, num_identifiers: int, names: list[str] | None) -> np.ndarray:
@@ -101,3 +105,16 @@ def _listed_ids(path: Path, names: list[str] | None) -> list[int]:
     if not ids:
         raise InputError(f"{path}: no identifiers listed")
     return ids
+
+
+def only_kept(puzzles: P, keep: np.ndarray, what: str) -> P:
+    """Those of `puzzles` whose identifiers the bundle keeps: the others cannot run on it. None kept: refused."""
+    inside = np.isin(puzzles.puzzle_ids, keep)
+    if inside.all():
+        return puzzles
+    if not inside.any():
+        raise InputError(f"none of the {len(puzzles.tokens)} {what} puzzles ({puzzles.source}) has an identifier that "
+                         "--keep-puzzles keeps: give puzzles of the kept tasks, or keep the tasks of these puzzles")
+    return dataclasses.replace(puzzles, tokens=puzzles.tokens[inside], puzzle_ids=puzzles.puzzle_ids[inside],
+                               labels=None if puzzles.labels is None else puzzles.labels[inside],
+                               source=f"{puzzles.source}; the {int(inside.sum())} with kept identifiers")

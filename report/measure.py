@@ -27,7 +27,7 @@ from trm_export.report.trajectory import Trajectory, puzzle_progress, run_trajec
 from trm_export.runtime.io import task_for_encoding
 from trm_export.runtime.manifest import Manifest, read_manifest
 from trm_export.runtime.solver import HaltingPolicy, Solver, parse_halting
-from trm_export.tasks import DatasetFolder, TaskData
+from trm_export.tasks import TaskData, folder_sample
 
 BUDGETS = (1, 2, 4, 8, 16)
 # Halting policies beside the Q head's (runtime.solver), each capped at the largest budget.
@@ -194,8 +194,7 @@ def _data_for(manifest: Manifest, count: int, folder: Path | None) -> tuple[Task
     """The labelled held-out puzzles: the dataset folder's test split, else the shipped task's held-out split."""
     enc = manifest.task
     if folder is not None:
-        source = DatasetFolder.open(folder).check_model(enc.seq_len, enc.vocab_size, enc.num_puzzle_identifiers)
-        return source.sample("heldout", count, enc.num_puzzle_identifiers)
+        return folder_sample(folder, "heldout", enc.seq_len, enc.vocab_size, enc.num_puzzle_identifiers, count)
     task = task_for_encoding(enc)
     if task is None:
         raise InputError("the report needs labelled puzzles and this bundle's task is not a shipped one: give the "

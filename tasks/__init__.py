@@ -15,7 +15,14 @@ from .base import SPLIT_NAMES, Task, TaskData, TaskSpec
 from .files import load_puzzles
 from .maze import MazeTask, format_maze, parse_maze, solve_maze, valid_maze_solutions
 from .metrics import exact_accuracy, per_puzzle_correct, token_accuracy
-from .official import IGNORE_LABEL, DatasetFolder, DatasetFolderError, read_official_dataset, write_official_dataset
+from .official import (
+    IGNORE_LABEL,
+    DatasetFolder,
+    DatasetFolderError,
+    folder_sample,
+    read_official_dataset,
+    write_official_dataset,
+)
 from .registry import TASK_NAMES, get_task
 from .sudoku import SudokuTask, count_solutions, format_sudoku, parse_sudoku, solve_sudoku, valid_sudoku_solutions
 
@@ -31,6 +38,7 @@ __all__ = [
     "TaskData",
     "TaskSpec",
     "count_solutions",
+    "folder_sample",
     "exact_accuracy",
     "format_maze",
     "format_sudoku",

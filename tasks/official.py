@@ -22,7 +22,8 @@ from trm_export.errors import InputError
 
 from .base import TaskData, TaskSpec
 
-__all__ = ["IGNORE_LABEL", "DatasetFolder", "DatasetFolderError", "read_official_dataset", "write_official_dataset"]
+__all__ = ["IGNORE_LABEL", "DatasetFolder", "DatasetFolderError", "folder_sample", "read_official_dataset",
+           "write_official_dataset"]
 
 _FIELDS = ("inputs", "labels", "puzzle_identifiers", "puzzle_indices", "group_indices")
 
@@ -224,3 +225,11 @@ class DatasetFolder:
                                      f"outside the model's table of {num_puzzle_identifiers} rows")
         what = "all" if take == n else f"{take} spread evenly over"
         return TaskData(x, y, ids), f"{self.path.name}/{split}: {what} {n} examples"
+
+
+def folder_sample(folder: str | os.PathLike[str], role: str, seq_len: int, vocab_size: int,
+                  num_puzzle_identifiers: int, size: int | None = None) -> tuple[TaskData, str]:
+    """`size` puzzles of a dataset folder's role ("heldout": test/, "calibration": train/), the folder first checked
+    against the model's encoding: what every command's `--data` reads (see DatasetFolder.sample)."""
+    return DatasetFolder.open(folder).check_model(seq_len, vocab_size, num_puzzle_identifiers).sample(
+        role, size, num_puzzle_identifiers)
