@@ -341,9 +341,10 @@ def add_variants(bundle: str | Path, out: str | Path, options: QuantizeOptions =
             chosen, record = _choose(options.choose, comparisons, budget, timings, n_eval, measure)
             new_manifest = dataclasses.replace(new_manifest, default_variant=chosen, choice=record)
             say(f"chosen: {chosen}" + (f" ({record['fallback']})" if "fallback" in record else ""))
-        build = write_build_recipes(stage.path, new_manifest)  # TensorRT targets: recipes for the new graphs too
-        if build:
-            build["engines"] = dict(manifest.build.get("engines", {}))
+        # TensorRT targets: recipes for the new graphs too, engines kept; a browser bundle keeps its page entry
+        build = {**manifest.build, **write_build_recipes(stage.path, new_manifest)}
+        if "engines" in manifest.build:
+            build["engines"] = dict(manifest.build["engines"])
         new_manifest = dataclasses.replace(new_manifest, build=build, files=stage.checksums())
         stage.write_manifest(new_manifest)
         parity = dict(manifest.parity)

@@ -7,6 +7,7 @@ where only the runtime is installed.
 from __future__ import annotations
 
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -101,12 +102,14 @@ def _one_line(text: str) -> str:
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="trm-export")
 def main() -> None:
-    """Deploy tiny recursive reasoning models (TRM, HRM) to a Jetson, a desktop GPU or a CPU.
+    """Deploy tiny recursive reasoning models (TRM, HRM) to a Jetson, a desktop GPU, a CPU or a browser.
 
     \b
     trm-export MODEL --target jetson -o b/       export MODEL to a verified bundle at the target's precision
     trm-export verify b/                         the bundle checks itself against its golden vectors
     trm-export run b/ --input puzzles.txt        solve puzzles with the runtime
+    trm-export MODEL --target browser -o w/      a bundle with a web page (web/index.html)
+    trm-export serve w/                          serve that page locally
 
     MODEL is a checkpoint as the official training saves it (`step_N`, `checkpoint` or `*.pt`, or the folder
     holding it with all_config.yaml); without MODEL the bundled Sudoku reference model is used.
@@ -187,7 +190,8 @@ def evaluate(model: Path | None, split: str, limit: int | None, steps: str, adap
 @main.command()
 @click.argument("model", required=False, type=click.Path(path_type=Path))
 @click.option("--target", "-t", default="cpu", show_default=True,
-              help="Deployment target (see `trm-export targets`); `jetson` is the AGX Orin on JetPack 6.")
+              help="Deployment target (see `trm-export targets`); `jetson` is the AGX Orin on JetPack 6, `browser` a "
+                   "web page (onnxruntime-web; `trm-export serve` serves it).")
 @click.option("--output", "-o", type=click.Path(path_type=Path), default=None,
               help="Bundle folder to write (default: <checkpoint name>-<target>.bundle).")
 @click.option("--force", is_flag=True, help="Replace an existing bundle at --output.")
@@ -273,8 +277,12 @@ def export(model: Path | None, target: str, output: Path | None, force: bool, pu
     path = result.path
     if (path / "report" / "REPORT.md").is_file():
         click.echo(f"report: {path / 'report' / 'REPORT.md'}")
-    runs_on = get_target(target).description
-    click.echo(f"copy {path} to the device ({runs_on}) and follow its README.md; there: trm-export verify "
+    chosen = get_target(target)
+    if chosen.runtime == "onnxruntime-web":
+        click.echo(f"the page: trm-export serve {shlex.quote(str(path))}  (then open the URL it prints); or copy "
+                   f"{path} to any web server, see its README.md")
+        return
+    click.echo(f"copy {path} to the device ({chosen.description}) and follow its README.md; there: trm-export verify "
                f"{path.name}   |   trm-export run {path.name} --input puzzles.txt")
 
 
@@ -561,6 +569,28 @@ def check(bundle: Path) -> None:
         sys.exit(1)
 
 
+@main.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on. The page checks the bundle's checksums, which browsers allow only on "
+                   "localhost or https.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="0: any free port.")
+@click.option("--quiet", is_flag=True, help="Do not log requests.")
+def serve(bundle: Path, host: str, port: int, quiet: bool) -> None:
+    """Serve a browser bundle's page (--target browser): open the printed URL. Serves only the manifest and the
+    files it lists, with the headers WebAssembly threads need; Ctrl-C stops it."""
+    from trm_export.web.serve import make_server, page_url
+
+    server = make_server(bundle, host, port, log=None if quiet else click.echo)
+    click.echo(f"serving {bundle} at {page_url(server)} (Ctrl-C stops)")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+
+
 def _sm_range(sm: tuple[str, ...]) -> str:
     return "-" if not sm else sm[0] if len(sm) == 1 else f"{sm[0]}+"
 
@@ -570,12 +600,12 @@ def targets() -> None:
     """List deployment targets with their TensorRT versions and limits."""
     from trm_export.targets.registry import TARGETS
 
-    click.echo(f"{'target':<22}{'runtime':<13}{'TensorRT':<12}{'opset':<7}{'IR':<4}{'SM':<10}{'DLA':<5}"
+    click.echo(f"{'target':<22}{'runtime':<17}{'TensorRT':<12}{'opset':<7}{'IR':<4}{'SM':<10}{'DLA':<5}"
                f"{'precision':<10}{'batch min/opt/max':<19}aliases")
     for t in TARGETS:
         trt = "-" if t.tensorrt is None else (t.tensorrt[0] if t.tensorrt[0] == t.tensorrt[1] else
                                                f"{t.tensorrt[0]}+")
-        click.echo(f"{t.name:<22}{t.runtime:<13}{trt:<12}{t.max_opset:<7}{t.max_ir_version:<4}"
+        click.echo(f"{t.name:<22}{t.runtime:<17}{trt:<12}{t.max_opset:<7}{t.max_ir_version:<4}"
                    f"{_sm_range(t.sm):<10}{t.dla_cores:<5}{t.default_precision:<10}"
                    f"{f'{t.batch.min}/{t.batch.opt}/{t.batch.max}':<19}{', '.join(t.aliases)}")
 

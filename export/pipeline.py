@@ -44,6 +44,7 @@ from trm_export.targets.engines import write_build_recipes
 from trm_export.targets.registry import Target, get_target
 from trm_export.tasks.arc import ARC_SEQ_LEN, ARC_VOCAB
 from trm_export.tasks.official import HELDOUT_PUZZLES
+from trm_export.web.bundle import find_ort_web, write_web_app
 
 # The TorchScript exporter's highest opset that every TensorRT-10 parser accepts; lower targets cap it further.
 EXPORTER_MAX_OPSET = 20
@@ -173,6 +174,8 @@ def export_bundle(checkpoint: str | Path | LoadedCheckpoint, out: str | Path, op
     target = get_target(options.target)
     if options.puzzle_table_dtype not in ("float32", "float16"):
         raise TrmExportError(f"puzzle_table_dtype must be float32 or float16, got {options.puzzle_table_dtype!r}")
+    if target.runtime == "onnxruntime-web":
+        find_ort_web()  # before any work: a missing npm install fails in a second, not after the parity check
     with StagedBundle(out, force=options.force) as stage:  # refuses an existing `out` before any work
         ck = checkpoint if isinstance(checkpoint, LoadedCheckpoint) else load_checkpoint(
             checkpoint, dataset_json=dataset_json, overrides=overrides)
@@ -226,7 +229,8 @@ def export_bundle(checkpoint: str | Path | LoadedCheckpoint, out: str | Path, op
                         "host": platform.machine()},
             golden=golden,
         )
-        manifest = _with_files(manifest, stage, build=write_build_recipes(stage.path, manifest))
+        build = {**write_build_recipes(stage.path, manifest), **write_web_app(stage.path, target.runtime)}
+        manifest = _with_files(manifest, stage, build=build)
         stage.write_manifest(manifest)
 
         limit = len(puzzles.tokens) if options.parity_puzzles is None else min(options.parity_puzzles,

@@ -473,6 +473,24 @@ def _check_and_run(manifest: Manifest, target: Target | None) -> list[str]:
     return lines + [""]
 
 
+def _browser(manifest: Manifest) -> list[str]:
+    web = manifest.build.get("web")
+    if not isinstance(web, dict) or "web/index.html" not in manifest.files:
+        return []
+    version = md_text(web.get("onnxruntime_web", ""))
+    return ["## Open it in a browser", "",
+            "`web/index.html` solves puzzles in the page: type or paste a puzzle, watch the answer after every step "
+            "with the model's halting confidence, or paste many and solve them in batches. Everything it loads is in "
+            f"this folder (onnxruntime-web {version}, WebAssembly); serve the folder and open the page:", "",
+            _commands([("trm-export serve .", "prints the URL; WebAssembly threads on (cross-origin isolated)"),
+                       ("python3 -m http.server --bind 127.0.0.1 --directory . 8000",
+                        "without trm-export: http://127.0.0.1:8000/web/index.html, one thread")]), "",
+            "The page checks every file it loads against `manifest.json`'s sha256 (browsers allow that on localhost "
+            "or https only) and runs the golden puzzles before it lets you solve anything. To put it on a web "
+            "server, copy the whole folder and send `Cross-Origin-Opener-Policy: same-origin` and "
+            "`Cross-Origin-Embedder-Policy: require-corp` for threads, and `.mjs` as JavaScript.", ""]
+
+
 def _python_example(manifest: Manifest, bundle_name: str) -> list[str]:
     puzzles, steps = ("puzzles.txt" if _has_text_format(manifest) else "puzzles.npy"), manifest.loop.halt_max_steps
     code = "\n".join([
@@ -498,6 +516,7 @@ _FOLDERS = {
     "build": "`build_engines.sh`: the exact trtexec commands for the target's TensorRT version",
     "engines": "TensorRT engines and their timing cache, once `trm-export build .` has run here",
     "report": "the accuracy-versus-latency report, once `trm-export report .` has run (not checksummed)",
+    "web": "the web page (`index.html`), its JavaScript runtime (`trm.mjs`) and onnxruntime-web (`ort/`)",
 }
 
 
@@ -527,6 +546,6 @@ def render_bundle_readme(manifest: Manifest, bundle_name: str) -> str:
     and how to install, build, check and run it on the device of the manifest's target."""
     target = _target(manifest)
     sections = [_heading(manifest, bundle_name, target), [""], _about(manifest, target), _accuracy(manifest),
-                _install(target), _build(manifest, target), _check_and_run(manifest, target),
+                _browser(manifest), _install(target), _build(manifest, target), _check_and_run(manifest, target),
                 _python_example(manifest, bundle_name), _files(manifest, target)]
     return "\n".join(line for section in sections for line in section).rstrip() + "\n"

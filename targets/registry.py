@@ -30,7 +30,7 @@ class BatchProfile:
 class Target:
     name: str
     description: str
-    runtime: str  # "onnxruntime" | "tensorrt"
+    runtime: str  # "onnxruntime" | "tensorrt" | "onnxruntime-web"
     max_opset: int
     max_ir_version: int
     default_precision: str  # "fp32" | "fp16" | "int8"
@@ -87,6 +87,11 @@ TARGETS: tuple[Target, ...] = (
            tensorrt=("11.0", "11.99"), max_opset=25, max_ir_version=11,
            sm=("7.5", "8.0", "8.6", "8.9", "9.0", "10.0", "12.0"), default_precision="fp16",
            batch=BatchProfile(1, 64, 512), aliases=("trt11",)),
+    # onnxruntime-web's WebAssembly build is ONNX Runtime's CPU kernels compiled to WebAssembly (web/bundle.py);
+    # it reads opsets and IR versions as far as the native build of its version does.
+    Target("browser", "A web page: ONNX Runtime Web (WebAssembly, SIMD and threads) in a current browser",
+           runtime="onnxruntime-web", max_opset=20, max_ir_version=10, default_precision="fp32",
+           batch=BatchProfile(1, 16, 64), aliases=("web", "wasm")),
 )
 
 
