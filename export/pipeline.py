@@ -22,7 +22,7 @@ import torch
 
 from trm_export import __version__
 from trm_export.errors import TrmExportError
-from trm_export.export.accuracy import trained_dtype_accuracy
+from trm_export.export.accuracy import TrainedDtypeSkipped, trained_dtype_accuracy
 from trm_export.export.checkpoint import LoadedCheckpoint, load_checkpoint
 from trm_export.export.onnx_graph import check_graph, export_step_graph
 from trm_export.export.parity import ROUNDING_SENSITIVE_THRESHOLD, ParityReport, check_parity, rounding_sensitive
@@ -263,12 +263,17 @@ def export_bundle(checkpoint: str | Path | LoadedCheckpoint, out: str | Path, op
         if options.trained_dtype_seconds and puzzles.labels is not None and cfg.forward_dtype == "bfloat16":
             say(f"accuracy as trained ({cfg.forward_dtype}, PyTorch as the official code computes), as many puzzles "
                 f"as fit {options.trained_dtype_seconds:g} s")
-            trained = trained_dtype_accuracy(model, puzzles.tokens, puzzles.puzzle_ids, puzzles.labels,
-                                             puzzles.source, seconds=options.trained_dtype_seconds)
-            reference = {cfg.forward_dtype: trained}
-            last = trained["rows"][-2]  # fixed, the trained step limit
-            say(f"  {cfg.forward_dtype}: {100 * last['exact_accuracy']:.1f}% exact at {last['budget']} fixed steps "
-                f"on {trained['puzzles']} puzzles")
+            try:
+                trained = trained_dtype_accuracy(model, puzzles.tokens, puzzles.puzzle_ids, puzzles.labels,
+                                                 puzzles.source, seconds=options.trained_dtype_seconds)
+            except TrainedDtypeSkipped as skipped:
+                say(f"  {cfg.forward_dtype}: not measured: {skipped}; `trm-export evaluate MODEL --compute-dtype "
+                    f"{cfg.forward_dtype} --limit N` measures it on N puzzles whatever the time")
+            else:
+                reference = {cfg.forward_dtype: trained}
+                last = trained["rows"][-2]  # fixed, the trained step limit
+                say(f"  {cfg.forward_dtype}: {100 * last['exact_accuracy']:.1f}% exact at {last['budget']} fixed "
+                    f"steps on {trained['puzzles']} puzzles")
         manifest = _with_files(manifest, stage, parity=parity, golden={**manifest.golden, "tolerances": tolerances},
                                reference=reference)
         path = stage.commit(manifest)

@@ -28,7 +28,13 @@ import numpy as np
 import pytest
 import torch
 
-from trm_export.export.accuracy import accuracy_by_budget_and_dtype, format_table, training_compute_dtypes
+from trm_export.export.accuracy import (
+    TrainedDtypeSkipped,
+    accuracy_by_budget_and_dtype,
+    format_table,
+    trained_dtype_accuracy,
+    training_compute_dtypes,
+)
 from trm_export.export.bfloat16 import Bfloat16Reference, block
 from trm_export.export.checkpoint import load_checkpoint
 from trm_export.export.model import RecursiveModel
@@ -198,3 +204,17 @@ def test_accuracy_table_shows_bfloat16_beside_float32():
     assert len(table) == 2 + 3 and table[3].startswith("| fixed | 8 | ")
     float32_only = format_table([r for r in rows if r.compute_dtype == "float32"])
     assert float32_only.startswith("| loop | steps | exact accuracy |")  # one dtype: the table as before
+
+
+def test_the_accuracy_as_trained_is_skipped_when_one_puzzle_would_overrun_its_budget():
+    """The export's bfloat16 accuracy is time-budgeted, and one puzzle is the least a budget gives: on a CPU that
+    emulates bfloat16 GEMMs one paper-size puzzle took 117 s against 20 s. One step is timed first; when a puzzle
+    would take over 3 budgets nothing runs and the reason is said (the export prints it with the command that
+    measures it anyway)."""
+    model, rec = _case("bf16-trm-mlpt-learned")
+    labels = np.zeros_like(rec["tokens"])
+    with pytest.raises(TrainedDtypeSkipped, match=r"one puzzle would take about \d+ s in bfloat16 on this CPU "
+                                                  r"\(one step timed\), over 3x the 1e-09 s budget"):
+        trained_dtype_accuracy(model, rec["tokens"], rec["puzzle_ids"], labels, "recorded", seconds=1e-9)
+    measured = trained_dtype_accuracy(model, rec["tokens"], rec["puzzle_ids"], labels, "recorded", seconds=60)
+    assert measured["puzzles"] == len(rec["tokens"])
