@@ -42,9 +42,8 @@ try {
     out = plain(await solver.solve(request.puzzles, request.ids || null, request.options || {}));
   } else if (command === "time") {
     const solver = await Solver.create(bundle, ort, { batchSize: 64 });
-    const golden = JSON.parse(new TextDecoder().decode(await reader("manifest.json"))).golden;
-    const { parseNpy } = await import("../app/trm.mjs");
-    const tokens = parseNpy(await bundle.read(`${golden.folder}/tokens.npy`)).data.subarray(0, bundle.manifest.task.seq_len);
+    const tokens = (await bundle.array(`${bundle.manifest.golden.folder}/tokens.npy`, null, "i")).data
+      .subarray(0, bundle.manifest.task.seq_len);
     out = { threads: ort.env.wasm.numThreads, times: [] };
     for (const b of option("--batches", "1").split(",").map(Number)) {
       out.times.push(await timeSteps(solver, Array.from(tokens), 0, b, Number(option("--seconds", "2"))));
