@@ -110,6 +110,7 @@ def main() -> None:
     trm-export run b/ --input puzzles.txt        solve puzzles with the runtime
     trm-export MODEL --target browser -o w/      a bundle with a web page (web/index.html)
     trm-export serve w/                          serve that page locally
+    trm-export triton b/ -o repo/                a Triton Inference Server model repository serving b/
 
     MODEL is a checkpoint as the official training saves it (`step_N`, `checkpoint` or `*.pt`, or the folder
     holding it with all_config.yaml); without MODEL the bundled Sudoku reference model is used.
@@ -589,6 +590,44 @@ def serve(bundle: Path, host: str, port: int, quiet: bool) -> None:
         pass
     finally:
         server.server_close()
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--output", "-o", type=click.Path(path_type=Path), required=True, help="The repository folder to write.")
+@click.option("--force", is_flag=True, help="Replace a repository written earlier at --output.")
+@click.option("--name", default="trm", show_default=True, help="The model's name in the repository.")
+@click.option("--variant", default=None, help="Graph to serve (default: the bundle's default variant).")
+@click.option("--mode", type=click.Choice(["adaptive", "fixed"]), default="adaptive", show_default=True)
+@click.option("--halting", default="q", show_default=True, help="Adaptive halting: q, stable:K or q+stable:K.")
+@click.option("--max-steps", type=click.IntRange(1, None), default=None,
+              help="Step limit (default: the trained halt_max_steps).")
+@click.option("--min-steps", type=click.IntRange(1, None), default=1, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1, None), default=64, show_default=True,
+              help="Slots of the loop's batch, shared by all requests.")
+@click.option("--max-puzzles", type=click.IntRange(1, None), default=256, show_default=True,
+              help="Most puzzles one request may carry.")
+@click.option("--threads", type=click.IntRange(1, None), default=None,
+              help="ONNX Runtime threads per instance (default: all cores).")
+@click.option("--backend", type=click.Choice(["auto", "onnxruntime", "tensorrt"]), default="auto",
+              show_default=True)
+@click.option("--instances", type=click.IntRange(1, None), default=1, show_default=True,
+              help="Model instances: processes, each with its own loop and batch.")
+@click.option("--kind", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True,
+              help="Where the instances run (gpu: the bundle's TensorRT engine, else ONNX Runtime CUDA).")
+def triton(bundle: Path, output: Path, force: bool, name: str, variant: str | None, mode: str, halting: str,
+           max_steps: int | None, min_steps: int, batch_size: int, max_puzzles: int, threads: int | None,
+           backend: str, instances: int, kind: str) -> None:
+    """Write a Triton Inference Server model repository that serves BUNDLE: one model whose loop batches the
+    puzzles of all requests together (continuous refill), over HTTP and gRPC. Its README says how to start it."""
+    from trm_export.triton.repository import TritonOptions, write_repository
+    from trm_export.triton.serving import LoopParameters
+
+    loop = LoopParameters(variant=variant, mode=mode, halting=halting, max_steps=max_steps, min_steps=min_steps,
+                          batch_size=batch_size, threads=threads, backend=backend, max_puzzles=max_puzzles)
+    out = write_repository(bundle, output, TritonOptions(name=name, loop=loop, instances=instances, kind=kind,
+                                                         force=force))
+    click.echo(f"Triton model repository written: {out} (model {name!r}); start it as {out / 'README.md'} says")
 
 
 def _sm_range(sm: tuple[str, ...]) -> str:

@@ -23,7 +23,8 @@ of the step graph is per sample), so its answer does not depend on what else is 
 
 Threads: a Solver may be shared. Its backend holds one batch of state, so `solve` calls on one Solver run one at
 a time (a lock; a second thread waits for the first to finish). For parallel throughput give each thread its own
-Solver: they share nothing.
+Solver: they share nothing. For many callers feeding one batch (a server), `runtime.stream.SolverStream` runs this
+loop on its own thread and takes every caller's puzzles into the same slots.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
@@ -53,6 +55,51 @@ def state_bytes(batch_size: int, state_shape: tuple[int, int], seq_len: int, voc
     """Host memory a backend allocates for `batch_size` slots: x, two states twice (ping-pong), logits."""
     s, d = state_shape
     return 4 * batch_size * (5 * s * d + seq_len * vocab + 2)
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    """How the loop runs every puzzle it is fed (`Solver.loop_settings` checks them)."""
+
+    mode: str
+    max_steps: int
+    min_steps: int
+    halting: HaltingPolicy
+
+
+class PuzzleFeed(Protocol):
+    """Where `Solver.run_loop` takes puzzles from and gives answers to. Keys are the feed's own int64 labels."""
+
+    def take(self, n: int, wait: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Up to n puzzles: tokens [k, seq_len], ids [k], keys [k]. With `wait` (nothing is running), block until
+        there is work; k == 0 then ends the loop."""
+
+    def finish(self, keys: np.ndarray, predictions: np.ndarray, steps: np.ndarray, q_halt: np.ndarray,
+               q_continue: np.ndarray) -> None:
+        """Halted puzzles' answers."""
+
+
+class _ArrayFeed:
+    """The puzzles of one `solve` call, in order; keys are their row numbers."""
+
+    def __init__(self, tokens: np.ndarray, ids: np.ndarray):
+        self.tokens, self.ids, self.next = tokens, ids, 0
+        n = len(tokens)
+        self.predictions = np.zeros((n, tokens.shape[1]), np.int64)
+        self.steps = np.zeros(n, np.int32)
+        self.q = np.zeros((2, n), np.float32)
+
+    def take(self, n: int, wait: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        keys = np.arange(self.next, min(self.next + n, len(self.tokens)))
+        self.next += len(keys)
+        return self.tokens[keys], self.ids[keys], keys
+
+    def finish(self, keys, predictions, steps, q_halt, q_continue) -> None:
+        self.predictions[keys], self.steps[keys] = predictions, steps
+        self.q[0, keys], self.q[1, keys] = q_halt, q_continue
+
+    def result(self) -> SolveResult:
+        return SolveResult(self.predictions, self.steps, self.q[0], self.q[1])
 
 
 def _memory_bytes() -> int | None:
@@ -209,6 +256,16 @@ class Solver:
         run, the one just taken included); it may read `self.backend.state(n)` and
         `self.backend.logits(...)`. For tracing and verification.
         """
+        settings = self.loop_settings(mode, max_steps, min_steps, halting)
+        tokens, ids = validate_puzzles(puzzles, puzzle_ids, self.task)
+        feed = _ArrayFeed(tokens, ids)
+        with self._lock:  # one batch of state in the backend: solves on one Solver take turns
+            self.run_loop(feed, settings, refill, on_step)
+        return feed.result()
+
+    def loop_settings(self, mode: str = "adaptive", max_steps: int | None = None, min_steps: int = 1,
+                      halting: str | HaltingPolicy = "q") -> LoopSettings:
+        """The checked loop settings of `solve` (InputError on a bad one)."""
         if mode not in MODES:
             raise InputError(f"mode must be one of {MODES}, got {mode!r}")
         policy = parse_halting(halting)
@@ -216,45 +273,43 @@ class Solver:
         for name, value in (("max_steps", limit), ("min_steps", min_steps)):
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
                 raise InputError(f"{name} must be an integer, got {value!r}")
-        limit = int(limit)
         if not 1 <= min_steps <= limit <= MAX_STEPS:
             raise InputError(f"need 1 <= min_steps ({min_steps}) <= max_steps ({limit}) <= {MAX_STEPS}")
-        tokens, ids = validate_puzzles(puzzles, puzzle_ids, self.task)
-        with self._lock:  # one batch of state in the backend: solves on one Solver take turns
-            return self._solve(tokens, ids, mode, limit, int(min_steps), refill, on_step, policy)
+        return LoopSettings(mode, int(limit), int(min_steps), policy)
 
-    def _solve(self, tokens: np.ndarray, ids: np.ndarray, mode: str, limit: int, min_steps: int, refill: bool,
-               on_step: Callable | None, policy: HaltingPolicy = HaltingPolicy()) -> SolveResult:
-        n_total, capacity = len(tokens), self.backend.capacity
+    def run_loop(self, feed: PuzzleFeed, settings: LoopSettings, refill: bool = True,
+                 on_step: Callable | None = None) -> None:
+        """The loop itself: puzzles from `feed.take`, answers to `feed.finish`, until `feed.take(..., wait=True)`
+        returns none. The caller holds the backend (`solve` holds the Solver's lock; `runtime.stream` owns its
+        Solver)."""
+        capacity = self.backend.capacity
         rule = self.manifest.loop.halting_rule
+        mode, limit, min_steps, policy = settings.mode, settings.max_steps, settings.min_steps, settings.halting
         use_q = mode == "adaptive" and policy.q
         stable = policy.stable if mode == "adaptive" else 0
         # stable:K, per slot: the answer after its last step, and how many steps in a row it has not changed
         # (moved along with the slot when slots are packed, reset when the slot takes a new puzzle).
         slot_answer = np.zeros((capacity if stable else 0, self.task.seq_len), np.int64)
         slot_unchanged = np.zeros(capacity, np.int32)
-
-        predictions = np.zeros((n_total, self.task.seq_len), np.int64)
-        steps_used = np.zeros(n_total, np.int32)
-        final_q = np.zeros((2, n_total), np.float32)
-        slot_puzzle = np.full(capacity, -1, np.int64)  # -1: free, or finished while waiting for its batch
+        slot_puzzle = np.full(capacity, -1, np.int64)  # the feed's key; -1: free, or finished, waiting for its batch
         slot_steps = np.zeros(capacity, np.int32)
-        queue = 0
 
-        def load(slots: np.ndarray) -> int:
-            nonlocal queue
-            take = min(len(slots), n_total - queue)
+        def load(slots: np.ndarray, wait: bool = False) -> int:
+            tokens, ids, keys = feed.take(len(slots), wait)
+            take = len(keys)
             if take:
-                idx = np.arange(queue, queue + take)
                 slots = slots[:take]
                 z_H, z_L = self.embedder.initial_state(take)
-                self.backend.load(slots, self.embedder(tokens[idx], ids[idx]), z_H, z_L)
-                slot_puzzle[slots], slot_steps[slots], slot_unchanged[slots] = idx, 0, 0
-                queue += take
+                self.backend.load(slots, self.embedder(tokens, ids), z_H, z_L)
+                slot_puzzle[slots], slot_steps[slots], slot_unchanged[slots] = keys, 0, 0
             return take
 
-        active = load(np.arange(capacity))
-        while active:
+        active = 0
+        while True:
+            if not active:  # the first batch, the next batch without refill, or new work for an idle stream
+                active = load(np.arange(capacity), wait=True)
+                if not active:
+                    return
             q_halt, q_cont = self.backend.step(active)
             if not (np.isfinite(q_halt).all() and np.isfinite(q_cont).all()):
                 raise BundleError(f"{self.bundle}: the {self.variant} step graph produced NaN or infinite Q values; "
@@ -280,17 +335,16 @@ class Solver:
                 halted |= live & (slot_steps[:active] >= min_steps) & says
             done = np.flatnonzero(halted)
             if len(done):
-                puzzles_done = slot_puzzle[done]
-                predictions[puzzles_done] = self.backend.logits(done).argmax(-1) if answers is None else answers[done]
-                steps_used[puzzles_done] = slot_steps[done]
-                final_q[0, puzzles_done], final_q[1, puzzles_done] = q_halt[done], q_cont[done]
+                feed.finish(slot_puzzle[done], self.backend.logits(done).argmax(-1) if answers is None else
+                            answers[done], slot_steps[done].copy(), q_halt[done], q_cont[done])
                 slot_puzzle[done] = -1
             if refill:
                 carried = (slot_answer, slot_unchanged) if stable else ()
                 active = self._refill(done, active, load, slot_puzzle, slot_steps, carried)
+                if active < capacity:  # a stream's new work joins the running batch (a finite feed has none)
+                    active += load(np.arange(active, capacity))
             elif not (slot_puzzle[:active] >= 0).any():  # wait for the whole batch, then load the next one
-                active = load(np.arange(capacity))
-        return SolveResult(predictions, steps_used, final_q[0], final_q[1])
+                active = 0
 
     def _refill(self, done: np.ndarray, active: int, load, slot_puzzle: np.ndarray,
                 slot_steps: np.ndarray, carried: tuple[np.ndarray, ...] = ()) -> int:

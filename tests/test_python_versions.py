@@ -26,7 +26,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 # What the runtime commands (verify, run, build, report) and `trm_export.runtime` import without torch.
 DEVICE_SIDE = ["runtime", "tasks", "targets", "report", "core/cli.py", "core/errors.py", "core/__init__.py",
-               "web/__init__.py", "web/bundle.py", "web/serve.py"]  # `trm-export serve` runs on a device too
+               "web/__init__.py", "web/bundle.py", "web/serve.py",  # `trm-export serve` runs on a device too
+               "triton"]  # Triton runs on Jetson (JetPack builds) too
 OLDEST = (3, 8)
 
 # Methods newer than 3.8 that vermin only sees on a literal: name -> "version (owner)".

@@ -1,0 +1,266 @@
+"""Serving on Triton (issue #20): the stream that batches requests together, the model repository, and a real
+tritonserver (nvidia-pytriton's, from scripts/triton_env.sh) answering over HTTP and gRPC.
+
+The server tests skip, saying why, where no such environment exists; everything else runs anywhere.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from trm_export.cli import main
+from trm_export.errors import BundleError, InputError
+from trm_export.runtime.selfcheck import load_golden
+from trm_export.runtime.solver import Solver
+from trm_export.runtime.stream import SolverStream
+from trm_export.tasks import get_task
+from trm_export.triton.repository import MARKER, TritonOptions, write_repository
+from trm_export.triton.serving import LoopParameters
+
+
+@pytest.fixture(scope="module")
+def bundle(sudoku_bundle) -> Path:
+    return sudoku_bundle / "bundle"
+
+
+@pytest.fixture(scope="module")
+def puzzles() -> np.ndarray:
+    return get_task("sudoku").split("heldout", size=48).inputs
+
+
+@pytest.fixture(scope="module")
+def expected(bundle, puzzles):
+    return Solver(bundle, batch_size=16).solve(puzzles)
+
+
+# --- the stream: requests from many threads share one batch --------------------------------------------------------
+
+@pytest.mark.parametrize("settings", [{}, {"halting": "q+stable:1", "max_steps": 6, "min_steps": 2},
+                                      {"mode": "fixed", "max_steps": 3}])
+def test_stream_answers_each_request_as_solve_would(bundle, puzzles, settings):
+    """Six threads submit requests of 1-5 puzzles at once through 8 slots: each request gets exactly what
+    Solver.solve gives for its puzzles with the same settings."""
+    want = Solver(bundle, batch_size=16).solve(puzzles, **settings)
+    if settings.get("mode") != "fixed":
+        assert len(set(want.steps_used.tolist())) > 1, "the puzzles must halt at different steps"
+    rng = np.random.default_rng(0)
+    cuts = np.cumsum(rng.integers(1, 6, size=len(puzzles)))
+    requests = np.split(np.arange(len(puzzles)), cuts[cuts < len(puzzles)])
+    answers: dict[int, object] = {}
+    with SolverStream(bundle, batch_size=8, **settings) as stream:
+        def client(first: int) -> None:
+            for r in range(first, len(requests), 6):
+                answers[r] = stream.submit(puzzles[requests[r]]).result(timeout=120)
+
+        threads = [threading.Thread(target=client, args=(c,)) for c in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert sorted(answers) == list(range(len(requests)))
+    for r, rows in enumerate(requests):
+        np.testing.assert_array_equal(answers[r].predictions, want.predictions[rows])
+        np.testing.assert_array_equal(answers[r].steps_used, want.steps_used[rows])
+        np.testing.assert_array_equal(answers[r].q_halt, want.q_halt[rows])
+
+
+def test_a_quick_request_does_not_wait_for_a_slow_one(bundle, puzzles, expected):
+    """Refill across requests: a 1-step puzzle sent just after a puzzle that runs to the step limit is answered
+    first (a server that ran each request to its end would answer it after the slow one)."""
+    slow = int(np.argmax(expected.steps_used))
+    quick = int(np.argmin(expected.steps_used))
+    assert expected.steps_used[slow] >= expected.steps_used[quick] + 4
+    order = []
+    with SolverStream(bundle, batch_size=4) as stream:
+        a = stream.submit(puzzles[slow])
+        b = stream.submit(puzzles[quick])
+        a.add_done_callback(lambda f: order.append("slow"))
+        b.add_done_callback(lambda f: order.append("quick"))
+        a.result(timeout=60)
+        b.result(timeout=60)
+    assert order == ["quick", "slow"]
+    assert b.result().steps_used[0] == expected.steps_used[quick]
+
+
+def test_stream_refuses_bad_requests_and_keeps_serving(bundle, puzzles, expected):
+    with SolverStream(bundle, batch_size=8, max_puzzles=4) as stream:
+        running = stream.submit(puzzles[:4])
+        bad = puzzles[:1].copy()
+        bad[0, 3] = 99
+        with pytest.raises(InputError, match="outside the vocabulary"):
+            stream.submit(bad)
+        with pytest.raises(InputError, match="at most 4"):
+            stream.submit(puzzles[:5])
+        with pytest.raises(InputError):
+            stream.submit(puzzles[:2, :80])
+        np.testing.assert_array_equal(running.result(timeout=60).predictions, expected.predictions[:4])
+        assert stream.pending() == 0
+    with pytest.raises(RuntimeError, match="closed"):
+        stream.submit(puzzles[:1])
+
+
+# --- the repository ---------------------------------------------------------------------------------------------------
+
+def test_repository_layout_and_config(bundle, tmp_path):
+    """What Triton reads, checked statically: config.pbtxt parses as Triton's ModelConfig (the protobuf tritonclient
+    ships) with the model's inputs, outputs and loop parameters; the bundle copy verifies; model.py is the
+    package's entry-point file."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    out = write_repository(bundle, tmp_path / "repo", TritonOptions(
+        name="sudoku", loop=LoopParameters(halting="stable:2", batch_size=32), instances=2))
+    config = text_format.Parse((out / "sudoku" / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    assert (config.name, config.backend, config.max_batch_size) == ("sudoku", "python", 0)
+    assert [(i.name, i.data_type, list(i.dims), i.optional) for i in config.input] == [
+        ("puzzles", model_config_pb2.TYPE_INT64, [-1, 81], False),
+        ("puzzle_ids", model_config_pb2.TYPE_INT64, [-1], True)]
+    assert [o.name for o in config.output] == ["predictions", "steps", "q_halt", "q_continue"]
+    group = config.instance_group[0]
+    assert (group.count, group.kind) == (2, model_config_pb2.ModelInstanceGroup.KIND_CPU)
+    params = {k: v.string_value for k, v in config.parameters.items()}
+    assert LoopParameters.from_config({"parameters": {k: {"string_value": v} for k, v in params.items()}}) == \
+        LoopParameters(halting="stable:2", batch_size=32)
+    Solver(out / "sudoku" / "1" / "bundle")  # verifies every checksum
+    assert (out / "sudoku" / "1" / "model.py").read_bytes() == \
+        (Path(__file__).parent.parent / "triton" / "model.py").read_bytes()
+    assert (out / MARKER).is_file() and "tritonserver" in (out / "README.md").read_text()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left
+
+
+def test_repository_refusals_are_one_line_and_write_nothing(bundle, tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "repo"
+    assert runner.invoke(main, ["triton", str(bundle), "-o", str(out)]).exit_code == 0
+    before = (out / "trm" / "config.pbtxt").read_text()
+    cases = [
+        (["-o", str(out)], "already exists; pass --force"),
+        (["-o", str(tmp_path / "r2"), "--name", "../up"], "model name"),
+        (["-o", str(tmp_path / "r2"), "--name", 'a"b'], "model name"),
+        (["-o", str(tmp_path / "r2"), "--halting", "stable:x"], "halting must be one of"),
+        (["-o", str(tmp_path / "r2"), "--variant", "int8-minmax"], "this bundle has"),
+        (["-o", str(tmp_path / "r2"), "--min-steps", "9"], "min_steps"),
+    ]
+    for args, message in cases:
+        result = runner.invoke(main, ["triton", str(bundle), *args])
+        assert result.exit_code != 0 and message in result.output, (args, result.output)
+        assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+    assert not (tmp_path / "r2").exists() and (out / "trm" / "config.pbtxt").read_text() == before
+    stranger = tmp_path / "mine"
+    stranger.mkdir()
+    (stranger / "notes.txt").write_text("keep me")
+    result = runner.invoke(main, ["triton", str(bundle), "-o", str(stranger), "--force"])
+    assert "not a repository written by trm-export" in result.output
+    assert (stranger / "notes.txt").read_text() == "keep me"
+
+
+def test_a_tampered_bundle_is_refused(bundle, tmp_path):
+    import shutil
+
+    copy = tmp_path / "b"
+    shutil.copytree(bundle, copy)
+    graph = next((copy / "graphs").glob("*.onnx"))
+    graph.write_bytes(graph.read_bytes()[:-1] + b"\0")
+    with pytest.raises(BundleError, match=f"graphs/{graph.name}: sha256 differs"):
+        write_repository(copy, tmp_path / "repo")
+    assert not (tmp_path / "repo").exists()
+
+
+def test_loop_parameters_from_config_refuse_junk():
+    with pytest.raises(InputError, match="unknown parameter"):
+        LoopParameters.from_config({"parameters": {"max_stepz": {"string_value": "3"}}})
+    with pytest.raises(InputError, match="whole number"):
+        LoopParameters.from_config({"parameters": {"batch_size": {"string_value": "-1"}}})
+
+
+# --- a real tritonserver ----------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def server(bundle, tmp_path_factory):
+    from trm_export.triton.server import TritonServer, TritonUnavailable
+
+    pytest.importorskip("tritonclient.grpc")
+    out = write_repository(bundle, tmp_path_factory.mktemp("triton") / "repo", TritonOptions(
+        loop=LoopParameters(batch_size=16, max_puzzles=8)))
+    try:
+        srv = TritonServer(out).start()
+    except TritonUnavailable as exc:
+        pytest.skip(f"no tritonserver: {exc}")
+    yield srv
+    srv.stop()
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_golden_puzzles_through_the_server_equal_the_runtime(bundle, server, protocol):
+    from trm_export.triton.load import client_module, connect, infer
+
+    solver = Solver(bundle)
+    golden = load_golden(solver)
+    want = solver.solve(golden["tokens"], golden["puzzle_ids"])
+    module = client_module(protocol)
+    client = connect(module, server.http_url if protocol == "http" else server.grpc_url, 60)
+    inp = golden["tokens"]
+    got = [infer(client, module, "trm", inp[i:i + 3]) for i in range(0, len(inp), 3)]
+    np.testing.assert_array_equal(np.concatenate([g["predictions"] for g in got]), want.predictions)
+    np.testing.assert_array_equal(np.concatenate([g["steps"] for g in got]), want.steps_used)
+    np.testing.assert_array_equal(np.concatenate([g["q_halt"] for g in got]), want.q_halt)
+
+
+def test_load_every_request_gets_its_own_answers(server, puzzles, expected):
+    """A bounded load: 8 clients x 20 requests of 1-4 puzzles, HTTP and gRPC: none lost, none wrong."""
+    from trm_export.triton.load import run_load
+
+    for protocol, url in (("http", server.http_url), ("grpc", server.grpc_url)):
+        load = run_load(url, "trm", protocol, 8, 20, puzzles, expected.predictions, expected.steps_used,
+                        seed=1, timeout=120)
+        assert (load.answered, load.wrong, load.failed) == (160, 0, 0), load.summary() + str(load.errors)
+
+
+def test_bad_requests_get_clear_errors_and_do_not_disturb_others(server, puzzles, expected):
+    import tritonclient.http as httpclient
+    from tritonclient.utils import InferenceServerException
+
+    from trm_export.triton.load import run_load
+
+    outcome = {}
+    others = threading.Thread(target=lambda: outcome.setdefault("load", run_load(
+        server.grpc_url, "trm", "grpc", 4, 15, puzzles, expected.predictions, expected.steps_used, seed=2)))
+    others.start()
+    client = httpclient.InferenceServerClient(server.http_url)
+    bad_token = puzzles[:2].astype(np.int64)
+    bad_token[1, 7] = 99
+    cases = [(bad_token, "INT64", "token 99 at puzzle 1, position 7 is outside the vocabulary"),
+             (puzzles[:2, :80].astype(np.int64), "INT64", "unexpected shape for input 'puzzles'"),
+             (puzzles[:2].astype(np.int32), "INT32", "expects 'INT64'"),
+             (np.ones((9, 81), np.int64), "INT64", "9 puzzles in one request; at most 8")]
+    for array, dtype, message in cases:
+        inp = httpclient.InferInput("puzzles", list(array.shape), dtype)
+        inp.set_data_from_numpy(array)
+        with pytest.raises(InferenceServerException) as info:
+            client.infer("trm", [inp])
+        assert message in str(info.value) and info.value.status() == "400", str(info.value)
+    others.join()
+    load = outcome["load"]
+    assert (load.answered, load.wrong, load.failed) == (60, 0, 0), load.summary()
+
+
+def test_a_stub_that_would_lose_tensor_data_refuses_to_load(server, tmp_path):
+    """Triton 24.10's Python stub is built for numpy 1.x; with numpy 2 it hands back empty tensors without an
+    error. The model checks a round trip when it loads and refuses, saying why (here: this venv's numpy 2)."""
+    import dataclasses
+    import sysconfig
+
+    from trm_export.triton.server import TritonServer, TritonUnavailable
+
+    if int(np.__version__.split(".")[0]) < 2:
+        pytest.skip("this environment has numpy < 2")
+    other = TritonServer(server.repository, log=tmp_path / "numpy2.log")
+    other.install = dataclasses.replace(other.install, python_path=sysconfig.get_paths()["purelib"])
+    with pytest.raises(TritonUnavailable, match="cannot exchange tensors with this Triton Python stub"):
+        other.start(timeout=60)
+    other.stop()
