@@ -188,7 +188,8 @@ def server(bundle, tmp_path_factory):
     out = write_repository(bundle, tmp_path_factory.mktemp("triton") / "repo", TritonOptions(
         loop=LoopParameters(batch_size=16, max_puzzles=8)))
     try:
-        srv = TritonServer(out).start()
+        # Triton waits up to --exit-timeout-secs (30 by default) for clients' open connections when it stops.
+        srv = TritonServer(out, extra_args=("--exit-timeout-secs=2",)).start()
     except TritonUnavailable as exc:
         pytest.skip(f"no tritonserver: {exc}")
     yield srv

@@ -69,7 +69,8 @@ output [
   {{ name: "q_halt" data_type: TYPE_FP32 dims: [ -1 ] }},
   {{ name: "q_continue" data_type: TYPE_FP32 dims: [ -1 ] }}
 ]
-# Each instance is a process with its own loop and batch of batch_size slots; one keeps the batch fullest.
+# Each instance is a process with its own loop and batch of batch_size slots; one keeps the batch fullest. With
+# several CPU instances, set threads to cores / instances (each ONNX Runtime session would take every core).
 instance_group [ {{ kind: KIND_{options.kind.upper()} count: {options.instances} }} ]
 # The loop (trm_export.triton.serving.LoopParameters; "" = the default): variant (the bundle's default), mode
 # (adaptive | fixed), halting (q | stable:K | q+stable:K), max_steps (the trained limit), min_steps, batch_size
