@@ -72,7 +72,8 @@ def run(source: Path, methods: list[str], calib_puzzles: int | None, eval_puzzle
         }
         for method in methods:
             for name, samples in recordings.items():
-                ranges = calibrate(prepared, samples, CalibrationSettings(method=method, threads=threads))
+                ranges = calibrate(prepared, samples, CalibrationSettings(method=method, threads=threads,
+                                                                     attention=quantize_attention))
                 graph = quantize_int8(prepared, ranges, Int8Options(quantize_attention=quantize_attention))
                 cmp = compare_graph(bundle, compact_graph(graph.model), reference, f"int8-{method}", compare, work)
                 results["rows"].append({"method": method, "calibration": name, "samples": len(samples),

@@ -53,6 +53,10 @@ class CalibrationSettings:
     chunk_samples: int = 8
     batch_size: int = 8
     threads: int | None = None
+    # Also fit the attention products' inputs (q, k^T, softmax, v): Int8Options.quantize_attention needs them. Off,
+    # only what a weighted MatMul/Gemm reads is collected: a paper-size maze's [8, 916, 916] attention tensors
+    # made the calibrator hold 24 GB for 8 samples.
+    attention: bool = False
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -70,6 +74,7 @@ class ActivationRanges:
     method: str
     samples: int
     data: object  # onnxruntime.quantization.calibrate.TensorsData
+    attention: bool = False  # the attention products' inputs were fitted too (CalibrationSettings.attention)
 
     def save(self, path: Path) -> Path:
         from onnxruntime.quantization import save_tensors_data
@@ -137,21 +142,14 @@ def calibrate(prepared: onnx.ModelProto, data: StepSamples | CalibrationDataRead
     feeding x, z_H, z_L. Either is consumed `chunk_samples` samples at a time.
     """
     import onnxruntime as ort
-    from onnxruntime.quantization.calibrate import create_calibrator
 
     if isinstance(data, StepSamples) and len(data) == 0:
         raise CalibrationError("no calibration samples recorded")
-    extra: dict[str, object] = {"symmetric": True}
-    if settings.method == "percentile":
-        extra["percentile"] = settings.percentile
-    if settings.num_bins is not None and settings.method != "minmax":
-        extra["num_bins"] = settings.num_bins
     with tempfile.TemporaryDirectory(prefix="trm-calib.") as tmp, _quiet_ort_logging():
         path = Path(tmp) / "model.onnx"
         onnx.save(prepared, path)
-        calibrator = create_calibrator(path, list(QUANTIZABLE_OPS), augmented_model_path=str(Path(tmp) / "aug.onnx"),
-                                       calibrate_method=_ort_method(settings.method), extra_options=extra)
-        # Its session uses every core; rebuild it with the caller's thread count.
+        calibrator = _calibrator(path, Path(tmp) / "aug.onnx", settings, _inputs_to_fit(prepared, settings.attention))
+        # Its own session would use every core; ours takes the caller's thread count.
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         if settings.threads:
@@ -170,7 +168,43 @@ def calibrate(prepared: onnx.ModelProto, data: StepSamples | CalibrationDataRead
             raise CalibrationError("the calibration reader gave no data (get_next() returned None at once)")
         ranges = calibrator.compute_data()
         del calibrator
-    return ActivationRanges(settings.method, count, ranges)
+    return ActivationRanges(settings.method, count, ranges, settings.attention)
+
+
+def _inputs_to_fit(model: onnx.ModelProto, attention: bool) -> set[str]:
+    """The activations a quantized graph needs ranges for: the non-constant inputs of weighted MatMul/Gemm nodes,
+    and of the attention products when those are quantized too (outputs never are: Q/DQ on inputs only)."""
+    constants = {i.name for i in model.graph.initializer}
+    needed: set[str] = set()
+    for node in model.graph.node:
+        if node.op_type in QUANTIZABLE_OPS and (attention or (len(node.input) > 1 and node.input[1] in constants)):
+            needed.update(t for t in node.input[:2] if t and t not in constants)
+    return needed
+
+
+def _calibrator(model: Path, augmented: Path, settings: CalibrationSettings, needed: set[str]):
+    """ONNX Runtime's calibrator for `settings.method` (its create_calibrator's settings, symmetric), collecting
+    only `needed`: by default it makes every input and output of every MatMul/Gemm a graph output."""
+    from onnxruntime.quantization.calibrate import EntropyCalibrater, MinMaxCalibrater, PercentileCalibrater
+
+    common = {"op_types_to_calibrate": list(QUANTIZABLE_OPS), "augmented_model_path": str(augmented),
+              "symmetric": True}
+    if settings.method == "minmax":
+        calibrator = MinMaxCalibrater(str(model), **common)
+    elif settings.method == "entropy":
+        calibrator = EntropyCalibrater(str(model), num_bins=settings.num_bins or 128, num_quantized_bins=128, **common)
+    else:
+        calibrator = PercentileCalibrater(str(model), num_bins=settings.num_bins or 2048,
+                                          percentile=settings.percentile, **common)
+    select = calibrator.select_tensors_to_calibrate
+
+    def only_needed(graph: onnx.ModelProto) -> tuple[set[str], dict]:
+        tensors, value_infos = select(graph)
+        return tensors & needed, value_infos
+
+    calibrator.select_tensors_to_calibrate = only_needed
+    calibrator.augment_graph()
+    return calibrator
 
 
 @dataclass(frozen=True)
@@ -198,6 +232,9 @@ def quantize_int8(prepared: onnx.ModelProto, ranges: ActivationRanges, options: 
     """Explicit Q/DQ INT8 graph of `prepared` (see `graph.prepare_graph`) with calibrated `ranges`."""
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
+    if options.quantize_attention and not ranges.attention:
+        raise CalibrationError("quantize_attention needs the attention products' ranges: calibrate with "
+                               "CalibrationSettings(attention=True)")
     groups = quantizable_groups(prepared)
     keep = resolve_groups(groups, options.keep_float)
     if not options.quantize_attention:

@@ -8,7 +8,8 @@ One call does the whole job (`add_variants`):
    and the target (`qdq`), compare it with FP32 through the runtime's loop (`compare`);
 4. mixed precision from the best method (`mixed`), FP16 for GPU targets (`fp16`);
 5. golden tolerances per variant, measured on the bundle's golden puzzles, then the runtime's own self-check
-   (`verify_bundle`) and `check_bundle` on the staged bundle; only a bundle that passes both is committed,
+   verdict (`golden_report`, on those figures, through the final manifest and checksums) and `check_bundle` on the
+   staged bundle; only a bundle that passes both is committed,
    atomically (export.staging), and an existing output is replaced only with `force`.
 
 Each variant keeps the FP32 graph's input and output names and float32 I/O, so `Solver(bundle, variant=...)`
@@ -66,7 +67,7 @@ from trm_export.report.measure import (
 from trm_export.report.render import write_report
 from trm_export.report.trajectory import puzzle_progress
 from trm_export.runtime.manifest import GraphSpec, Manifest, member, read_manifest
-from trm_export.runtime.selfcheck import golden_figures, verify_bundle
+from trm_export.runtime.selfcheck import golden_figures, golden_report
 from trm_export.runtime.solver import Solver
 from trm_export.targets.engines import write_build_recipes
 from trm_export.targets.registry import get_target
@@ -136,9 +137,12 @@ class QuantizeResult:
     check: BundleCheck
     samples: dict[str, Any] = field(default_factory=dict)
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    not_built: list[str] = field(default_factory=list)  # calibration methods left out by the time budget
 
     def summary(self) -> str:
         lines = [f"bundle written: {self.path}"]
+        if self.not_built:
+            lines.append(f"  {_not_built_words(self.not_built)}")
         for variant, cmp in self.comparisons.items():
             size = self.manifest.graphs[variant].details.get("size_ratio_fp32")
             lines.append(f"  {cmp.summary()}" + (f", {100 * size:.0f}% of the fp32 graph's size" if size else ""))
@@ -174,9 +178,8 @@ def _evaluation_puzzles(manifest: Manifest, heldout: PuzzleSet | None, calib: Pu
                                                          "compared on the calibration puzzles)")
 
 
-def _golden_figures(bundle: Path, variant: str, threads: int | None) -> dict[str, float]:
-    """What `verify_bundle` measures, as numbers: the basis of the variant's golden tolerances."""
-    f = golden_figures(Solver(bundle, variant=variant, provider="cpu", threads=threads))
+def _tolerance_figures(f: dict[str, float]) -> dict[str, float]:
+    """What `verify_bundle` measures (selfcheck.golden_figures), as the variant's golden tolerances read it."""
     return {"puzzles": f["puzzles"], "steps": f["steps"], "q_abs": max(f["q_halt_abs"], f["q_continue_abs"]),
             "q_sign_agreement": f["q_sign_agreement"],
             "predictions_identical": min(f["fixed_identical"], f["adaptive_steps_identical"], f["adaptive_identical"])}
@@ -249,6 +252,7 @@ def add_variants(bundle: str | Path, out: str | Path, options: QuantizeOptions =
         paths: dict[str, Path] = {}
         quantized: dict[str, tuple[QuantizedGraph, object]] = {}
         samples: StepSamples | None = None
+        not_built: list[str] = []  # calibration methods the time budget left out
 
         def measure(variant: str, puzzles: int) -> VariantComparison:
             """Compare `variant` with fp32 on the first `puzzles` (extending an earlier, smaller comparison)."""
@@ -283,9 +287,19 @@ def add_variants(bundle: str | Path, out: str | Path, options: QuantizeOptions =
             if screen < n_eval:
                 say(f"each calibration method measured on the first {screen} evaluation puzzles; the best then on "
                     f"all {n_eval}")
+        built: list[str] = []
+        methods_started = time.perf_counter()
         for method in options.methods:
+            if options.eval_seconds is not None and built and _past_budget(methods_started, len(built)):
+                left = [m for m in options.methods if m not in built]
+                say(f"{_not_built_words(left)} ({len(built)} took {time.perf_counter() - methods_started:.0f} s, "
+                    "another would end past the budget; --eval-puzzles N builds every method whatever the time)")
+                not_built.extend(left)
+                break
+            built.append(method)
             started = time.perf_counter()
-            settings = dataclasses.replace(options.calibration, method=method)
+            settings = dataclasses.replace(options.calibration, method=method,
+                                           attention=options.int8.quantize_attention)
             ranges = calibrate(prepared, samples, settings)
             graph = quantize_int8(prepared, ranges, options.int8)
             quantized[method] = (graph, ranges)
@@ -294,8 +308,8 @@ def add_variants(bundle: str | Path, out: str | Path, options: QuantizeOptions =
             measure(f"int8-{method}", screen)
         best = None
         mixed_result = None
-        if options.methods:
-            best = max(options.methods, key=lambda m: _score(comparisons[f"int8-{m}"]))
+        if built:
+            best = max(built, key=lambda m: _score(comparisons[f"int8-{m}"]))
             say(f"best calibration method: {best}")
             if screen < n_eval:
                 measure(f"int8-{best}", n_eval)
@@ -339,6 +353,8 @@ def add_variants(bundle: str | Path, out: str | Path, options: QuantizeOptions =
             clock.lap("step latency")
         if options.choose is not None:
             chosen, record = _choose(options.choose, comparisons, budget, timings, n_eval, measure)
+            if not_built:
+                record["methods_not_built"] = {"methods": not_built, "why": _not_built_words(not_built)}
             new_manifest = dataclasses.replace(new_manifest, default_variant=chosen, choice=record)
             say(f"chosen: {chosen}" + (f" ({record['fallback']})" if "fallback" in record else ""))
         # TensorRT targets: recipes for the new graphs too, engines kept; a browser bundle keeps its page entry
@@ -348,15 +364,21 @@ def add_variants(bundle: str | Path, out: str | Path, options: QuantizeOptions =
         new_manifest = dataclasses.replace(new_manifest, build=build, files=stage.checksums())
         stage.write_manifest(new_manifest)
         parity = dict(manifest.parity)
+        measured: dict[str, dict[str, float]] = {}
         for variant, cmp in comparisons.items():
-            figures = _golden_figures(stage.path, variant, options.threads)
+            measured[variant] = golden_figures(Solver(stage.path, variant=variant, provider="cpu",
+                                                      threads=options.threads))
+            figures = _tolerance_figures(measured[variant])
             tolerances[variant] = golden_tolerances(figures)
             parity[variant] = {**cmp.to_dict(), "golden": figures}
         new_manifest = dataclasses.replace(new_manifest, golden={**manifest.golden, "tolerances": tolerances},
                                            parity=parity)
         stage.write_manifest(new_manifest)
         for variant in comparisons:
-            report = verify_bundle(stage.path, variant=variant, provider="cpu", threads=options.threads)
+            # The bundle as committed (manifest digest, every checksum) against its bars, on the figures just
+            # measured from these same files: running the golden puzzles again would only repeat them.
+            solver = Solver(stage.path, variant=variant, provider="cpu", threads=options.threads)
+            report = golden_report(solver, measured[variant])
             if not report:
                 raise CalibrationError(f"{variant} fails the bundle's own self-check:\n{report}")
             parity[variant]["self_check"] = True
@@ -367,13 +389,15 @@ def add_variants(bundle: str | Path, out: str | Path, options: QuantizeOptions =
         clock.lap("golden tolerances + self-check")
         if options.report:
             data = report_data(stage.path, new_manifest, reference, comparisons, timings)
+            if not_built:
+                data.notes.append(_not_built_words(not_built))
             data.bundle = str(stage.out)  # where it will be, not the staging folder
             write_report(data, stage.path / "report", budget)
             clock.lap("report")
         path = stage.commit(new_manifest)
         check.bundle = str(path)
     result = QuantizeResult(path, new_manifest, comparisons, best, mixed_result, check,
-                            samples.describe() if samples is not None else {}, clock.seconds)
+                            samples.describe() if samples is not None else {}, clock.seconds, not_built)
     if options.choose is None:  # a chosen variant's caller prints its own table
         say(result.summary())
     return result
@@ -441,8 +465,25 @@ def _choose(precision: str, comparisons: dict[str, VariantComparison], budget: f
 
 
 # Time budget of recording the calibration inputs when the evaluation is budgeted too (QuantizeOptions.eval_seconds):
-# the FP32 loop on the calibration puzzles, every step.
-RECORD_SECONDS = 60.0
+# the FP32 loop on the calibration puzzles, every step. Each recorded sample then costs each calibration method
+# about as much again (the calibrator runs the step graph unoptimised, its activations as outputs): a paper-size
+# maze records one puzzle (16 samples) in 25 s and calibrates them in 30 s per method; ours record all 256.
+RECORD_SECONDS = 30.0
+# ... and of the calibration methods (calibrate, quantize, measure each): a method starts only while the ones before
+# say it ends within it. Ours build all three in seconds; a paper-size maze takes minutes per method on a CPU.
+METHODS_SECONDS = 150.0
+
+
+def _not_built_words(methods: list[str]) -> str:
+    return (f"{', '.join(f'int8-{m}' for m in methods)} not built: past the calibration methods' time budget "
+            f"({METHODS_SECONDS:g} s) on this machine; `trm-export quantize BUNDLE --methods {','.join(methods)}` "
+            "builds them")
+
+
+def _past_budget(started: float, done: int) -> bool:
+    """Would one more method, at the mean cost of the `done` so far, end past METHODS_SECONDS?"""
+    spent = time.perf_counter() - started
+    return spent + spent / done > METHODS_SECONDS
 
 
 def _fit_calibration(calib: PuzzleSet, options: QuantizeOptions, steps: int, step_seconds: float,

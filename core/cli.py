@@ -203,6 +203,9 @@ def evaluate(model: Path | None, split: str, limit: int | None, steps: str, adap
               help="Check parity on the first N puzzles, or all (default: as many as fit --parity-seconds).")
 @click.option("--parity-seconds", type=click.FloatRange(1, None), default=45.0, show_default=True,
               help="Time budget of the default parity sample (chunks sized to it, at least one puzzle).")
+@click.option("--check-steps", default=None, metavar="N|all",
+              help="Steps of the recursion parity and the golden vectors cover (default: the trained limit, or the "
+                   "first steps that fit their time budgets where one puzzle at that limit does not, said).")
 @click.option("--strict", is_flag=True,
               help="Refuse the export (nothing written) when more than --strict-threshold of the checked puzzles are "
                    "rounding-sensitive: float32 itself cannot reproduce the model's answers there (another rounding "
@@ -238,8 +241,8 @@ def evaluate(model: Path | None, split: str, limit: int | None, steps: str, adap
 @data_option
 @override_options
 def export(model: Path | None, target: str, output: Path | None, force: bool, puzzles: Path | None,
-           parity_puzzles: str | None, parity_seconds: float, strict: bool, strict_threshold: float,
-           puzzle_table_dtype: str, keep_puzzles: Path | None, precision: str | None,
+           parity_puzzles: str | None, parity_seconds: float, check_steps: str | None, strict: bool,
+           strict_threshold: float, puzzle_table_dtype: str, keep_puzzles: Path | None, precision: str | None,
            max_accuracy_drop: float, calib: Path | None, calib_puzzles: int | None, eval_puzzles: int | None,
            eval_seconds: float, threads: int | None, no_report: bool, data: Path | None, dataset_json: Path | None,
            **overrides) -> None:
@@ -255,14 +258,17 @@ def export(model: Path | None, target: str, output: Path | None, force: bool, pu
         torch.set_num_threads(threads)
     target = get_target(target).name  # unknown target: fail before loading anything
     resolve_precision(target, precision)
+    parity_count = _count_or_all(parity_puzzles, "--parity-puzzles")
+    steps_count = _count_or_all(check_steps, "--check-steps")
     if calib is not None and not calib.is_file():
         raise click.BadParameter(f"{calib}: no such file", param_hint="--calib")
     ck = _load(model, dataset_json, **overrides)
     out = output or Path(f"{ck.path.parent.name}-{target}.bundle")
     given = puzzles_from_file(puzzles, ck.config) if puzzles else None
     options = DeployOptions(
-        export=ExportOptions(target=target, force=force, parity_puzzles=_parity_count(parity_puzzles),
-                             parity_seconds=parity_seconds, puzzle_table_dtype=puzzle_table_dtype,
+        export=ExportOptions(target=target, force=force, parity_puzzles=parity_count,
+                             parity_seconds=parity_seconds, check_steps=steps_count,
+                             puzzle_table_dtype=puzzle_table_dtype,
                              keep_puzzles=keep_puzzles, strict=strict,
                              rounding_sensitive_threshold=strict_threshold / 100),
         precision=precision, max_accuracy_drop=max_accuracy_drop, calib=calib, calib_puzzles=calib_puzzles,
@@ -287,13 +293,14 @@ def export(model: Path | None, target: str, output: Path | None, force: bool, pu
                f"{path.name}   |   trm-export run {path.name} --input puzzles.txt")
 
 
-def _parity_count(value: str | None) -> int | None:
+def _count_or_all(value: str | None, option: str) -> int | None:
+    """N|all options: None (not given), N, or 'all' as a count larger than any (the callers cap it)."""
     if value is None:
         return None
     if value == "all":
         return 1 << 62
     if not value.isdigit() or int(value) < 1:
-        raise click.BadParameter(f"expected a number >= 1 or 'all', got {value!r}", param_hint="--parity-puzzles")
+        raise click.BadParameter(f"expected a number >= 1 or 'all', got {value!r}", param_hint=option)
     return int(value)
 
 

@@ -91,6 +91,7 @@ class ParityReport:
     # Puzzle-steps where the graph or the reference produced NaN or inf (NaN compares false with every bar).
     non_finite: int = 0
     offered: int | None = None  # puzzles offered when a time budget chose the first `puzzles` of them
+    trained_steps: int | None = None  # the model's step limit, when only the first `steps` of it were checked
 
     @property
     def unexplained(self) -> list[int]:
@@ -142,7 +143,8 @@ class ParityReport:
 
     def summary(self) -> str:
         sample = f" (the first {self.puzzles} of {self.offered}, by time budget)" if self.offered else ""
-        text = (f"{self.puzzles} puzzles{sample} x {self.steps} steps: step graph max |z_H - ref| "
+        of = f" of {self.trained_steps}" if self.trained_steps else ""
+        text = (f"{self.puzzles} puzzles{sample} x {self.steps}{of} steps: step graph max |z_H - ref| "
                 f"{max(self.max_abs_z_H):.1e}, max |logits - ref| {max(self.max_abs_logits):.1e}, "
                 f"max |q - ref| {self.max_abs_q:.1e}; loop "
                 f"(free running) max |z_H - ref| {max(self.free_running_max_abs_z_H):.1e}, "
@@ -187,7 +189,9 @@ def check_parity(model: RecursiveModel, solver: Solver, tokens: np.ndarray, puzz
     steps = int(steps or model.config.halt_max_steps)
     n = len(tokens)
     zeros = [0.0] * steps
-    report = ParityReport(puzzles=n, steps=steps, tolerance=tolerance, max_abs_z_H=list(zeros),
+    trained = model.config.halt_max_steps
+    report = ParityReport(puzzles=n, steps=steps, trained_steps=trained if steps < trained else None,
+                          tolerance=tolerance, max_abs_z_H=list(zeros),
                           max_abs_z_L=list(zeros), max_abs_logits=list(zeros), free_running_max_abs_z_H=list(zeros),
                           free_running_max_abs_logits=list(zeros))
     chunk = max(1, min(solver.backend.capacity, _puzzles_per_chunk(model, steps, traces=1)))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import platform
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -70,6 +71,13 @@ class ExportOptions:
     # Time budget of choosing them among rounding-stable candidates (three reference loops each, one in float64):
     # candidates are checked while it lasts (at least one), and at most that many puzzles become golden.
     golden_seconds: float = 60.0
+    # Steps of the recursion that parity and the golden vectors cover. None: the trained limit, unless one puzzle at
+    # that limit would not fit parity_seconds or golden_seconds (a paper-size maze on a CPU: 16 steps of one puzzle
+    # cost minutes per check); then the first steps that fit, at least one, said on the console and in the
+    # manifest. Each step is the same graph, fed the state the previous step produced, so the first steps check
+    # the graph; they do not see what later states do. An int: that many (at most the trained limit), whatever the
+    # time; so does an explicit parity_puzzles.
+    check_steps: int | None = None
     puzzle_table_dtype: str = "float32"  # or "float16": halves a large (ARC) puzzle table
     # identifiers.json of the official dataset folder (the names of the puzzle table's rows), copied into the
     # bundle: ARC's runtime finds a task's views there. Its length must be the table's row count.
@@ -205,7 +213,8 @@ def export_bundle(checkpoint: str | Path | LoadedCheckpoint, out: str | Path, op
             say(f"puzzle table: {len(keep):,} of {cfg.num_puzzle_identifiers:,} rows kept ({options.keep_puzzles}), "
                 f"{row_bytes * cfg.num_puzzle_identifiers / 1e6:,.1f} MB -> {row_bytes * len(keep) / 1e6:,.1f} MB")
         embedding = _write_tables(stage, model, options.puzzle_table_dtype, keep)
-        golden = _write_golden(stage, model, puzzles, options.golden_puzzles, options.golden_seconds)
+        steps = _check_steps(model, puzzles, options, say)
+        golden = _write_golden(stage, model, puzzles, options.golden_puzzles, options.golden_seconds, steps)
         identifiers = None if names is None else _write_identifiers(stage, names, keep)
         arc = names is not None and (cfg.vocab_size, cfg.seq_len) == (ARC_VOCAB, ARC_SEQ_LEN)
         task = TaskEncoding(name="arc" if arc else puzzles.task_name, vocab_size=cfg.vocab_size, seq_len=cfg.seq_len,
@@ -239,9 +248,9 @@ def export_bundle(checkpoint: str | Path | LoadedCheckpoint, out: str | Path, op
         budget = options.parity_seconds if options.parity_puzzles is None else None
         say(f"verifying parity against the PyTorch reference on {limit} puzzles ({puzzles.source}"
             f"{f', as many as fit {budget:g} s: --parity-puzzles all checks every one' if budget else ''}), "
-            f"{cfg.halt_max_steps} steps, backend {solver.backend.name}")
+            f"{_steps_words(steps, cfg.halt_max_steps)}, backend {solver.backend.name}")
         report = check_parity(model, solver, puzzles.tokens[:limit], puzzles.puzzle_ids[:limit],
-                              None if puzzles.labels is None else puzzles.labels[:limit],
+                              None if puzzles.labels is None else puzzles.labels[:limit], steps=steps,
                               tolerance=options.tolerance, progress=options.progress, time_budget=budget)
         say(f"parity: {report.summary()}")
         if not report.passed:
@@ -296,13 +305,52 @@ def _strict_refusal(report: ParityReport, threshold: float) -> str:
 
 def parity_sample_note(report: ParityReport, budget: float | None) -> str:
     """What the parity sample can and cannot tell, in words (manifest and console)."""
+    steps = "" if not report.trained_steps else (
+        f" Only the first {report.steps} of the {report.trained_steps} trained steps were checked: each step is the "
+        "same graph, so a graph error shows in them, but what the later states do is not seen; --check-steps all "
+        "checks every step.")
     if not report.offered:
-        return f"every offered puzzle ({report.puzzles}) checked"
+        return f"every offered puzzle ({report.puzzles}) checked." + steps
     rate = min(100.0, 300.0 / report.puzzles)  # rule of three: 95% bound on a rate seen 0 times in n trials
-    return (f"the first {report.puzzles} of {report.offered} puzzles, as many as fit {budget:g} s. Every step of "
-            "each is checked, so a graph error that shows on any input in general is caught; an error that only "
-            f"some puzzles trigger is caught with 95% confidence if it affects at least {rate:.2g}% of puzzles "
-            "(rule of three); rarer ones can pass unseen. --parity-puzzles all checks every puzzle")
+    return (f"the first {report.puzzles} of {report.offered} puzzles, as many as fit {budget:g} s. Every checked step "
+            "of each is compared, so a graph error that shows on any input in general is caught; an error that "
+            f"only some puzzles trigger is caught with 95% confidence if it affects at least {rate:.2g}% of puzzles "
+            "(rule of three); rarer ones can pass unseen. --parity-puzzles all checks every puzzle." + steps)
+
+
+# What one puzzle-step of each check costs, in reference steps (torch float32, batch 1): parity records the
+# reference (1) and runs the graph three times (fed the reference's states, fixed, adaptive; ONNX Runtime's step
+# took up to 1.7 reference steps: the paper-size maze, 2 threads); the golden vectors' candidate check traces
+# float32, the export form and float64 (~2), then the chosen puzzle once more, and the golden figures run the graph
+# twice on it.
+PARITY_STEP_COST = 1.0 + 3 * 1.7
+GOLDEN_STEP_COST = 5.0 + 2 * 1.7
+
+
+def _check_steps(model, puzzles: Puzzles, options: ExportOptions, say: Callable[[str], None]) -> int:
+    """The steps parity and the golden vectors cover (ExportOptions.check_steps), from one timed reference step."""
+    trained = model.config.halt_max_steps
+    if options.check_steps is not None:
+        return max(1, min(options.check_steps, trained))
+    if options.parity_puzzles is not None:
+        return trained
+    started = time.perf_counter()
+    run_reference(model, puzzles.tokens[:1], puzzles.puzzle_ids[:1], max_steps=1)
+    step = time.perf_counter() - started  # includes the first call's warm-up: errs towards fewer steps
+    fit = int(min(options.parity_seconds / (PARITY_STEP_COST * step),
+                  options.golden_seconds / (GOLDEN_STEP_COST * step)))
+    if fit >= trained:
+        return trained
+    steps = max(1, fit)
+    say(f"one reference step of one puzzle takes {step:.1f} s here: parity and the golden vectors cover the first "
+        f"{steps} of {trained} steps, as fit --parity-seconds {options.parity_seconds:g} and the golden vectors' "
+        f"{options.golden_seconds:g} s (--check-steps all checks every step, at about "
+        f"{trained * (PARITY_STEP_COST + GOLDEN_STEP_COST) * step / 60:.0f} min per puzzle)")
+    return steps
+
+
+def _steps_words(steps: int, trained: int) -> str:
+    return f"{steps} steps" if steps == trained else f"the first {steps} of {trained} steps"
 
 
 def _with_files(manifest: Manifest, stage: StagedBundle, **changes: Any) -> Manifest:
@@ -351,22 +399,23 @@ def _write_identifiers(stage: StagedBundle, names: list[str], keep: np.ndarray |
     return stage.write_bytes("tables/identifiers.json", json.dumps(names).encode())
 
 
-def _write_golden(stage: StagedBundle, model, puzzles: Puzzles, count: int, seconds: float | None = None
-                  ) -> dict[str, Any]:
+def _write_golden(stage: StagedBundle, model, puzzles: Puzzles, count: int, seconds: float | None = None,
+                  steps: int | None = None) -> dict[str, Any]:
     """Golden vectors: the reference's loop on `count` puzzles, for the bundle's self-check on a device.
 
     They are taken among the rounding-stable puzzles (parity.rounding_sensitive) of the first 4 x count: a puzzle
     whose outcome another float32 rounding can change would fail a correct engine's self-check. A chaotic model
     may leave fewer stable puzzles than asked for; the rest are filled in order, and the self-check's
-    predictions and q-sign bars are then the stable fraction."""
+    predictions and q-sign bars are then the stable fraction. `steps`: the first steps of the loop (default: the
+    trained limit); the self-check runs as many."""
     candidates = min(4 * count, len(puzzles.tokens))
-    sensitive = np.concatenate([rounding_sensitive(model, puzzles.tokens[part], puzzles.puzzle_ids[part])
+    sensitive = np.concatenate([rounding_sensitive(model, puzzles.tokens[part], puzzles.puzzle_ids[part], steps)
                                 for part in budget_chunks(candidates, count, seconds)])
     order = np.concatenate([np.flatnonzero(~sensitive), np.flatnonzero(sensitive)])
     chosen = np.sort(order[: min(count, len(sensitive))])
     n, stable = len(chosen), int(np.sum(~sensitive[chosen]))
     tokens, ids = puzzles.tokens[chosen], puzzles.puzzle_ids[chosen]
-    trace = run_reference(model, tokens, ids, mode="adaptive")
+    trace = run_reference(model, tokens, ids, mode="adaptive", max_steps=steps)
     arrays = {"tokens": tokens.astype(np.int64), "puzzle_ids": ids.astype(np.int64), "q_halt": trace.q_halt,
               "q_continue": trace.q_continue, "predictions": trace.step_predictions[-1].astype(np.int64),
               "adaptive_steps": trace.steps_used, "adaptive_predictions": trace.predictions.astype(np.int64)}
@@ -375,5 +424,6 @@ def _write_golden(stage: StagedBundle, model, puzzles: Puzzles, count: int, seco
     tolerances = dict(FP32_TOLERANCES)
     if stable < n:
         tolerances["predictions_identical"] = tolerances["q_sign_agreement"] = stable / n
-    return {"folder": GOLDEN_FOLDER, "count": n, "steps": trace.num_steps, "source": puzzles.source,
+    return {"folder": GOLDEN_FOLDER, "count": n, "steps": trace.num_steps,
+            "trained_steps": model.config.halt_max_steps, "source": puzzles.source,
             "indices": [int(i) for i in chosen], "rounding_stable": stable, "tolerances": {"fp32": tolerances}}

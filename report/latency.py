@@ -76,16 +76,17 @@ def budget_chunks(total: int, capacity: int, seconds: float | None) -> Iterator[
     """Consecutive slices of `total` items to process within `seconds` (None: all of them, `capacity` at a time).
 
     With a budget the first slice is one item, each next one as many as the rate so far says still fit (at most
-    `capacity`), and none starts once the budget is spent: a paper-size model, where one full batch can take
-    minutes, stays within it too. The caller times nothing; the slices it was given cover what was done."""
+    `capacity`), and none starts unless one more item does: a paper-size model, where one item can take a minute,
+    stays within it too (one item at least). The caller times nothing; the slices it was given cover what was done."""
     started, start = time.perf_counter(), 0
     while start < total:
         size = capacity
         if seconds is not None:
             spent = time.perf_counter() - started
-            if start and spent >= seconds:
+            fit = 1 if not start else int(min(capacity, (seconds - spent) / (spent / start)))
+            if fit < 1:
                 return
-            size = 1 if not start else int(min(capacity, max(1, (seconds - spent) / (spent / start))))
+            size = fit
         stop = min(start + size, total)
         yield slice(start, stop)
         start = stop

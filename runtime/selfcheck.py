@@ -102,12 +102,15 @@ def check_golden(solver: Solver) -> None:
                           f"{solver.bundle} --variant {solver.variant}` and re-export")
 
 
-def golden_report(solver: Solver) -> CheckReport:
-    """The self-check of `solver`'s variant: its golden puzzles against the reference values in the manifest."""
+def golden_report(solver: Solver, figures: dict[str, float] | None = None) -> CheckReport:
+    """The self-check of `solver`'s variant: its golden puzzles against the reference values in the manifest.
+
+    `figures`: golden_figures of this solver's graph, already measured (the export does, to set the bars); else
+    the golden puzzles are run now."""
     variant = solver.variant
     tolerances = solver.manifest.golden["tolerances"]
     tol = tolerances.get(variant, tolerances["fp32"])
-    f = golden_figures(solver)
+    f = golden_figures(solver) if figures is None else figures
     report = CheckReport(variant, solver.backend.name)
     if solver.backend_note:  # a fall back from the bundle's engine is said where the verdict is
         report.notes.append(solver.backend_note)

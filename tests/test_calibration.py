@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -151,6 +152,42 @@ def test_any_reader_with_get_next_feeds_the_calibrator(bundle, calib_set):
 
     with pytest.raises(CalibrationError, match="gave no data"):
         calibrate(prepared, Empty(), settings)
+
+
+@pytest.mark.parametrize("method", ["minmax", "entropy"])
+def test_only_what_the_int8_graph_reads_is_calibrated_and_its_ranges_are_onnx_runtimes(bundle, calib_set, method):
+    """The calibrator collects the activation inputs of weighted MatMul/Gemm only (the attention products' too when
+    asked), and fits them exactly as ONNX Runtime's own calibrator, which collects every MatMul input and output."""
+    import tempfile
+
+    import onnxruntime as ort
+    from onnxruntime.quantization.calibrate import create_calibrator
+
+    samples = record_step_inputs(bundle, calib_set, RecordOptions(max_samples=16, threads=THREADS))
+    prepared = prepare_graph(onnx.load(bundle / "graphs/step_fp32.onnx"))
+    settings = CalibrationSettings(method=method, threads=THREADS, chunk_samples=16, batch_size=16)
+    ours, with_attention = calibrate(prepared, samples, settings), calibrate(
+        prepared, samples, dataclasses.replace(settings, attention=True))
+    constants = {i.name for i in prepared.graph.initializer}
+    matmuls = [n for n in prepared.graph.node if n.op_type in ("MatMul", "Gemm")]
+    weighted = {n.input[0] for n in matmuls if n.input[1] in constants}
+    attention = {t for n in matmuls if n.input[1] not in constants for t in n.input[:2]}
+    assert attention and set(ours.data.keys()) == weighted
+    assert set(with_attention.data.keys()) == weighted | attention
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx.save(prepared, Path(tmp) / "m.onnx")
+        stock = create_calibrator(Path(tmp) / "m.onnx", ["MatMul", "Gemm"], str(Path(tmp) / "aug.onnx"),
+                                  calibrate_method=getattr(ort.quantization.CalibrationMethod,
+                                                           {"minmax": "MinMax", "entropy": "Entropy"}[method]),
+                                  extra_options={"symmetric": True})
+        stock.collect_data(samples.reader(16))
+        full = stock.compute_data()
+    assert weighted < set(full.keys())  # it also collected the MatMul outputs and the attention inputs
+    for name in weighted:
+        assert np.array_equal(ours.data[name].range_value, full[name].range_value), name
+    with pytest.raises(CalibrationError, match="calibrate with CalibrationSettings\\(attention=True\\)"):
+        quantize_int8(prepared, ours, Int8Options(quantize_attention=True))
+    assert quantize_int8(prepared, with_attention, Int8Options(quantize_attention=True)).quantized
 
 
 def test_bad_calibration_files_are_refused_with_a_reason(bundle, tmp_path):
@@ -449,14 +486,19 @@ def test_options_are_checked_up_front():
 
 def test_a_time_budget_sizes_the_evaluation_and_calibration(bundle, tmp_path, monkeypatch):
     """eval_seconds (the one command's default): the FP32 reference on the puzzles that fit, every variant measured
-    on the same ones, the calibration puzzles sized to the same rate; each said in the log."""
+    on the same ones, the calibration puzzles sized to the same rate, the methods that fit theirs (at least one);
+    each said in the log."""
     import trm_export.calibration.variants as variants
 
     monkeypatch.setattr(variants, "RECORD_SECONDS", 1e-9)  # one calibration puzzle fits
+    monkeypatch.setattr(variants, "METHODS_SECONDS", 1e-9)  # the first method only
     lines: list[str] = []
-    options = dataclasses.replace(FAST, eval_puzzles=None, calib_puzzles=None, eval_seconds=1e-9, methods=("minmax",),
-                                  fp16=False, mixed=False)
+    options = dataclasses.replace(FAST, eval_puzzles=None, calib_puzzles=None, eval_seconds=1e-9,
+                                  methods=("minmax", "percentile"), fp16=False, mixed=False)
     result = add_variants(bundle, tmp_path / "q", options, log=lines.append)
     assert result.manifest.parity["int8-minmax"]["puzzles"] == 1
     assert any("1 puzzles fit the 1e-09 s budget" in line for line in lines)
     assert result.samples["puzzles"] == 1 and any("calibration on the first 1 of 256" in line for line in lines)
+    assert result.not_built == ["percentile"] and "int8-percentile" not in result.manifest.graphs
+    assert any(line.startswith("int8-percentile not built: past the calibration methods' time budget")
+               and "--methods percentile" in line for line in lines)

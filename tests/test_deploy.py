@@ -15,6 +15,7 @@ from trm_export.calibration.compare import VariantComparison
 from trm_export.cli import main as cli
 from trm_export.export.pipeline import ExportOptions, Puzzles, export_bundle, parity_sample_note
 from trm_export.runtime.manifest import read_manifest
+from trm_export.runtime.selfcheck import golden_figures, verify_bundle
 from trm_export.runtime.solver import Solver
 from trm_export.tasks import get_task
 
@@ -67,10 +68,27 @@ def test_parity_and_golden_samples_are_bounded_by_time_and_say_so(tmp_path):
         progress=False, batch_size=8, parity_seconds=1e-6, golden_seconds=1e-9), puzzles=puzzles)
     assert manifest.golden["count"] == 1  # the first candidate checked, then the budget was spent
     assert (report.puzzles, report.offered) == (1, 16)  # the first chunk, one puzzle: always at least one
+    # not even one step of one puzzle fits: the first step is checked, and both say so
+    assert (report.steps, report.trained_steps) == (1, 8)  # SUDOKU_SHAPED trains 8 steps
+    assert (manifest.golden["steps"], manifest.golden["trained_steps"]) == (1, 8)
     assert "the first 1 of 16 puzzles" in manifest.parity["fp32"]["sample"]
-    assert "(the first 1 of 16, by time budget)" in report.summary()
-    report.offered = None  # what a check of every puzzle reports
-    assert parity_sample_note(report, None) == "every offered puzzle (1) checked"
+    assert "Only the first 1 of the 8 trained steps were checked" in manifest.parity["fp32"]["sample"]
+    assert "(the first 1 of 16, by time budget) x 1 of 8 steps" in report.summary()
+    check = verify_bundle(tmp_path / "b")  # the self-check runs as many steps as the golden vectors hold
+    assert check, str(check)
+    assert golden_figures(Solver(tmp_path / "b"))["steps"] == 1
+    report.offered = report.trained_steps = None  # what a check of every puzzle at every step reports
+    assert parity_sample_note(report, None) == "every offered puzzle (1) checked."
+
+
+def test_check_steps_all_checks_every_step_whatever_the_time(tmp_path):
+    write_official_checkpoint(tmp_path / "ck", SUDOKU_SHAPED)
+    p = get_task("sudoku").split("calibration", size=4)
+    puzzles = Puzzles(p.inputs, p.puzzle_ids, p.labels, "calibration", "sudoku")
+    _, manifest, report = export_bundle(tmp_path / "ck", tmp_path / "b", ExportOptions(
+        progress=False, batch_size=8, parity_seconds=1e-6, golden_seconds=1e-9, golden_puzzles=1,
+        check_steps=1 << 62), puzzles=puzzles)
+    assert (report.steps, report.trained_steps, manifest.golden["steps"]) == (8, None, 8)
 
 
 @pytest.mark.slow  # 30 s: every method, mixed precision and fp16; test_targets checks the choice on one method

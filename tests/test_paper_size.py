@@ -116,3 +116,25 @@ def test_large_tables_are_not_copied(tmp_path):
     np.save(tmp_path / "t.npy", np.arange(12, dtype=np.float32).reshape(3, 4))
     mapped = load_array(tmp_path / "t.npy", (3, 4), kinds="f", mmap=True)
     assert isinstance(mapped, np.memmap) and mapped[2, 1] == 9
+
+
+def test_time_budgets_start_an_item_only_when_it_fits(monkeypatch):
+    """budget_chunks: the first item always; then as many as the rate so far says fit, and none when not even one
+    does (a paper-size puzzle can take a minute: starting one more past the budget doubled the golden vectors')."""
+    import trm_export.report.latency as latency
+
+    clock = [0.0]
+    monkeypatch.setattr(latency.time, "perf_counter", lambda: clock[0])
+
+    def run(seconds: float, per_item: float, total: int = 100, capacity: int = 8) -> list[int]:
+        sizes = []
+        for part in latency.budget_chunks(total, capacity, seconds):
+            sizes.append(part.stop - part.start)
+            clock[0] += per_item * sizes[-1]
+        return sizes
+
+    assert run(60, 55) == [1]  # 5 s left: one more 55 s item would end at 110 s
+    assert run(60, 25) == [1, 1]  # 35 s left: one more fits, then 10 s left
+    assert run(60, 1) == [1, 8, 8, 8, 8, 8, 8, 8, 3]  # 60 items, in batches of at most `capacity`
+    assert run(1e-9, 5) == [1]  # at least one
+    assert list(latency.budget_chunks(3, 2, None)) == [slice(0, 2), slice(2, 3)]
