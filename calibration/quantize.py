@@ -44,7 +44,7 @@ class CalibrationSettings:
 
     method: "minmax" (the extremes), "entropy" (KL-divergence threshold on a histogram, TensorRT's classic
     calibrator) or "percentile" (clip at `percentile` of |x|). `chunk_samples` bounds memory: the calibrator
-    holds every intermediate tensor of that many samples at once.
+    holds every collected tensor of that many samples at once (fewer for a large model: CHUNK_BYTES).
     """
 
     method: str = "minmax"
@@ -148,7 +148,8 @@ def calibrate(prepared: onnx.ModelProto, data: StepSamples | CalibrationDataRead
     with tempfile.TemporaryDirectory(prefix="trm-calib.") as tmp, _quiet_ort_logging():
         path = Path(tmp) / "model.onnx"
         onnx.save(prepared, path)
-        calibrator = _calibrator(path, Path(tmp) / "aug.onnx", settings, _inputs_to_fit(prepared, settings.attention))
+        needed = _inputs_to_fit(prepared, settings.attention)
+        calibrator = _calibrator(path, Path(tmp) / "aug.onnx", settings, needed)
         # Its own session would use every core; ours takes the caller's thread count.
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
@@ -157,8 +158,10 @@ def calibrate(prepared: onnx.ModelProto, data: StepSamples | CalibrationDataRead
             options.inter_op_num_threads = 1
         calibrator.infer_session = ort.InferenceSession(calibrator.augmented_model_path, options,
                                                         providers=["CPUExecutionProvider"])
-        reader = data.reader(settings.batch_size) if isinstance(data, StepSamples) else data
-        batches = max(1, settings.chunk_samples // settings.batch_size)
+        chunk = _chunk_samples(prepared, settings, len(needed))
+        batch = min(settings.batch_size, chunk)
+        reader = data.reader(batch) if isinstance(data, StepSamples) else data
+        batches = max(1, chunk // batch)
         count = 0
         while (first := reader.get_next()) is not None:
             chunk = _Chunk(first, reader, batches)
@@ -169,6 +172,21 @@ def calibrate(prepared: onnx.ModelProto, data: StepSamples | CalibrationDataRead
         ranges = calibrator.compute_data()
         del calibrator
     return ActivationRanges(settings.method, count, ranges, settings.attention)
+
+
+# What the collected activations of one chunk may take: the calibrator holds them all until the chunk ends (a
+# paper-size maze's 122 MatMul inputs are up to 0.7 GB per sample; 8-sample chunks peaked at 11 GB).
+CHUNK_BYTES = 1 << 30
+
+
+def _chunk_samples(model: onnx.ModelProto, settings: CalibrationSettings, tensors: int) -> int:
+    """settings.chunk_samples, fewer where `tensors` activations per sample would pass CHUNK_BYTES (each at most
+    [positions, 3 x hidden] float32: the widest MatMul input is the MLP's down projection)."""
+    dims = [d.dim_value for d in next(i for i in model.graph.input if i.name == "x").type.tensor_type.shape.dim]
+    if len(dims) != 3 or not dims[1] or not dims[2]:
+        return settings.chunk_samples  # not a step graph of known shape: as configured
+    per_sample = max(1, tensors) * dims[1] * 3 * dims[2] * 4
+    return max(1, min(settings.chunk_samples, CHUNK_BYTES // per_sample))
 
 
 def _inputs_to_fit(model: onnx.ModelProto, attention: bool) -> set[str]:

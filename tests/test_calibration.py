@@ -190,6 +190,24 @@ def test_only_what_the_int8_graph_reads_is_calibrated_and_its_ranges_are_onnx_ru
     assert quantize_int8(prepared, with_attention, Int8Options(quantize_attention=True)).quantized
 
 
+def test_calibration_chunks_are_bounded_by_memory():
+    """A paper-size maze's 122 collected activations per sample: one sample per chunk (8 peaked at 11 GB); a small
+    model keeps the configured chunk."""
+    from onnx import TensorProto, helper
+
+    from trm_export.calibration.quantize import CHUNK_BYTES, _chunk_samples
+
+    def step(positions: int, hidden: int) -> onnx.ModelProto:
+        x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", positions, hidden])
+        y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", positions, hidden])
+        return helper.make_model(helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g", [x], [y]))
+
+    settings = CalibrationSettings()
+    assert _chunk_samples(step(916, 512), settings, 122) == 1
+    assert _chunk_samples(step(97, 512), settings, 122) == CHUNK_BYTES // (122 * 97 * 3 * 512 * 4) == 5
+    assert _chunk_samples(step(82, 96), settings, 40) == settings.chunk_samples
+
+
 def test_bad_calibration_files_are_refused_with_a_reason(bundle, tmp_path):
     manifest = read_manifest(bundle)
     np.save(tmp_path / "empty.npy", np.zeros((0, 81), np.int64))
