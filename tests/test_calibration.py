@@ -204,8 +204,8 @@ def test_calibration_chunks_are_bounded_by_memory():
 
     settings = CalibrationSettings()
     assert _chunk_samples(step(916, 512), settings, 122) == 1
-    assert _chunk_samples(step(97, 512), settings, 122) == CHUNK_BYTES // (122 * 97 * 3 * 512 * 4) == 5
-    assert _chunk_samples(step(82, 96), settings, 40) == settings.chunk_samples
+    assert _chunk_samples(step(400, 512), settings, 122) == CHUNK_BYTES // (122 * 400 * 3 * 512 * 4) == 3
+    assert _chunk_samples(step(97, 512), settings, 122) == settings.chunk_samples  # Sudoku-Extreme: 73 MB each
 
 
 def test_bad_calibration_files_are_refused_with_a_reason(bundle, tmp_path):
