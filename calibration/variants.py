@@ -42,7 +42,7 @@ from trm_export.calibration.data import (
     task_split,
 )
 from trm_export.calibration.fp16 import Fp16Options, convert_fp16
-from trm_export.calibration.graph import compact_graph, prepare_graph, weight_bytes
+from trm_export.calibration.graph import compact_graph, prepare_graph, quantizable_groups, weight_bytes
 from trm_export.calibration.mixed import MixedOptions, MixedResult, select_float_layers
 from trm_export.calibration.qdq import BundleCheck, check_bundle, validate_qdq
 from trm_export.calibration.quantize import (
@@ -253,6 +253,7 @@ def add_variants(bundle: str | Path, out: str | Path, options: QuantizeOptions =
         quantized: dict[str, tuple[QuantizedGraph, object]] = {}
         samples: StepSamples | None = None
         not_built: list[str] = []  # calibration methods the time budget left out
+        skipped_notes: list[str] = []  # what else the time budget left out, in words (report, choice record)
 
         def measure(variant: str, puzzles: int) -> VariantComparison:
             """Compare `variant` with fp32 on the first `puzzles` (extending an earlier, smaller comparison)."""
@@ -315,7 +316,15 @@ def add_variants(bundle: str | Path, out: str | Path, options: QuantizeOptions =
                 measure(f"int8-{best}", n_eval)
             clock.lap("calibrate + quantize + measure int8")
         missed = best is not None and comparisons[f"int8-{best}"].accuracy_drop > budget
-        if best is not None and (options.mixed is True or (options.mixed is None and missed)):
+        mixed_cost = 0.0 if best is None else _mixed_seconds(prepared, options, n_eval, reference.steps, step_seconds)
+        if options.mixed is None and missed and options.eval_seconds is not None and mixed_cost > MIXED_SECONDS:
+            skipped_notes.append(
+                f"int8-mixed not built: int8-{best} misses the {budget:g}-point budget, and ranking its layers by "
+                f"end-of-loop sensitivity would take about {mixed_cost / 60:.0f} min here (one loop per layer group), "
+                f"past the {MIXED_SECONDS:g} s mixed precision gets at this size; `trm-export quantize BUNDLE "
+                "--eval-puzzles N` builds it whatever the time")
+            say(skipped_notes[-1])
+        elif best is not None and (options.mixed is True or (options.mixed is None and missed)):
             graph, ranges = quantized[best]
             sensitivity = run_fp32(bundle, eval_set.head(options.mixed_options.sensitivity_puzzles), options.compare)
             mixed_result = select_float_layers(bundle, prepared, ranges, reference, sensitivity,
@@ -355,6 +364,8 @@ def add_variants(bundle: str | Path, out: str | Path, options: QuantizeOptions =
             chosen, record = _choose(options.choose, comparisons, budget, timings, n_eval, measure)
             if not_built:
                 record["methods_not_built"] = {"methods": not_built, "why": _not_built_words(not_built)}
+            if skipped_notes:
+                record["not_built"] = skipped_notes
             new_manifest = dataclasses.replace(new_manifest, default_variant=chosen, choice=record)
             say(f"chosen: {chosen}" + (f" ({record['fallback']})" if "fallback" in record else ""))
         # TensorRT targets: recipes for the new graphs too, engines kept; a browser bundle keeps its page entry
@@ -391,6 +402,7 @@ def add_variants(bundle: str | Path, out: str | Path, options: QuantizeOptions =
             data = report_data(stage.path, new_manifest, reference, comparisons, timings)
             if not_built:
                 data.notes.append(_not_built_words(not_built))
+            data.notes += skipped_notes
             data.bundle = str(stage.out)  # where it will be, not the staging folder
             write_report(data, stage.path / "report", budget)
             clock.lap("report")
@@ -473,6 +485,19 @@ RECORD_SECONDS = 30.0
 # say it ends within it. Ours build all three in seconds; a paper-size maze took 55-60 s per method on 2 cores, and
 # at 150 s its one-command Jetson export (two methods) ended 17 s short of 10 minutes.
 METHODS_SECONDS = 100.0
+
+
+# ... and of mixed precision when the best method misses the accuracy budget (ranking: one loop per layer group on
+# the sensitivity puzzles; then at least one try on the evaluation puzzles). Ours take seconds; a paper-size maze,
+# about 20 minutes.
+MIXED_SECONDS = 120.0
+
+
+def _mixed_seconds(prepared, options: QuantizeOptions, n_eval: int, steps: int, step_seconds: float) -> float:
+    """What select_float_layers would cost here, at least: a loop per ranked group, then one selection try."""
+    groups = sum(1 for g in quantizable_groups(prepared) if options.int8.quantize_attention or g.kind == "weight")
+    sensitivity = min(options.mixed_options.sensitivity_puzzles, n_eval)
+    return (groups * sensitivity + n_eval) * steps * step_seconds
 
 
 def _not_built_words(methods: list[str]) -> str:

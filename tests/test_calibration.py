@@ -510,9 +510,11 @@ def test_a_time_budget_sizes_the_evaluation_and_calibration(bundle, tmp_path, mo
 
     monkeypatch.setattr(variants, "RECORD_SECONDS", 1e-9)  # one calibration puzzle fits
     monkeypatch.setattr(variants, "METHODS_SECONDS", 1e-9)  # the first method only
+    monkeypatch.setattr(variants, "MIXED_SECONDS", 1e-9)  # no time to rank layers
     lines: list[str] = []
     options = dataclasses.replace(FAST, eval_puzzles=None, calib_puzzles=None, eval_seconds=1e-9,
-                                  methods=("minmax", "percentile"), fp16=False, mixed=False)
+                                  methods=("minmax", "percentile"), fp16=False, mixed=None,
+                                  mixed_options=dataclasses.replace(FAST.mixed_options, max_accuracy_drop=-1.0))
     result = add_variants(bundle, tmp_path / "q", options, log=lines.append)
     assert result.manifest.parity["int8-minmax"]["puzzles"] == 1
     assert any("1 puzzles fit the 1e-09 s budget" in line for line in lines)
@@ -520,3 +522,6 @@ def test_a_time_budget_sizes_the_evaluation_and_calibration(bundle, tmp_path, mo
     assert result.not_built == ["percentile"] and "int8-percentile" not in result.manifest.graphs
     assert any(line.startswith("int8-percentile not built: past the calibration methods' time budget")
                and "--methods percentile" in line for line in lines)
+    # int8-minmax misses the (impossible) accuracy budget, and mixed precision would not fit its time
+    assert "int8-mixed" not in result.manifest.graphs
+    assert any(line.startswith("int8-mixed not built: int8-minmax misses the -1-point budget") for line in lines)
