@@ -423,6 +423,7 @@ def report_data(bundle: Path, manifest: Manifest, reference: Fp32Run, comparison
     budgets = tuple(sorted({b for b in BUDGETS if b <= steps} | {steps}))
     data = ReportData(str(bundle), manifest.target, f"the export machine ({host_description()}), ONNX Runtime CPU",
                       manifest.task.name or "custom", reference.trajectory.puzzles, reference.puzzles.source)
+    data.drift = [DriftCurve(v, c.rel_error, c.cosine) for v, c in comparisons.items()]  # needs no labels
     if reference.trajectory.exact is None:
         data.not_measured.append("accuracy: the evaluation puzzles have no labels")
         return data
@@ -435,7 +436,6 @@ def report_data(bundle: Path, manifest: Manifest, reference: Fp32Run, comparison
         single, batched = timings[variant]
         data.measurements += settings_of(variant, manifest.graphs[variant].precision, "onnxruntime (CPU)",
                                          trajectory, budgets, single, batched, size_mb)
-    data.drift = [DriftCurve(v, c.rel_error, c.cosine) for v, c in comparisons.items()]
     screened = sorted(v for v, c in comparisons.items() if c.puzzles < reference.trajectory.puzzles)
     if screened:
         data.notes.append(f"{', '.join(screened)}: measured on the first {comparisons[screened[0]].puzzles} puzzles "

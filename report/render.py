@@ -180,13 +180,41 @@ def plots(data: ReportData, folder: Path) -> list[str]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import matplotlib.ticker  # noqa: F401 - used through matplotlib.ticker
 
     written = []
     rows = data.measurements
-    variants = sorted({r.variant for r in rows})
+    variants = sorted({r.variant for r in rows} | {d.variant for d in data.drift})
     colors = {v: plt.cm.tab10(i % 10) for i, v in enumerate(variants)}
+    if rows:  # no accuracy without labelled puzzles (the report says so): then the drift plot alone
+        written += _accuracy_plots(data, folder, plt, colors)
+    if data.drift:
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+        for d in data.drift:
+            steps = range(1, len(d.relative_error) + 1)
+            a1.plot(steps, d.relative_error, marker="o", label=d.variant, color=colors.get(d.variant))
+            a2.plot(steps, d.cosine, marker="o", label=d.variant, color=colors.get(d.variant))
+        a1.set_yscale("log")
+        a1.set_xlabel("ACT step")
+        a1.set_ylabel("relative error of z_H vs FP32")
+        a2.set_xlabel("ACT step")
+        a2.set_ylabel("cosine similarity of z_H with FP32")
+        for a in (a1, a2):
+            a.grid(alpha=0.3)
+            a.legend(fontsize=8)
+        fig.suptitle("Per-step drift of reduced precision against FP32")
+        fig.tight_layout()
+        fig.savefig(folder / "drift.png", dpi=110)
+        plt.close(fig)
+        written.append("drift.png")
+    return written
 
+
+def _accuracy_plots(data: ReportData, folder: Path, plt, colors: dict) -> list[str]:
+    """pareto.png and accuracy_vs_steps.png, from the measurements (there are some)."""
+    import matplotlib.ticker
+
+    rows = data.measurements
+    variants = sorted({r.variant for r in rows})
     fig, ax = plt.subplots(figsize=(8, 5))
     front = pareto_front(rows)
     for r in rows:
@@ -220,7 +248,7 @@ def plots(data: ReportData, folder: Path) -> list[str]:
     fig.tight_layout()
     fig.savefig(folder / "pareto.png", dpi=110)
     plt.close(fig)
-    written.append("pareto.png")
+    written = ["pareto.png"]
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for v in variants:
@@ -249,26 +277,6 @@ def plots(data: ReportData, folder: Path) -> list[str]:
     fig.savefig(folder / "accuracy_vs_steps.png", dpi=110)
     plt.close(fig)
     written.append("accuracy_vs_steps.png")
-
-    if data.drift:
-        fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
-        for d in data.drift:
-            steps = range(1, len(d.relative_error) + 1)
-            a1.plot(steps, d.relative_error, marker="o", label=d.variant, color=colors.get(d.variant))
-            a2.plot(steps, d.cosine, marker="o", label=d.variant, color=colors.get(d.variant))
-        a1.set_yscale("log")
-        a1.set_xlabel("ACT step")
-        a1.set_ylabel("relative error of z_H vs FP32")
-        a2.set_xlabel("ACT step")
-        a2.set_ylabel("cosine similarity of z_H with FP32")
-        for a in (a1, a2):
-            a.grid(alpha=0.3)
-            a.legend(fontsize=8)
-        fig.suptitle("Per-step drift of reduced precision against FP32")
-        fig.tight_layout()
-        fig.savefig(folder / "drift.png", dpi=110)
-        plt.close(fig)
-        written.append("drift.png")
     return written
 
 

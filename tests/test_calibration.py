@@ -208,6 +208,16 @@ def test_calibration_chunks_are_bounded_by_memory():
     assert _chunk_samples(step(97, 512), settings, 122) == settings.chunk_samples  # Sudoku-Extreme: 73 MB each
 
 
+def test_a_report_without_labels_says_so_and_plots_the_drift(bundle, calib_set, tmp_path):
+    """Unlabelled evaluation puzzles (ARC without its dataset folder, the user's own file): no accuracy to plot, the
+    report says why and still shows the drift (its plotting crashed on an empty log axis)."""
+    options = dataclasses.replace(FAST, methods=("minmax",), fp16=False, mixed=False, report=True, eval_puzzles=4)
+    result = add_variants(bundle, tmp_path / "q", options, heldout=calib_set)  # calib_set has no labels
+    report = result.path / "report"
+    assert sorted(p.name for p in report.glob("*.png")) == ["drift.png"]
+    assert "the evaluation puzzles have no labels" in (report / "REPORT.md").read_text()
+
+
 def test_bad_calibration_files_are_refused_with_a_reason(bundle, tmp_path):
     manifest = read_manifest(bundle)
     np.save(tmp_path / "empty.npy", np.zeros((0, 81), np.int64))
