@@ -180,6 +180,11 @@ def test_only_what_the_int8_graph_reads_is_calibrated_and_its_ranges_are_onnx_ru
                                   calibrate_method=getattr(ort.quantization.CalibrationMethod,
                                                            {"minmax": "MinMax", "entropy": "Entropy"}[method]),
                                   extra_options={"symmetric": True})
+        options = ort.SessionOptions()  # ours runs at THREADS threads: the same kernels' partitioning
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        options.intra_op_num_threads, options.inter_op_num_threads = THREADS, 1
+        stock.infer_session = ort.InferenceSession(stock.augmented_model_path, options,
+                                                   providers=["CPUExecutionProvider"])
         stock.collect_data(samples.reader(16))
         full = stock.compute_data()
     assert weighted < set(full.keys())  # it also collected the MatMul outputs and the attention inputs
