@@ -182,7 +182,8 @@ CHUNK_BYTES = 1 << 30
 def _chunk_samples(model: onnx.ModelProto, settings: CalibrationSettings, tensors: int) -> int:
     """settings.chunk_samples, fewer where `tensors` activations per sample would pass CHUNK_BYTES (each at most
     [positions, 3 x hidden] float32: the widest MatMul input is the MLP's down projection)."""
-    dims = [d.dim_value for d in next(i for i in model.graph.input if i.name == "x").type.tensor_type.shape.dim]
+    x = next((i for i in model.graph.input if i.name == "x"), None)
+    dims = [] if x is None else [d.dim_value for d in x.type.tensor_type.shape.dim]
     if len(dims) != 3 or not dims[1] or not dims[2]:
         return settings.chunk_samples  # not a step graph of known shape: as configured
     per_sample = max(1, tensors) * dims[1] * 3 * dims[2] * 4

@@ -105,7 +105,8 @@ class QuantizeOptions:
     eval_puzzles: int | None = None
     # Time budget of the FP32 reference loop on the evaluation puzzles: as many of them as fit (at least one; None:
     # all). Every variant is measured on the same puzzles, so this sizes the whole measurement; when it cuts the
-    # set, the screening sample is a fifth of what fit.
+    # set, the screening sample is a fifth of what fit. It also turns on the budgets of recording (RECORD_SECONDS),
+    # of the calibration methods (METHODS_SECONDS) and of mixed precision (MIXED_SECONDS).
     eval_seconds: float | None = None
     # Every graph is first measured on this many evaluation puzzles; the best calibration method, and any
     # variant the choice may fall back to, then on all of them (None: every graph on all).
