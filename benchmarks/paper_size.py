@@ -20,7 +20,8 @@ next stage runs. When there is no cpu bundle for verify / quantize / report / ru
 `export-cpu-min`; --no-fallback-bundle skips it), so that those stages are still measured at their defaults.
 
 Sudoku and Maze 30x30 match shipped tasks, so their puzzles come from the shipped generators; ARC (vocab 12 x 900)
-has none: its puzzles (ARC-like grids, random colours) are passed with --puzzles / --calib (.npy tokens).
+has none: its puzzles come from an official-layout dataset folder written here (ARC-like grids, random colours,
+labelled by a colour rotation), passed with --data to the export, quantize and report, as a user passes theirs.
 
     .venv/bin/python benchmarks/paper_size.py                       # everything, ~hours on 2 cores
     .venv/bin/python benchmarks/paper_size.py --models sudoku-mlpt --stages inspect,export-cpu --timeout 120
@@ -202,18 +203,37 @@ def arc_like_puzzles(n: int, seed: int) -> np.ndarray:
     return out.reshape(n, 900)
 
 
-def puzzle_files(model: str, folder: Path) -> dict[str, Path]:
-    """Generated puzzles for `run` (and, for ARC, --puzzles / --calib of the export and quantize)."""
+def arc_dataset_folder(root: Path, rows: int) -> Path:
+    """An ARC dataset folder in the official builder's layout, as every command's --data reads it: test/ (1000
+    ARC-like puzzles, labelled by a colour rotation so that accuracy is defined) and train/ (256, calibration),
+    puzzle identifiers spread over the model's `rows`-row table, label 0 (padding) ignored as the official one is."""
+    for split, n, seed in (("test", 1000, 2), ("train", 256, 3)):
+        out = root / split
+        out.mkdir(parents=True, exist_ok=True)
+        inputs = arc_like_puzzles(n, seed)
+        labels = np.where(inputs >= 2, (inputs - 2 + 1) % 10 + 2, inputs)
+        ids = np.random.default_rng(seed).integers(1, rows, size=n)
+        for key, value in (("inputs", inputs), ("labels", labels), ("puzzle_identifiers", ids),
+                           ("puzzle_indices", np.arange(n + 1)), ("group_indices", np.arange(n + 1))):
+            np.save(out / f"all__{key}.npy", np.asarray(value, np.int32))
+        meta = {"pad_id": 0, "ignore_label_id": 0, "blank_identifier_id": 0, "vocab_size": 12, "seq_len": 900,
+                "num_puzzle_identifiers": rows, "total_groups": n, "mean_puzzle_examples": 1.0, "total_puzzles": n,
+                "sets": ["all"]}
+        (out / "dataset.json").write_text(json.dumps(meta))
+    return root
+
+
+def puzzle_files(model: str, folder: Path, arc_rows: int) -> dict[str, Path]:
+    """Generated puzzles for `run`, and for ARC (no shipped task) an official dataset folder (--data) for the
+    export, quantize and report."""
     from trm_export.tasks import get_task
 
     files = {}
     if model == "arc-att":
-        np.save(folder / "arc_one.npy", arc_like_puzzles(1, 4))
-        files["one"] = folder / "arc_one.npy"
-        for name, n, seed in (("run", RUN_PUZZLES, 1), ("puzzles", 1000, 2), ("calib", 256, 3)):
-            path = folder / f"arc_{name}.npy"
-            np.save(path, arc_like_puzzles(n, seed))
-            files[name] = path
+        for name, n, seed in (("one", 1, 4), ("run", RUN_PUZZLES, 1)):
+            files[name] = folder / f"arc_{name}.npy"
+            np.save(files[name], arc_like_puzzles(n, seed))
+        files["data"] = arc_dataset_folder(folder / "arc_data", arc_rows)
         return files
     task = get_task("sudoku") if "sudoku" in model else get_task("maze", size=30)
     path = folder / f"{model}_run.npy"
@@ -229,19 +249,17 @@ def commands(model: str, ckpt: Path, folder: Path, puzzles: dict[str, Path],
     exe = cli()
     t = ["--threads", str(threads)] if threads else []
     cpu, jetson, quant = folder / "cpu.bundle", folder / "jetson.bundle", folder / "quant.bundle"
-    arc_export = (["--puzzles", str(puzzles["puzzles"]), "--calib", str(puzzles["calib"])]
-                  if "puzzles" in puzzles else [])
-    arc_quant = ["--calib", str(puzzles["calib"])] if "calib" in puzzles else []
+    data = ["--data", str(puzzles["data"])] if "data" in puzzles else []
     return {
         "inspect": [exe, "inspect", str(ckpt)],
-        "export-cpu": [exe, str(ckpt), "--target", "cpu", "-o", str(cpu), "--force", *arc_export, *t],
+        "export-cpu": [exe, str(ckpt), "--target", "cpu", "-o", str(cpu), "--force", *data, *t],
         "export-cpu-min": [exe, str(ckpt), "--target", "cpu", "-o", str(cpu), "--force", "--no-report",
                            "--parity-puzzles", "1", "--puzzles", str(puzzles["one"]), *t],
         "export-jetson": [exe, str(ckpt), "--target", "jetson-orin-nano", "-o", str(jetson), "--force",
-                          *arc_export, *t],
+                          *data, *t],
         "verify": [exe, "verify", str(cpu)],
-        "quantize": [exe, "quantize", str(cpu), "-o", str(quant), "--force", *arc_quant, *t],
-        "report": [exe, "report", str(cpu), "-o", str(folder / "report"), *t],
+        "quantize": [exe, "quantize", str(cpu), "-o", str(quant), "--force", *data, *t],
+        "report": [exe, "report", str(cpu), "-o", str(folder / "report"), *data, *t],
         "run": [exe, "run", str(cpu), "--input", str(puzzles["run"]), "-o", str(folder / "solutions.npz"),
                 "--force", *t],
     }
@@ -381,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{model}: writing the fixture ({MODELS[model]})", file=sys.stderr, flush=True)
         start = time.perf_counter()
         ckpt, meta["models"][model] = write_fixture(folder / "checkpoint", MODELS[model], args.arc_rows)
-        puzzles = puzzle_files(model, folder)
+        puzzles = puzzle_files(model, folder, meta["models"][model]["rows"])
         results.append(StageResult(model, "fixture", "ok", time.perf_counter() - start,
                                    loadavg_start=os.getloadavg()[0],
                                    error=f"{ckpt.stat().st_size / 2**20:.0f} MiB checkpoint"))

@@ -65,7 +65,7 @@ from trm_export.report.measure import (
     trained_rows,
 )
 from trm_export.report.render import write_report
-from trm_export.report.trajectory import puzzle_progress
+from trm_export.report.trajectory import Trajectory, puzzle_progress
 from trm_export.runtime.manifest import GraphSpec, Manifest, member, read_manifest
 from trm_export.runtime.selfcheck import golden_figures, golden_report
 from trm_export.runtime.solver import Solver
@@ -106,10 +106,12 @@ class QuantizeOptions:
     # Time budget of the FP32 reference loop on the evaluation puzzles: as many of them as fit (at least one; None:
     # all). Every variant is measured on the same puzzles, so this sizes the whole measurement; when it cuts the
     # set, the screening sample is a fifth of what fit. It also turns on the budgets of recording (RECORD_SECONDS),
-    # of the calibration methods (METHODS_SECONDS) and of mixed precision (MIXED_SECONDS).
+    # of the calibration methods (METHODS_SECONDS), of mixed precision (MIXED_SECONDS) and of the choice's
+    # measurements (CHOICE_SECONDS).
     eval_seconds: float | None = None
-    # Every graph is first measured on this many evaluation puzzles; the best calibration method, and any
-    # variant the choice may fall back to, then on all of them (None: every graph on all).
+    # Every graph is first measured on this many evaluation puzzles; the best calibration method (unless its answers
+    # there already put it past the accuracy budget on all), and any variant the choice may fall back to, then on
+    # all of them (None: every graph on all).
     screen_puzzles: int | None = 200
     force: bool = False
     threads: int | None = None
@@ -256,12 +258,17 @@ def add_variants(bundle: str | Path, out: str | Path, options: QuantizeOptions =
         not_built: list[str] = []  # calibration methods the time budget left out
         skipped_notes: list[str] = []  # what else the time budget left out, in words (report, choice record)
 
+        seconds_per_puzzle: dict[str, float] = {}  # each variant's comparison rate, as measured
+
         def measure(variant: str, puzzles: int) -> VariantComparison:
             """Compare `variant` with fp32 on the first `puzzles` (extending an earlier, smaller comparison)."""
             previous = comparisons.get(variant)
-            with puzzle_progress(variant, puzzles, options.progress, start=previous.puzzles if previous else 0) as tick:
+            done = previous.puzzles if previous else 0
+            started = time.perf_counter()
+            with puzzle_progress(variant, puzzles, options.progress, start=done) as tick:
                 cmp = compare_graph(bundle, paths[variant], reference, variant, options.compare, work,
                                     puzzles=puzzles, previous=previous, on_chunk=tick)
+            seconds_per_puzzle[variant] = (time.perf_counter() - started) / max(1, cmp.puzzles - done)
             comparisons[variant] = cmp
             size = graphs[variant].details["size_ratio_fp32"]
             say(f"  {cmp.summary()}, {100 * size:.0f}% of fp32 size")
@@ -314,7 +321,13 @@ def add_variants(bundle: str | Path, out: str | Path, options: QuantizeOptions =
             best = max(built, key=lambda m: _score(comparisons[f"int8-{m}"]))
             say(f"best calibration method: {best}")
             if screen < n_eval:
-                measure(f"int8-{best}", n_eval)
+                floor = lowest_drop(comparisons[f"int8-{best}"], reference.trajectory)
+                if floor > budget:
+                    say(f"int8-{best}: not measured on the other {n_eval - screen} evaluation puzzles: its answers on "
+                        f"the first {screen} already put it at least {floor:.1f} points below fp32 on all {n_eval}, "
+                        f"past the {budget:g}-point budget")
+                else:
+                    measure(f"int8-{best}", n_eval)
             clock.lap("calibrate + quantize + measure int8")
         missed = best is not None and comparisons[f"int8-{best}"].accuracy_drop > budget
         mixed_cost = 0.0 if best is None else _mixed_seconds(prepared, options, n_eval, reference.steps, step_seconds)
@@ -327,6 +340,8 @@ def add_variants(bundle: str | Path, out: str | Path, options: QuantizeOptions =
             say(skipped_notes[-1])
         elif best is not None and (options.mixed is True or (options.mixed is None and missed)):
             graph, ranges = quantized[best]
+            if comparisons[f"int8-{best}"].puzzles < n_eval:  # mixed precision starts from its full measurement
+                measure(f"int8-{best}", n_eval)
             sensitivity = run_fp32(bundle, eval_set.head(options.mixed_options.sensitivity_puzzles), options.compare)
             mixed_result = select_float_layers(bundle, prepared, ranges, reference, sensitivity,
                                                options.mixed_options, options.int8, options.compare, work,
@@ -362,7 +377,10 @@ def add_variants(bundle: str | Path, out: str | Path, options: QuantizeOptions =
             timings = step_timings(stage.path, sorted(graphs), batch, threads=options.threads, seconds=0.5)
             clock.lap("step latency")
         if options.choose is not None:
-            chosen, record = _choose(options.choose, comparisons, budget, timings, n_eval, measure)
+            extend = None if options.eval_seconds is None else _ChoiceBudget(seconds_per_puzzle, n_eval, say)
+            chosen, record = _choose(options.choose, comparisons, budget, timings, n_eval, measure, extend)
+            if extend is not None and extend.skipped:
+                skipped_notes.extend(extend.skipped)
             if not_built:
                 record["methods_not_built"] = {"methods": not_built, "why": _not_built_words(not_built)}
             if skipped_notes:
@@ -440,7 +458,8 @@ def report_data(bundle: Path, manifest: Manifest, reference: Fp32Run, comparison
     screened = sorted(v for v, c in comparisons.items() if c.puzzles < reference.trajectory.puzzles)
     if screened:
         data.notes.append(f"{', '.join(screened)}: measured on the first {comparisons[screened[0]].puzzles} puzzles "
-                          "only (screening: the best calibration method and the chosen variant are measured on all)")
+                          "only (screening: a variant is measured on all only where it could still be the best "
+                          "method or the chosen one)")
     data.not_measured.append(f"TensorRT on {manifest.target}: measured on the device after `trm-export build`, with "
                              "`trm-export report` there" if get_target(manifest.target).tensorrt else
                              "other hosts: re-run `trm-export report` where the bundle runs")
@@ -451,25 +470,56 @@ def _level(variant: str) -> str:
     return variant.split("-", 1)[0]  # int8-minmax, int8-mixed -> int8; fp16; fp32
 
 
+class _ChoiceBudget:
+    """CHOICE_SECONDS for measuring screened variants on every evaluation puzzle before the choice: a variant whose
+    remaining puzzles would take longer, at its own screening rate, is not measured further and not chosen (said)."""
+
+    def __init__(self, seconds_per_puzzle: dict[str, float], n_eval: int, say: Callable[[str], None]) -> None:
+        self.rate, self.n_eval, self.say = seconds_per_puzzle, n_eval, say
+        self.spent = 0.0
+        self.skipped: list[str] = []
+
+    def allows(self, variant: str, done: int) -> bool:
+        cost = self.rate.get(variant, 0.0) * (self.n_eval - done)
+        if self.spent + cost <= CHOICE_SECONDS:
+            self.spent += cost
+            return True
+        self.skipped.append(
+            f"{variant} not chosen: within the budget on the first {done} evaluation puzzles, but measuring it on "
+            f"the other {self.n_eval - done} would take about {cost:.0f} s here, past the {CHOICE_SECONDS:g} s the "
+            "choice gets at this size (a variant is chosen only on every evaluation puzzle); `trm-export quantize "
+            "BUNDLE --eval-puzzles N` measures it whatever the time")
+        self.say(self.skipped[-1])
+        return False
+
+
 def _choose(precision: str, comparisons: dict[str, VariantComparison], budget: float,
             timings: dict[str, tuple[StepTiming, StepTiming]], n_eval: int,
-            measure: Callable[[str, int], VariantComparison]) -> tuple[str, dict[str, Any]]:
+            measure: Callable[[str, int], VariantComparison],
+            extend: _ChoiceBudget | None = None) -> tuple[str, dict[str, Any]]:
     """choose_variant on the variants measured on every evaluation puzzle; a variant measured on the screening
-    puzzles only is measured on all first when it could be chosen over the current choice."""
+    puzzles only is measured on all first when it could be chosen over the current choice (and, with `extend`,
+    when that fits its time budget)."""
     at_batch = {v: t[1] for v, t in timings.items()}
+    refused: set[str] = set()
     while True:
-        full = {v: c for v, c in comparisons.items() if c.puzzles == n_eval}
+        # Measured on every puzzle, or already past the budget on the screening ones (never chosen either way).
+        full = {v: c for v, c in comparisons.items() if c.puzzles == n_eval or c.accuracy_drop > budget + 1e-9}
         chosen, record = choose_variant(precision, full, budget, at_batch)
         order = (list(PRECISIONS[:3]) if precision == "best" else
                  list(PRECISIONS[PRECISIONS.index(precision)::-1]))  # preferred levels first
         rank = order.index(_level(chosen)) if _level(chosen) in order else len(order)
         pending = [v for v, c in comparisons.items() if c.puzzles < n_eval and c.accuracy_drop <= budget + 1e-9
+                   and v not in refused
                    and (order.index(_level(v)) < rank if precision != "best" else
                         v in at_batch and chosen in at_batch and faster_beyond_noise(at_batch[v], at_batch[chosen]))]
         if not pending:
             break
         for variant in pending:
-            measure(variant, n_eval)
+            if extend is None or extend.allows(variant, comparisons[variant].puzzles):
+                measure(variant, n_eval)
+            else:
+                refused.add(variant)
     screened = {v: {"puzzles": c.puzzles, "accuracy_drop_points": round(c.accuracy_drop, 3)}
                 for v, c in comparisons.items() if c.puzzles < n_eval}
     if screened:
@@ -492,6 +542,25 @@ METHODS_SECONDS = 100.0
 # the sensitivity puzzles; then at least one try on the evaluation puzzles). Ours take seconds; a paper-size maze,
 # about 20 minutes.
 MIXED_SECONDS = 120.0
+# ... and of measuring, before the choice, the screened variants that could be chosen on all evaluation puzzles. A
+# trained model's int8 is measured on all of them before (as the best method); this is the fallback's cost when
+# int8 misses: a paper-size ARC's fp16 on four more puzzles took 111 s and its Jetson export 12 minutes.
+CHOICE_SECONDS = 60.0
+
+
+def lowest_drop(cmp: VariantComparison, reference: Trajectory) -> float:
+    """The smallest accuracy drop (points) `cmp`, measured on the first cmp.puzzles of the reference's, can have on
+    all of them, whatever it answers on the rest: with labels, it can at most solve every puzzle fp32 fails there;
+    without labels, a changed answer stays changed."""
+    n, done = reference.puzzles, cmp.puzzles
+    if cmp.trajectory is None:
+        return 0.0
+    if cmp.trajectory.exact is not None and reference.exact is not None:
+        deficit = int(reference.exact[-1, :done].sum()) - int(cmp.trajectory.exact[-1].sum())
+        fp32_fails_rest = int((~reference.exact[-1, done:]).sum())
+        return max(0.0, 100.0 * (deficit - fp32_fails_rest) / n)
+    changed = round((1.0 - cmp.predictions_identical) * done)
+    return 100.0 * changed / n
 
 
 def _mixed_seconds(prepared, options: QuantizeOptions, n_eval: int, steps: int, step_seconds: float) -> float:

@@ -32,10 +32,14 @@ from trm_export.calibration import (
     select_float_layers,
     validate_qdq,
 )
+from trm_export.calibration.compare import VariantComparison
 from trm_export.calibration.fp16 import Fp16Options, convert_fp16, rms_norm_nodes
 from trm_export.calibration.graph import compact_graph, prepare_graph, quantizable_groups, weights_on_the_right
+from trm_export.calibration.variants import lowest_drop
 from trm_export.errors import BundleError, InputError
 from trm_export.export.pipeline import ExportOptions, Puzzles, export_bundle
+from trm_export.report.latency import StepTiming
+from trm_export.report.trajectory import Trajectory
 from trm_export.runtime.manifest import TaskEncoding, read_manifest
 from trm_export.runtime.selfcheck import verify_bundle
 from trm_export.runtime.solver import Solver
@@ -540,3 +544,66 @@ def test_a_time_budget_sizes_the_evaluation_and_calibration(bundle, tmp_path, mo
     # int8-minmax misses the (impossible) accuracy budget, and mixed precision would not fit its time
     assert "int8-mixed" not in result.manifest.graphs
     assert any(line.startswith("int8-mixed not built: int8-minmax misses the -1-point budget") for line in lines)
+
+
+def _trajectory(exact: list[bool] | None, answers: list[int]) -> Trajectory:
+    n = len(answers)
+    return Trajectory(1, "q", np.zeros((1, n), np.float32), np.zeros((1, n), np.float32),
+                      None if exact is None else np.array([exact]), None,
+                      np.array(answers, np.int64).reshape(n, 1))
+
+
+def _comparison(variant: str, trajectory: Trajectory, identical: float = 1.0, exact: float | None = None,
+                fp32_exact: float | None = None) -> VariantComparison:
+    return VariantComparison(variant, trajectory.puzzles, 1, "test", 0, identical, 1.0, [0.0], [1.0],
+                             exact_accuracy=exact, fp32_exact_accuracy=fp32_exact, trajectory=trajectory)
+
+
+def test_the_lowest_possible_drop_bounds_what_the_other_puzzles_can_change():
+    """A screened variant is not measured further when no answers on the other puzzles can bring it within the
+    budget: with labels it may at most solve every puzzle fp32 fails there; without, a changed answer stays."""
+    reference = _trajectory([True, True, True, False, True], [1, 2, 3, 4, 5])
+    both_wrong = _comparison("int8-minmax", _trajectory([False, False], [0, 0]), 0.0, 0.0, 1.0)
+    assert lowest_drop(both_wrong, reference) == pytest.approx(100 * (2 - 1) / 5)  # fp32 fails one of the rest
+    one_wrong = _comparison("int8-minmax", _trajectory([False, True], [0, 2]), 0.5, 0.5, 1.0)
+    assert lowest_drop(one_wrong, reference) == 0.0  # the rest could make up for it
+    unlabelled = _trajectory(None, [1, 2, 3, 4, 5])
+    changed = _comparison("fp16", _trajectory(None, [9]), identical=0.0)
+    assert lowest_drop(changed, unlabelled) == pytest.approx(20.0)
+    same = _comparison("fp16", _trajectory(None, [1]), identical=1.0)
+    assert lowest_drop(same, unlabelled) == 0.0
+
+
+def test_the_choice_measures_a_screened_fallback_only_within_its_time_budget(monkeypatch):
+    """With a time budget, a screened variant that could be chosen is measured on every puzzle only when its own
+    screening rate says that fits CHOICE_SECONDS; otherwise it is not chosen, and the note says why and how."""
+    import trm_export.calibration.variants as variants
+
+    n = 5
+    full = _comparison("int8-minmax", _trajectory(None, [0] * n), identical=0.0)  # misses: 100 points
+    screened = _comparison("fp16", _trajectory(None, [1]), identical=1.0)  # within the budget on 1 of 5
+    timings = {v: (StepTiming(1, 1, 1.0, 1.0, 1.0, 1.0), StepTiming(1, 1, 1.0, 1.0, 1.0, 1.0))
+               for v in ("fp32", "int8-minmax", "fp16")}
+    measured: list[str] = []
+
+    def measure(variant: str, puzzles: int) -> VariantComparison:
+        measured.append(variant)
+        comparisons[variant] = _comparison(variant, _trajectory(None, [1] * puzzles), identical=1.0)
+        return comparisons[variant]
+
+    monkeypatch.setattr(variants, "CHOICE_SECONDS", 100.0)
+    for rate in (30.0, 20.0, 25.0):
+        comparisons = {"int8-minmax": full, "fp16": screened}
+        measured.clear()
+        said: list[str] = []
+        budget = variants._ChoiceBudget({"fp16": rate}, n, said.append)
+        chosen, record = variants._choose("int8", comparisons, 0.5, timings, n, measure, budget)
+        fits = rate * (n - 1) <= 100.0
+        assert chosen == ("fp16" if fits else "fp32"), rate
+        assert measured == (["fp16"] if fits else [])
+        assert record["missed_budget"] == {"int8-minmax": 100.0}
+        if not fits:
+            assert budget.skipped == said and len(said) == 1
+            assert said[0].startswith("fp16 not chosen: within the budget on the first 1 evaluation puzzles")
+            assert f"about {rate * (n - 1):.0f} s" in said[0] and "--eval-puzzles N" in said[0]
+            assert record["screened_only"] == {"fp16": {"puzzles": 1, "accuracy_drop_points": 0.0}}
