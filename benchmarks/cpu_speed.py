@@ -1,12 +1,16 @@
 """CPU speed, side by side in one run: PyTorch eager reference vs the bundle on ONNX Runtime, and the GEMM peak.
 
     python benchmarks/cpu_speed.py [MODEL ...] [--threads 2] [--quantize] [--json out.json]
+    python benchmarks/cpu_speed.py CHECKPOINT --bundle CPU_BUNDLE --batches 1,8 --no-end-to-end   # paper size
+
+MODEL: a shipped reference model's name, or an official checkpoint (with the bundle exported from it).
 
 For each reference model (default: both shipped ones), in one process and with the same thread count:
 - this machine's float32 GEMM peak (the better of torch and ONNX Runtime on a 2048^3 matmul), GFLOP/s;
-- one ACT step at batch 1 and batch 64: PyTorch eager (float32) and every graph variant of the bundle on
-  ONNX Runtime (CPU; --quantize adds int8-entropy and fp16 to the exported bundle first), median time,
-  achieved GFLOP/s (analytic FLOPs of the step) and fraction of the peak;
+- one ACT step at batch 1 and batch 64: PyTorch eager (float32), every graph variant of the bundle on
+  ONNX Runtime (CPU; --quantize adds int8-entropy and fp16 to the exported bundle first) and the fp32 graph on
+  OpenVINO (float32, where installed: the runtime's `--backend openvino`), median time, achieved GFLOP/s
+  (analytic FLOPs of the step) and fraction of the peak;
 - end to end on the held-out split: the official evaluation (PyTorch, 16 fixed steps, batch 64) against the
   runtime with adaptive halting and continuous refill (batch 64): puzzles/s, exact accuracy, their ratio.
 Ratios, not absolute times, are the result: the absolute numbers depend on the machine and its load.
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib.util
 import json
 import tempfile
 import time
@@ -28,6 +33,7 @@ import torch
 from timing import median_time  # benchmarks/ is on sys.path when run as a script
 
 from trm_export.calibration.variants import QuantizeOptions, add_variants
+from trm_export.export.accuracy import task_for_config
 from trm_export.export.config import ModelConfig
 from trm_export.export.pipeline import ExportOptions, export_bundle
 from trm_export.export.reference import run_reference
@@ -95,6 +101,13 @@ def ort_step(bundle: Path, variant: str, tokens: np.ndarray, threads: int) -> Ca
     return lambda: solver.backend.step(len(tokens))
 
 
+def openvino_step(bundle: Path, variant: str, tokens: np.ndarray, threads: int) -> Callable[[], object]:
+    """The runtime's OpenVINO backend (float32) on the same graph file and state as ort_step."""
+    solver = Solver(bundle, variant=variant, backend="openvino", batch_size=len(tokens), threads=threads)
+    solver.solve(tokens, mode="fixed", max_steps=1)
+    return lambda: solver.backend.step(len(tokens))
+
+
 def interleaved_medians(makers: dict[str, Callable[[], Callable[[], object]]], repeats: int,
                         rounds: int) -> dict[str, float]:
     """Median step time of each contender, measured in `rounds` alternating rounds so that a change in the shared
@@ -125,8 +138,13 @@ def main() -> None:
                         help="Use this bundle for the model of the same index instead of exporting one.")
     parser.add_argument("--quantize", action="store_true",
                         help="add int8-entropy and fp16 graphs to each exported bundle and time them too")
+    parser.add_argument("--openvino-variants", default="fp32",
+                        help="variants also timed on OpenVINO (float32 inference), where it is installed")
+    parser.add_argument("--batches", default="1,64", help="batch sizes of the per-step timings")
+    parser.add_argument("--no-end-to-end", action="store_true", help="per-step timings only")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
+    openvino = importlib.util.find_spec("openvino") is not None
     torch.set_num_threads(args.threads)
     gemm = gemm_peak(args.threads)
     peak = gemm["peak"]
@@ -137,9 +155,15 @@ def main() -> None:
         for i, name in enumerate(args.models):
             from trm_export.export.checkpoint import load_checkpoint
 
-            ck = load_checkpoint(reference_model_path(name))
-            task_name, params = TASK_OF_MODEL[name]
-            data = get_task(task_name, **params).split("heldout", size=args.end_to_end_puzzles)
+            if name in TASK_OF_MODEL:
+                ck = load_checkpoint(reference_model_path(name))
+                task_name, params = TASK_OF_MODEL[name]
+                task = get_task(task_name, **params)
+            else:  # a checkpoint path (a paper-size fixture: benchmarks/paper_size.py --keep writes them)
+                ck = load_checkpoint(Path(name))
+                task = task_for_config(ck.config)
+                name = Path(name).parent.parent.name if Path(name).is_file() else Path(name).name
+            data = task.split("heldout", size=args.end_to_end_puzzles)
             if i < len(args.bundle):
                 bundle = args.bundle[i]
             else:
@@ -154,11 +178,13 @@ def main() -> None:
             variants = sorted(Solver(bundle).manifest.graphs)
             flops = step_flops(ck.config)
             model_result = {"step_gflop": flops / 1e9, "step": {}, "end_to_end": {}}
-            for batch in (1, 64):
+            for batch in (int(b) for b in args.batches.split(",")):
                 tokens = data.inputs[:batch]
                 makers = {"pytorch_eager": partial(torch_step, ck.model, tokens)}
                 for variant in variants:
                     makers[f"onnxruntime_{variant}"] = partial(ort_step, bundle, variant, tokens, args.threads)
+                    if openvino and variant in args.openvino_variants.split(","):
+                        makers[f"openvino_{variant}"] = partial(openvino_step, bundle, variant, tokens, args.threads)
                 row = interleaved_medians(makers, args.repeats, args.rounds)
                 model_result["step"][batch] = row
                 for label, seconds in row.items():
@@ -166,6 +192,13 @@ def main() -> None:
                     print(f"{name} batch {batch:>2} {label:<24} {seconds * 1e3:8.2f} ms/step  {gflops:7.1f} GFLOP/s "
                           f"({100 * gflops / peak:5.1f}% of peak)  {row['pytorch_eager'] / seconds:5.2f}x eager",
                           flush=True)
+                if "openvino_fp32" in row:
+                    ratio = row["openvino_fp32"] / row["onnxruntime_fp32"]
+                    print(f"{name} batch {batch:>2} fp32: ONNX Runtime is {ratio:.2f}x OpenVINO's speed "
+                          "(>= 1: at least as fast)", flush=True)
+            if args.no_end_to_end:
+                results["models"][name] = model_result
+                continue
             # End to end: official evaluation vs the runtime with adaptive halting and refill.
             start = time.perf_counter()
             ref = run_reference(ck.model, data.inputs, data.puzzle_ids, mode="fixed", max_steps=16, batch_size=64)

@@ -15,7 +15,7 @@ import click
 
 from trm_export import __version__
 from trm_export.errors import TrmExportError
-from trm_export.runtime.solver import MAX_STEPS
+from trm_export.runtime.solver import BACKENDS, MAX_STEPS
 
 # Options that fill config fields neither the checkpoint's files nor its tensor shapes tell.
 _OVERRIDE_OPTIONS = [
@@ -307,9 +307,9 @@ def _count_or_all(value: str | None, option: str) -> int | None:
 @main.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--variant", default=None, help="Which graph of the bundle to check (default: the bundle's chosen one).")
-@click.option("--backend", type=click.Choice(["auto", "onnxruntime", "tensorrt"]), default="auto", show_default=True,
+@click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True,
               help="auto: the bundle's TensorRT engine for the variant where one is built and TensorRT imports, "
-                   "else ONNX Runtime.")
+                   "else ONNX Runtime. openvino: OpenVINO's CPU plugin in float32 (pip install openvino).")
 @click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default=None,
               help="ONNX Runtime execution provider (default: the best available).")
 def verify(bundle: Path, variant: str | None, backend: str, provider: str | None) -> None:
@@ -348,9 +348,9 @@ def verify(bundle: Path, variant: str | None, backend: str, provider: str | None
 @click.option("--batch-size", type=click.IntRange(1, 1 << 20), default=64, show_default=True,
               help="Batch slots (refilled as puzzles halt).")
 @click.option("--variant", default=None, help="Which graph of the bundle to run (default: the bundle's chosen one).")
-@click.option("--backend", type=click.Choice(["auto", "onnxruntime", "tensorrt"]), default="auto", show_default=True,
+@click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True,
               help="auto: the bundle's TensorRT engine for the variant where one is built and TensorRT imports, "
-                   "else ONNX Runtime.")
+                   "else ONNX Runtime. openvino: OpenVINO's CPU plugin in float32 (pip install openvino).")
 @click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default=None,
               help="ONNX Runtime execution provider (default: the best available).")
 @click.option("--threads", type=click.IntRange(1, 1024), default=None, help="ONNX Runtime intra-op threads.")
@@ -485,8 +485,9 @@ def build(bundle: Path, variants: tuple[str, ...], dla_core: int | None, print_r
                    "Default without --puzzles: 300 s (quick: 60 s); with --puzzles: none.")
 @click.option("--max-accuracy-drop", type=click.FloatRange(0, 100), default=0.5, show_default=True,
               help="Accuracy budget (points of exact accuracy below the best FP32 setting) for the recommendation.")
-@click.option("--backend", type=click.Choice(["auto", "onnxruntime", "tensorrt"]), default="auto", show_default=True,
-              help="auto: ONNX Runtime, and TensorRT too for variants with an engine built here.")
+@click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True,
+              help="auto: ONNX Runtime, and TensorRT too for variants with an engine built here. openvino: "
+                   "OpenVINO's CPU plugin in float32 (pip install openvino).")
 @click.option("--threads", type=click.IntRange(1, 1024), default=None, help="ONNX Runtime intra-op threads.")
 @click.option("--output", "-o", type=click.Path(path_type=Path), default=None,
               help="Report folder (default: BUNDLE/report).")

@@ -44,7 +44,7 @@ class ReportOptions:
     latency_seconds: float | None = None  # per variant and batch size; default 1 s, 0.25 s with quick
     budgets: tuple[int, ...] = BUDGETS
     threads: int | None = None
-    backend: str = "auto"  # auto | onnxruntime | tensorrt (see Solver)
+    backend: str = "auto"  # auto | onnxruntime | openvino | tensorrt (see Solver)
     progress: bool = True
     halting: tuple[str, ...] = HALTING_POLICIES  # measured beside fixed budgets and the Q head ("q")
     data: Path | None = None  # an official dataset folder: its test split (with labels) instead of the task's

@@ -60,7 +60,58 @@ def onnxruntime_providers(requested: str | None) -> list[str]:
     return [names[requested]] + (["CPUExecutionProvider"] if requested != "cpu" else [])
 
 
-class OnnxRuntimeBackend:
+class HostSlots:
+    """The state of `capacity` slots in host arrays, ping-ponged between steps: what a CPU engine reads and writes
+    in place (ONNX Runtime binds them, OpenVINO wraps them as shared tensors), so a step copies nothing."""
+
+    def __init__(self, capacity: int, state_shape: tuple[int, int], seq_len: int, vocab: int) -> None:
+        self.capacity = capacity
+        s, d = state_shape
+        self.x = np.zeros((capacity, s, d), np.float32)
+        self.z = [np.zeros((2, capacity, s, d), np.float32) for _ in range(2)]  # [z_H, z_L] x [ping, pong]
+        self.current = 0  # which of ping/pong holds the state
+        self.logit_buf = np.zeros((capacity, seq_len, vocab), np.float32)
+        self.q = np.zeros((2, capacity), np.float32)
+
+    def buffers(self, n: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """(inputs, outputs) of the next step on slots [0, n), by the step graph's names; contiguous views."""
+        src, dst = self.current, 1 - self.current
+        inputs = {"x": self.x[:n], "z_H": self.z[0][src, :n], "z_L": self.z[1][src, :n]}
+        outputs = {"z_H_out": self.z[0][dst, :n], "z_L_out": self.z[1][dst, :n], "logits": self.logit_buf[:n],
+                   "q_halt": self.q[0, :n], "q_continue": self.q[1, :n]}
+        return inputs, outputs
+
+    def stepped(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """The outputs of `buffers(n)` now hold the next state: make it current; return q_halt, q_continue."""
+        self.current = 1 - self.current
+        return self.q[0, :n].copy(), self.q[1, :n].copy()
+
+    def load(self, slots: np.ndarray, x: np.ndarray, z_H: np.ndarray, z_L: np.ndarray) -> None:
+        self.x[slots] = x
+        self.z[0][self.current, slots] = z_H
+        self.z[1][self.current, slots] = z_L
+
+    def move(self, src: np.ndarray, dst: np.ndarray) -> None:
+        self.x[dst] = self.x[src]
+        for z in self.z:
+            z[self.current, dst] = z[self.current, src]
+        self.logit_buf[dst] = self.logit_buf[src]
+
+    def logits(self, slots: np.ndarray) -> np.ndarray:
+        return self.logit_buf[slots]
+
+    def state(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.z[0][self.current, :n].copy(), self.z[1][self.current, :n].copy()
+
+
+def check_step_io(model_path: Path, inputs: set[str], outputs: set[str]) -> None:
+    """A step graph takes exactly STEP_INPUTS and gives at least STEP_OUTPUTS."""
+    if inputs != set(STEP_INPUTS) or not set(STEP_OUTPUTS) <= outputs:
+        raise BundleError(f"{model_path}: not a step graph (inputs {sorted(inputs)}, outputs {sorted(outputs)}; "
+                          f"expected {list(STEP_INPUTS)} -> {list(STEP_OUTPUTS)})")
+
+
+class OnnxRuntimeBackend(HostSlots):
     """ONNX Runtime with IO binding: inputs and outputs bound to preallocated arrays, states ping-ponged.
 
     On the CPU provider the bound arrays are the session's own buffers (no copy per step). On a GPU provider
@@ -83,56 +134,20 @@ class OnnxRuntimeBackend:
         except Exception as exc:  # ONNX Runtime's own exception types: a broken or foreign graph
             raise BundleError(f"{model_path}: ONNX Runtime cannot load this graph ({_first_line(exc)}); "
                               "re-export the bundle") from None
-        names = ({i.name for i in self.session.get_inputs()}, {o.name for o in self.session.get_outputs()})
-        if names[0] != set(STEP_INPUTS) or not set(STEP_OUTPUTS) <= names[1]:
-            raise BundleError(f"{model_path}: not a step graph (inputs {sorted(names[0])}, outputs "
-                              f"{sorted(names[1])}; expected {list(STEP_INPUTS)} -> {list(STEP_OUTPUTS)})")
+        check_step_io(model_path, {i.name for i in self.session.get_inputs()},
+                      {o.name for o in self.session.get_outputs()})
         self.name = f"onnxruntime ({self.session.get_providers()[0]})"
-        self.capacity = capacity
-        s, d = state_shape
-        self.x = np.zeros((capacity, s, d), np.float32)
-        self.z = [np.zeros((2, capacity, s, d), np.float32) for _ in range(2)]  # [z_H, z_L] x [ping, pong]
-        self.current = 0  # which of ping/pong holds the state
-        self.logit_buf = np.zeros((capacity, seq_len, vocab), np.float32)
-        self.q = np.zeros((2, capacity), np.float32)
+        super().__init__(capacity, state_shape, seq_len, vocab)
         self.binding = self.session.io_binding()
 
-    def _bind(self, name: str, array: np.ndarray, output: bool) -> None:
-        if output:
-            self.binding.bind_output(name, "cpu", 0, np.float32, list(array.shape), array.ctypes.data)
-        else:
-            self.binding.bind_input(name, "cpu", 0, np.float32, list(array.shape), array.ctypes.data)
-
-    def load(self, slots: np.ndarray, x: np.ndarray, z_H: np.ndarray, z_L: np.ndarray) -> None:
-        self.x[slots] = x
-        self.z[0][self.current, slots] = z_H
-        self.z[1][self.current, slots] = z_L
-
-    def move(self, src: np.ndarray, dst: np.ndarray) -> None:
-        self.x[dst] = self.x[src]
-        for z in self.z:
-            z[self.current, dst] = z[self.current, src]
-        self.logit_buf[dst] = self.logit_buf[src]
-
     def step(self, n: int) -> tuple[np.ndarray, np.ndarray]:
-        src, dst = self.current, 1 - self.current
-        self._bind("x", self.x[:n], output=False)
-        self._bind("z_H", self.z[0][src, :n], output=False)
-        self._bind("z_L", self.z[1][src, :n], output=False)
-        self._bind("z_H_out", self.z[0][dst, :n], output=True)
-        self._bind("z_L_out", self.z[1][dst, :n], output=True)
-        self._bind("logits", self.logit_buf[:n], output=True)
-        self._bind("q_halt", self.q[0, :n], output=True)
-        self._bind("q_continue", self.q[1, :n], output=True)
+        inputs, outputs = self.buffers(n)
+        for name, array in inputs.items():
+            self.binding.bind_input(name, "cpu", 0, np.float32, list(array.shape), array.ctypes.data)
+        for name, array in outputs.items():
+            self.binding.bind_output(name, "cpu", 0, np.float32, list(array.shape), array.ctypes.data)
         try:
             self.session.run_with_iobinding(self.binding)
         except Exception as exc:  # shapes the graph does not take, a kernel failure
             raise BundleError(f"step graph failed in ONNX Runtime: {_first_line(exc)}") from None
-        self.current = dst
-        return self.q[0, :n].copy(), self.q[1, :n].copy()
-
-    def logits(self, slots: np.ndarray) -> np.ndarray:
-        return self.logit_buf[slots]
-
-    def state(self, n: int) -> tuple[np.ndarray, np.ndarray]:
-        return self.z[0][self.current, :n].copy(), self.z[1][self.current, :n].copy()
+        return self.stepped(n)

@@ -46,7 +46,7 @@ from trm_export.runtime.validate import validate_puzzles
 
 MODES = ("fixed", "adaptive")
 HALTING_FORMS = ("q", "stable:K", "q+stable:K")
-BACKENDS = ("auto", "onnxruntime", "tensorrt")
+BACKENDS = ("auto", "onnxruntime", "openvino", "tensorrt")
 # A step budget beyond any use (the papers evaluate 16 steps; HRM's accuracy knob goes to a few times that).
 MAX_STEPS = 4096
 
@@ -167,13 +167,14 @@ def halt_now(q_halt: np.ndarray, q_continue: np.ndarray, rule: str) -> np.ndarra
 
 
 def select_backend(manifest: Manifest, variant: str, requested: str, tensorrt_here: bool) -> tuple[str, str | None]:
-    """("tensorrt" | "onnxruntime", note): which backend runs `variant`, and a line saying why when it is not the
-    one the bundle was built for. Never a silent fall back: "auto" falls back with a note, "tensorrt" refuses."""
+    """("tensorrt" | "onnxruntime" | "openvino", note): which backend runs `variant`, and a line saying why when it
+    is not the one the bundle was built for. Never a silent fall back: "auto" falls back with a note, "tensorrt"
+    refuses. "onnxruntime" and "openvino" run the ONNX graph, as asked."""
     if requested not in BACKENDS:
         raise BundleError(f"requested backend {requested!r}; available: {', '.join(map(repr, BACKENDS))}")
     engine = manifest.build.get("engines", {}).get(variant)
-    if requested == "onnxruntime":
-        return "onnxruntime", None
+    if requested in ("onnxruntime", "openvino"):
+        return requested, None
     if engine is not None and tensorrt_here:
         return "tensorrt", None
     if requested == "tensorrt":
@@ -202,7 +203,8 @@ class Solver:
 
     `variant` None: the bundle's default (`manifest.default_variant`, the target's precision chosen at export).
     `backend`: "auto" runs a recorded TensorRT engine where TensorRT is importable, else ONNX Runtime and says
-    why in `backend_note`; "tensorrt" refuses to fall back; "onnxruntime" always runs the ONNX graph."""
+    why in `backend_note`; "tensorrt" refuses to fall back; "onnxruntime" always runs the ONNX graph; "openvino"
+    runs it on OpenVINO's CPU plugin in float32 (optional: installed separately)."""
 
     def __init__(self, bundle: str | Path, *, variant: str | None = None, backend: str = "auto",
                  provider: str | None = None, batch_size: int = 64, threads: int | None = None,
@@ -235,6 +237,13 @@ class Solver:
             check_engine_here(engine)
             return TensorRTBackend(member(self.bundle, engine["file"]), batch_size, self.embedder.state_shape,
                                    task.seq_len, task.vocab_size)
+        if kind == "openvino":
+            from trm_export.runtime.openvino_backend import OpenVinoBackend
+
+            if provider not in (None, "cpu"):
+                raise BundleError(f"provider {provider!r} is ONNX Runtime's; the openvino backend runs on the CPU")
+            return OpenVinoBackend(member(self.bundle, graph.file), batch_size, self.embedder.state_shape,
+                                   task.seq_len, task.vocab_size, threads=threads)
         return OnnxRuntimeBackend(member(self.bundle, graph.file), batch_size, self.embedder.state_shape,
                                   task.seq_len, task.vocab_size, provider=provider, threads=threads)
 

@@ -1,0 +1,66 @@
+"""OpenVINO's CPU plugin behind the runtime's Backend interface (`backend="openvino"`): optional, imported lazily.
+
+The same step graph file and the same host slots as ONNX Runtime (backend.HostSlots): the arrays are handed to
+OpenVINO as shared tensors, inputs and outputs, so a step copies nothing. OpenVINO compiles the ONNX graph itself
+(its own fusions and kernels), which on some models and batch sizes is faster than ONNX Runtime on the same file
+(benchmarks/cpu_engines.py measures both).
+
+Arithmetic: the graph's own, always. On a CPU with AVX512_BF16 or AMX OpenVINO's default inference precision is
+bfloat16 (faster, and not what the graph computes); we ask for float32 (`INFERENCE_PRECISION_HINT`), so that
+answers stay what the bundle's golden vectors and parity describe. A quantized (Q/DQ) variant runs in int8 as
+OpenVINO lowers it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from trm_export.errors import BundleError
+from trm_export.runtime.backend import HostSlots, _first_line, check_step_io
+
+HOW_TO_INSTALL = "pip install openvino (or trm-export[openvino])"
+
+
+def openvino_importable() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("openvino") is not None
+
+
+class OpenVinoBackend(HostSlots):
+    """One compiled model and one infer request on the CPU plugin, latency mode (one stream), float32."""
+
+    def __init__(self, model_path: Path, capacity: int, state_shape: tuple[int, int], seq_len: int, vocab: int,
+                 threads: int | None = None):
+        try:
+            import openvino as ov
+        except ImportError:
+            raise BundleError(f"backend 'openvino' requested, but OpenVINO is not installed here: "
+                              f"{HOW_TO_INSTALL}") from None
+        config: dict[str, object] = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = int(threads)
+        try:
+            self.compiled = ov.Core().compile_model(str(model_path), "CPU", config)
+        except Exception as exc:  # OpenVINO's own exception types: a broken graph, an op it does not have
+            raise BundleError(f"{model_path}: OpenVINO cannot compile this graph ({_first_line(exc)}); run it with "
+                              "--backend onnxruntime") from None
+        names = [set().union(*(port.get_names() for port in ports)) if ports else set()
+                 for ports in (self.compiled.inputs, self.compiled.outputs)]
+        check_step_io(model_path, names[0], names[1])
+        self.name = f"openvino {ov.__version__.split('-')[0]} (CPU, f32)"
+        super().__init__(capacity, state_shape, seq_len, vocab)
+        self.request = self.compiled.create_infer_request()
+        self._tensor = ov.Tensor
+
+    def step(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        inputs, outputs = self.buffers(n)
+        for name, array in {**inputs, **outputs}.items():  # views of our slots: OpenVINO reads and writes in place
+            self.request.set_tensor(name, self._tensor(array, shared_memory=True))
+        try:
+            self.request.infer()
+        except Exception as exc:  # shapes the graph does not take, a kernel failure
+            raise BundleError(f"step graph failed in OpenVINO: {_first_line(exc)}") from None
+        return self.stepped(n)

@@ -1,0 +1,89 @@
+"""The OpenVINO backend (`backend="openvino"`): the same step graph and loop on OpenVINO's CPU plugin, float32."""
+
+from __future__ import annotations
+
+import builtins
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from trm_export.cli import main as cli
+from trm_export.errors import BundleError
+from trm_export.runtime.selfcheck import verify_bundle
+from trm_export.runtime.solver import Solver
+from trm_export.tasks import get_task
+
+pytest.importorskip("openvino")
+
+
+@pytest.fixture(scope="module")
+def bundle(sudoku_bundle):
+    return sudoku_bundle / "bundle"
+
+
+@pytest.fixture(scope="module")
+def puzzles():
+    return get_task("sudoku").split("heldout", size=40).inputs
+
+
+def test_the_bundle_passes_its_own_golden_check_on_openvino(bundle):
+    report = verify_bundle(bundle, backend="openvino")
+    assert report, str(report)
+    assert "openvino" in str(report).splitlines()[0] and "f32" in str(report).splitlines()[0]
+
+
+def test_one_step_from_a_given_state_is_onnx_runtimes_within_float32_rounding(bundle, puzzles):
+    """Both engines run the same graph from the same state: every output within float32 rounding of the other."""
+    engines = [Solver(bundle, backend=b, batch_size=4, threads=1) for b in ("onnxruntime", "openvino")]
+    x = engines[0].embedder(puzzles[:4], np.zeros(4, np.int64))
+    rng = np.random.default_rng(0)
+    z = [rng.standard_normal(x.shape).astype(np.float32) * 0.5 for _ in range(2)]
+    outputs = []
+    for solver in engines:
+        solver.backend.load(np.arange(4), x, *z)
+        q = solver.backend.step(4)
+        outputs.append((*solver.backend.state(4), solver.backend.logits(np.arange(4)).copy(), *q))
+    assert "openvino" in engines[1].backend.name
+    for ours, theirs in zip(*outputs, strict=True):
+        scale = max(1.0, float(np.abs(ours).max()))
+        assert np.abs(ours - theirs).max() <= 1e-4 * scale
+
+
+def test_the_loop_with_refill_gives_onnx_runtimes_answers(bundle, puzzles):
+    """Adaptive halting with refill and packing (load, move, logits of halted slots) through the OpenVINO backend:
+    the trained model's answers and halting steps are ONNX Runtime's (a last-bit difference may move a borderline
+    halt, hence not all 40 are required)."""
+    ort = Solver(bundle, batch_size=5).solve(puzzles)
+    ov = Solver(bundle, backend="openvino", batch_size=5).solve(puzzles)
+    same = np.all(ov.predictions == ort.predictions, axis=1) & (ov.steps_used == ort.steps_used)
+    assert same.mean() >= 0.95
+    assert len(set(ov.steps_used.tolist())) > 2  # halting varied, so slots were refilled and moved
+
+
+def test_without_openvino_the_backend_is_one_clear_line(bundle, monkeypatch):
+    real_import = builtins.__import__
+
+    def no_openvino(name, *args, **kwargs):
+        if name.split(".")[0] == "openvino":
+            raise ImportError("blocked for this test")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_openvino)
+    with pytest.raises(BundleError, match=r"OpenVINO is not installed here: pip install openvino"):
+        Solver(bundle, backend="openvino")
+
+
+def test_a_gpu_provider_is_refused_for_openvino(bundle):
+    with pytest.raises(BundleError, match="the openvino backend runs on the CPU"):
+        Solver(bundle, backend="openvino", provider="cuda")
+
+
+def test_run_takes_backend_openvino(bundle, puzzles, tmp_path):
+    path = tmp_path / "p.npy"
+    np.save(path, puzzles[:6])
+    result = CliRunner().invoke(cli, ["run", str(bundle), "--input", str(path), "--backend", "openvino",
+                                      "-o", str(tmp_path / "out.npz")])
+    assert result.exit_code == 0, result.output
+    assert "openvino" in result.output
+    assert np.load(tmp_path / "out.npz")["predictions"].shape == (6, 81)
