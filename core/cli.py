@@ -568,6 +568,36 @@ def quantize(bundle: Path, output: Path, force: bool, methods: str, calib: Path 
 
 @main.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--variant", default=None, help="Which graph of the bundle (default: the bundle's chosen one).")
+@click.option("--batch-size", "batch_sizes", type=click.IntRange(1, 4096), multiple=True, default=(1, 64),
+              show_default=True, help="Batch sizes to time (repeatable); `auto` uses the nearest one's result.")
+@click.option("--threads", type=click.IntRange(1, 1024), default=None,
+              help="Threads of both engines (default: theirs); the record holds for this setting only.")
+@click.option("--seconds", type=click.FloatRange(0.05, 600), default=1.0, show_default=True,
+              help="Timing budget per engine, round and batch size (at least one step).")
+@click.option("--rounds", type=click.IntRange(1, 20), default=3, show_default=True,
+              help="Alternating rounds; OpenVINO is recorded only when every round of it beats every round of "
+                   "ONNX Runtime's.")
+def tune(bundle: Path, variant: str | None, batch_sizes: tuple[int, ...], threads: int | None, seconds: float,
+         rounds: int) -> None:
+    """Time ONNX Runtime against OpenVINO on this CPU; `--backend auto` then runs the faster one here.
+
+    Both run the bundle's graph in float32. The result is recorded for this machine, bundle, variant and thread
+    count in $TRM_EXPORT_TUNE_FILE (default ~/.cache/trm-export/cpu_engines.json), never in the bundle."""
+    from trm_export.report.tune import tune_cpu_engines
+
+    rows, path = tune_cpu_engines(bundle, variant, tuple(sorted(set(batch_sizes))), threads, seconds, rounds,
+                                  log=click.echo)
+    click.echo(f"{'batch':>5}  {'ONNX Runtime':>14}  {'OpenVINO':>14}  OpenVINO's speed  auto runs")
+    for row in rows:
+        r = row.record()["ms_per_step"]
+        click.echo(f"{row.batch:>5}  {r['onnxruntime']:>11.2f} ms  {r['openvino']:>11.2f} ms  "
+                   f"{row.speedup:>15.2f}x  {row.engine}")
+    click.echo(f"recorded in {path}")
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
 def check(bundle: Path) -> None:
     """Check every graph of BUNDLE against its target: Q/DQ rules (TensorRT's), opset and IR limits."""
     from trm_export.calibration import check_bundle

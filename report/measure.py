@@ -24,6 +24,7 @@ import numpy as np
 from trm_export.errors import InputError
 from trm_export.report.latency import StepTiming, affordable_batch, time_steps
 from trm_export.report.trajectory import Trajectory, puzzle_progress, run_trajectory, wilson_interval
+from trm_export.runtime.cpu_engines import cpu_model
 from trm_export.runtime.io import task_for_encoding
 from trm_export.runtime.manifest import Manifest, read_manifest
 from trm_export.runtime.solver import HaltingPolicy, Solver, parse_halting
@@ -115,17 +116,6 @@ class ReportData:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def cpu_model() -> str:
-    """The CPU's model name (Linux tells it in /proc/cpuinfo), else what the platform module says."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                    if line.startswith(("model name", "Model"))), cpu)
-    except OSError:
-        pass
-    return cpu
 
 
 def host_description() -> str:

@@ -110,6 +110,11 @@ class Manifest:
         """The manifest as written: its fields plus `digest`, the sha256 of their canonical form."""
         return seal(dataclasses.asdict(self))
 
+    @property
+    def digest(self) -> str:
+        """The sha256 the manifest carries of its canonical form: names this bundle's exact contents."""
+        return json.loads(self.to_json())["digest"]
+
     @classmethod
     def from_dict(cls, data: Any) -> Manifest:
         """Check every field's type and range (a stranger's manifest), then build the dataclasses."""

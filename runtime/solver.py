@@ -192,6 +192,23 @@ def select_backend(manifest: Manifest, variant: str, requested: str, tensorrt_he
     return "onnxruntime", None
 
 
+def _tuned_cpu_engine(manifest: Manifest, variant: str, batch: int, threads: int | None,
+                      provider: str | None) -> tuple[str, str | None]:
+    """("onnxruntime" | "openvino", note) for `auto` on a CPU: OpenVINO only where `trm-export tune` measured it
+    faster on this machine (runtime.cpu_engines); ONNX Runtime otherwise, and always where it has a GPU provider."""
+    from trm_export.runtime.backend import onnxruntime_providers
+    from trm_export.runtime.cpu_engines import measured_engine
+    from trm_export.runtime.openvino_backend import HOW_TO_INSTALL, openvino_importable
+
+    if provider is None and onnxruntime_providers(None)[0] != "CPUExecutionProvider":
+        return "onnxruntime", None
+    engine, note = measured_engine(manifest.digest, variant, batch, threads)
+    if engine == "openvino" and not openvino_importable():
+        return "onnxruntime", ("this machine's record says OpenVINO is faster, but it is not installed: "
+                               f"{HOW_TO_INSTALL}")
+    return engine or "onnxruntime", note
+
+
 def _tensorrt_importable() -> bool:
     import importlib.util
 
@@ -203,8 +220,9 @@ class Solver:
 
     `variant` None: the bundle's default (`manifest.default_variant`, the target's precision chosen at export).
     `backend`: "auto" runs a recorded TensorRT engine where TensorRT is importable, else ONNX Runtime and says
-    why in `backend_note`; "tensorrt" refuses to fall back; "onnxruntime" always runs the ONNX graph; "openvino"
-    runs it on OpenVINO's CPU plugin in float32 (optional: installed separately)."""
+    why in `backend_note` (or OpenVINO, where `trm-export tune` measured it faster on this machine: the note says
+    so); "tensorrt" refuses to fall back; "onnxruntime" always runs the ONNX graph; "openvino" runs it on
+    OpenVINO's CPU plugin in float32 (optional: installed separately)."""
 
     def __init__(self, bundle: str | Path, *, variant: str | None = None, backend: str = "auto",
                  provider: str | None = None, batch_size: int = 64, threads: int | None = None,
@@ -231,6 +249,9 @@ class Solver:
         task = self.manifest.task
         engine = self.manifest.build.get("engines", {}).get(self.variant)
         kind, self.backend_note = select_backend(self.manifest, self.variant, backend, _tensorrt_importable())
+        if kind == "onnxruntime" and backend == "auto" and provider in (None, "cpu"):
+            kind, note = _tuned_cpu_engine(self.manifest, self.variant, batch_size, threads, provider)
+            self.backend_note = "; ".join(n for n in (self.backend_note, note) if n) or None
         if kind == "tensorrt":
             from trm_export.runtime.tensorrt_backend import TensorRTBackend, check_engine_here
 

@@ -2,7 +2,8 @@
 
 TRM_TEST_THREADS=N runs the whole suite with N intra-op threads in torch and in every ONNX Runtime session that
 does not set its own count, so that a numeric bar can be checked under each thread count (see .ci/run). ONNX
-Runtime's thread pools never spin-wait in tests (timing only).
+Runtime's thread pools never spin-wait in tests (timing only). `backend="auto"` sees no `trm-export tune` record
+of the machine running the tests (TRM_EXPORT_TUNE_FILE points to an empty folder).
 """
 
 from __future__ import annotations
@@ -22,7 +23,12 @@ from trm_export.tasks import get_task
 
 
 def pytest_configure(config):
+    import tempfile
+
     import onnxruntime as ort
+
+    # `backend="auto"` follows this machine's `trm-export tune` record: tests see none unless they write one.
+    os.environ["TRM_EXPORT_TUNE_FILE"] = os.path.join(tempfile.mkdtemp(prefix="trm-tune."), "none.json")
 
     threads = os.environ.get("TRM_TEST_THREADS")
     n = int(threads) if threads else None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import builtins
+import json
 
 import numpy as np
 import pytest
@@ -87,3 +88,50 @@ def test_run_takes_backend_openvino(bundle, puzzles, tmp_path):
     assert result.exit_code == 0, result.output
     assert "openvino" in result.output
     assert np.load(tmp_path / "out.npz")["predictions"].shape == (6, 81)
+
+
+@pytest.fixture()
+def record(tmp_path, monkeypatch):
+    path = tmp_path / "engines.json"
+    monkeypatch.setenv("TRM_EXPORT_TUNE_FILE", str(path))
+    return path
+
+
+def test_auto_runs_onnx_runtime_without_a_record_of_this_machine(bundle, record):
+    solver = Solver(bundle, batch_size=2)
+    assert solver.backend.name.startswith("onnxruntime") and solver.backend_note is None
+    assert not record.exists()
+
+
+def test_tune_records_both_engines_and_auto_follows_the_record(bundle, record):
+    """`trm-export tune` times both engines and records them for this machine; `auto` runs what the record says
+    for the nearest measured batch size, and says why when it is OpenVINO."""
+    out = CliRunner().invoke(cli, ["tune", str(bundle), "--batch-size", "2", "--batch-size", "8", "--seconds", "0.05",
+                                   "--rounds", "2"])
+    assert out.exit_code == 0, out.output
+    assert "passes the golden self-check" in out.output and f"recorded in {record}" in out.output
+    data = json.loads(record.read_text())
+    (key, entry), = data.items()
+    assert set(entry["batches"]) == {"2", "8"}
+    for row in entry["batches"].values():
+        assert set(row["ms_per_step"]) == {"onnxruntime", "openvino"} and min(row["ms_per_step"].values()) > 0
+        assert row["engine"] in ("onnxruntime", "openvino") and row["rounds"] == 2
+    entry["batches"]["8"]["engine"], entry["batches"]["8"]["speedup"] = "openvino", 1.5
+    entry["batches"]["2"]["engine"] = "onnxruntime"
+    record.write_text(json.dumps(data))
+    near_8 = Solver(bundle, batch_size=32)
+    assert "openvino" in near_8.backend.name
+    assert near_8.backend_note.startswith("OpenVINO: measured 1.50x ONNX Runtime's speed on this CPU at batch 8")
+    assert Solver(bundle, batch_size=1).backend.name.startswith("onnxruntime")
+    assert Solver(bundle, batch_size=32, backend="onnxruntime").backend.name.startswith("onnxruntime")
+    # another thread count is another measurement: no record for it
+    assert Solver(bundle, batch_size=32, threads=1).backend.name.startswith("onnxruntime")
+
+
+def test_a_malformed_record_is_ignored_with_a_note(bundle, record):
+    record.write_text("{not json")
+    solver = Solver(bundle, batch_size=2)
+    assert solver.backend.name.startswith("onnxruntime")
+    assert "unreadable engine record" in solver.backend_note and "trm-export tune" in solver.backend_note
+    record.write_text(json.dumps({"x": {"batches": {"2": {"engine": "rm -rf /"}}}}))
+    assert Solver(bundle, batch_size=2).backend.name.startswith("onnxruntime")

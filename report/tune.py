@@ -1,0 +1,81 @@
+"""`trm-export tune BUNDLE`: time ONNX Runtime against OpenVINO on this CPU, record which is faster per batch size.
+
+Both engines run the bundle's same graph file in float32. For each batch size they are timed in alternating
+rounds (a fresh Solver each turn, one alive at a time: an idle session's spinning threads would slow the other on
+a small machine), and OpenVINO is recorded as the engine only when every one of its rounds is faster than every
+one of ONNX Runtime's, and only after it passed the bundle's golden self-check here. `backend="auto"` then follows
+the record (runtime.cpu_engines).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from trm_export.errors import BundleError
+from trm_export.report.latency import StepTiming, time_steps
+from trm_export.runtime.cpu_engines import machine, write_record
+from trm_export.runtime.manifest import read_manifest
+from trm_export.runtime.openvino_backend import HOW_TO_INSTALL, openvino_importable
+from trm_export.runtime.selfcheck import verify_bundle
+from trm_export.runtime.solver import Solver
+
+ENGINES = ("onnxruntime", "openvino")
+
+
+@dataclass(frozen=True)
+class EngineRow:
+    batch: int
+    ms: dict[str, list[float]]  # engine -> median ms per step of each round
+
+    @property
+    def engine(self) -> str:
+        """OpenVINO only when every round of it beat every round of ONNX Runtime."""
+        return "openvino" if max(self.ms["openvino"]) < min(self.ms["onnxruntime"]) else "onnxruntime"
+
+    @property
+    def speedup(self) -> float:
+        """OpenVINO's speed over ONNX Runtime's (median of the rounds): > 1 is faster."""
+        return statistics.median(self.ms["onnxruntime"]) / statistics.median(self.ms["openvino"])
+
+    def record(self) -> dict:
+        return {"engine": self.engine, "speedup": round(self.speedup, 3),
+                "ms_per_step": {e: round(statistics.median(v), 3) for e, v in self.ms.items()},
+                "rounds": len(self.ms["onnxruntime"])}
+
+
+def tune_cpu_engines(bundle: str | Path, variant: str | None = None, batches: tuple[int, ...] = (1, 64),
+                     threads: int | None = None, seconds: float = 1.0, rounds: int = 3,
+                     log: Callable[[str], None] = print) -> tuple[list[EngineRow], Path]:
+    """Time both engines on `bundle` at each batch size; write this machine's record; return the rows and file."""
+    if not openvino_importable():
+        raise BundleError(f"tune compares ONNX Runtime with OpenVINO, and OpenVINO is not installed: {HOW_TO_INSTALL}")
+    bundle = Path(bundle)
+    manifest = read_manifest(bundle)
+    variant = manifest.default_variant if variant is None else variant
+    report = verify_bundle(bundle, variant=variant, backend="openvino")
+    if not report:
+        raise BundleError(f"variant {variant!r} fails the bundle's golden self-check on OpenVINO here, so it is not "
+                          f"a candidate: {str(report).splitlines()[0]}")
+    log(f"{variant} on OpenVINO passes the golden self-check; timing {', '.join(ENGINES)} on {machine()}")
+    rows = []
+    for batch in batches:
+        ms: dict[str, list[float]] = {e: [] for e in ENGINES}
+        started = time.perf_counter()
+        for r in range(rounds):
+            for engine in ENGINES:
+                solver = Solver(bundle, variant=variant, backend=engine, batch_size=batch, threads=threads,
+                                verify=False)
+                timing: StepTiming = time_steps(solver, seconds)
+                del solver
+                ms[engine].append(timing.p50)
+            left = (time.perf_counter() - started) / (r + 1) * (rounds - r - 1)
+            log(f"  batch {batch}: round {r + 1}/{rounds}" + (f", about {left:.0f} s left" if left >= 1 else ""))
+        rows.append(EngineRow(batch, ms))
+    measured = datetime.now(timezone.utc).isoformat(timespec="minutes")
+    path = write_record(manifest.digest, variant, threads, {row.batch: row.record() for row in rows}, measured)
+    return rows, path
