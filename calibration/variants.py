@@ -520,6 +520,7 @@ def _choose(precision: str, comparisons: dict[str, VariantComparison], budget: f
                 measure(variant, n_eval)
             else:
                 refused.add(variant)
+    record["puzzles"] = n_eval  # the FP32 reference's: every variant chosen from was measured on all of them
     screened = {v: {"puzzles": c.puzzles, "accuracy_drop_points": round(c.accuracy_drop, 3)}
                 for v, c in comparisons.items() if c.puzzles < n_eval}
     if screened:

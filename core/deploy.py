@@ -61,9 +61,9 @@ class DeployResult:
                  "chosen"]
         for name in sorted(m.graphs, key=lambda v: (v != m.default_variant, v)):
             parity = m.parity.get(name, {})
-            if name == "fp32":
+            if name == "fp32":  # without labels, the count of the evaluation the choice was made on
                 acc, n = ((widest["fp32_exact_accuracy"], widest["puzzles"]) if widest else
-                          (parity.get("bundle_exact_accuracy"), parity.get("puzzles")))
+                          (parity.get("bundle_exact_accuracy"), choice.get("puzzles") or parity.get("puzzles")))
             else:
                 acc, n = parity.get("exact_accuracy"), parity.get("puzzles")
             size = (self.path / m.graphs[name].file).stat().st_size

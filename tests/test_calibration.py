@@ -601,7 +601,7 @@ def test_the_choice_measures_a_screened_fallback_only_within_its_time_budget(mon
         fits = rate * (n - 1) <= 100.0
         assert chosen == ("fp16" if fits else "fp32"), rate
         assert measured == (["fp16"] if fits else [])
-        assert record["missed_budget"] == {"int8-minmax": 100.0}
+        assert record["missed_budget"] == {"int8-minmax": 100.0} and record["puzzles"] == n
         if not fits:
             assert budget.skipped == said and len(said) == 1
             assert said[0].startswith("fp16 not chosen: within the budget on the first 1 evaluation puzzles")
