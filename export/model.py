@@ -34,9 +34,10 @@ def rms_norm_fusable(x: torch.Tensor, eps: float, unit: torch.Tensor) -> torch.T
     return x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps) * unit
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    """NeoX-style rotation: [x1, x2] -> [-x2, x1] over the last axis."""
-    half = x.shape[-1] // 2
+def rotate_half(x: torch.Tensor, half: int | None = None) -> torch.Tensor:
+    """NeoX-style rotation: [x1, x2] -> [-x2, x1] over the last axis (`half`: its length's half, when known: a
+    traced size would export as Shape/Gather/Div feeding each Slice)."""
+    half = x.shape[-1] // 2 if half is None else half
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
@@ -147,26 +148,31 @@ class Attention(nn.Module):
     num_heads * head_dim wide, which is less than hidden_size when num_heads does not divide it.
     """
 
-    def __init__(self, hidden_size: int, num_heads: int):
+    def __init__(self, hidden_size: int, num_heads: int, seq_len: int):
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = hidden_size // num_heads
-        width = num_heads * self.head_dim
-        self.qkv_proj = Linear(hidden_size, 3 * width)
-        self.o_proj = Linear(width, hidden_size)
+        self.width = num_heads * self.head_dim
+        self.seq_len = seq_len
+        self.qkv_proj = Linear(hidden_size, 3 * self.width)
+        self.o_proj = Linear(self.width, hidden_size)
+        self.export_form = False  # set while exporting (RecursiveModel.exporting)
 
     def forward(self, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
         batch, seq, _ = h.shape
+        half = None
+        if self.export_form:  # constant shapes: traced sizes export as Shape/Gather/Unsqueeze/Concat chains per call
+            batch, seq, half = -1, self.seq_len, self.head_dim // 2
         qkv = self.qkv_proj(h).view(batch, seq, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.unbind(dim=2)  # each [B, S, heads, head_dim]
         if rope is not None:
             cos, sin = (t[:, None, :] for t in rope)  # [S, 1, head_dim]
-            q = q * cos + rotate_half(q) * sin
-            k = k * cos + rotate_half(k) * sin
+            q = q * cos + rotate_half(q, half) * sin
+            k = k * cos + rotate_half(k, half) * sin
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, heads, S, head_dim]
         scores = torch.matmul(q, k.transpose(-1, -2)) * (1.0 / math.sqrt(self.head_dim))
         out = torch.matmul(scores.softmax(dim=-1), v)  # [B, heads, S, head_dim]
-        return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
+        return self.o_proj(out.transpose(1, 2).reshape(batch, seq, self.width))
 
 
 class Block(nn.Module):
@@ -179,7 +185,7 @@ class Block(nn.Module):
         if config.mlp_t:
             self.mlp_t = SwiGLU(config.total_seq_len, config.expansion)
         else:
-            self.self_attn = Attention(config.hidden_size, config.num_heads)
+            self.self_attn = Attention(config.hidden_size, config.num_heads, config.total_seq_len)
         self.mlp = SwiGLU(config.hidden_size, config.expansion)
         self.register_buffer("unit_d", torch.ones(config.hidden_size), persistent=False)
 
@@ -296,6 +302,8 @@ class RecursiveModel(nn.Module):
                 b.mlp.set_export_form(on)
                 if hasattr(b, "mlp_t"):
                     b.mlp_t.set_export_form(on, along_positions=True)
+                else:
+                    b.self_attn.export_form = on
 
         set_form(True)
         try:
