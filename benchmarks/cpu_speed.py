@@ -95,16 +95,11 @@ def torch_step(model, tokens: np.ndarray) -> Callable[[], object]:
     return step
 
 
-def ort_step(bundle: Path, variant: str, tokens: np.ndarray, threads: int) -> Callable[[], object]:
-    solver = Solver(bundle, variant=variant, batch_size=len(tokens), threads=threads)
+def ort_step(bundle: Path, variant: str, tokens: np.ndarray, threads: int,
+             backend: str = "onnxruntime") -> Callable[[], object]:
+    """One step of the runtime's backend (ONNX Runtime, or OpenVINO in float32 on the same graph file)."""
+    solver = Solver(bundle, variant=variant, backend=backend, batch_size=len(tokens), threads=threads)
     solver.solve(tokens, mode="fixed", max_steps=1)  # loads the slots
-    return lambda: solver.backend.step(len(tokens))
-
-
-def openvino_step(bundle: Path, variant: str, tokens: np.ndarray, threads: int) -> Callable[[], object]:
-    """The runtime's OpenVINO backend (float32) on the same graph file and state as ort_step."""
-    solver = Solver(bundle, variant=variant, backend="openvino", batch_size=len(tokens), threads=threads)
-    solver.solve(tokens, mode="fixed", max_steps=1)
     return lambda: solver.backend.step(len(tokens))
 
 
@@ -184,7 +179,8 @@ def main() -> None:
                 for variant in variants:
                     makers[f"onnxruntime_{variant}"] = partial(ort_step, bundle, variant, tokens, args.threads)
                     if openvino and variant in args.openvino_variants.split(","):
-                        makers[f"openvino_{variant}"] = partial(openvino_step, bundle, variant, tokens, args.threads)
+                        makers[f"openvino_{variant}"] = partial(ort_step, bundle, variant, tokens, args.threads,
+                                                                "openvino")
                 row = interleaved_medians(makers, args.repeats, args.rounds)
                 model_result["step"][batch] = row
                 for label, seconds in row.items():

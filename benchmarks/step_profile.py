@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from trm_export.runtime.io import task_for_encoding
-from trm_export.runtime.manifest import member
+from trm_export.runtime.manifest import member, read_manifest
 from trm_export.runtime.solver import Solver
 
 
@@ -112,8 +112,7 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=12)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
-    solver = Solver(args.bundle, variant=args.variant, batch_size=1)
-    graph = member(args.bundle, solver.manifest.graphs[args.variant].file)
+    graph = member(args.bundle, read_manifest(args.bundle).graphs[args.variant].file)
     results: dict = {"bundle": str(args.bundle), "variant": args.variant, "threads": args.threads, "batches": {}}
     for batch in args.batch or [1, 64]:
         feeds = step_inputs(args.bundle, batch)

@@ -71,7 +71,7 @@ def choose_variant(precision: str, comparisons: dict[str, VariantComparison], bu
               "ms_per_step_here": {v: round(t.p50, 3) for v, t in timings.items()},
               "ms_per_step_quartiles_here": {v: [round(t.p25, 3), round(t.p75, 3)] for v, t in timings.items()},
               "timed_at_batch": next((t.batch for t in timings.values()), None),
-              "puzzles": max((c.puzzles for c in comparisons.values()), default=None),
+              "puzzles": next((c.puzzles for c in comparisons.values()), None),
               "source": next((c.source for c in comparisons.values()), None)}
     if equivalent:
         record["equivalent_speed"] = equivalent  # timing spreads overlap: chosen among them by accuracy

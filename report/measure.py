@@ -13,7 +13,6 @@ interval. A backend or target that is not present is listed as not measured.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import platform
 from dataclasses import asdict, dataclass, field
@@ -24,6 +23,7 @@ import numpy as np
 from trm_export.errors import InputError
 from trm_export.report.latency import StepTiming, affordable_batch, time_steps
 from trm_export.report.trajectory import Trajectory, puzzle_progress, run_trajectory, wilson_interval
+from trm_export.runtime.backend import importable
 from trm_export.runtime.cpu_engines import cpu_model
 from trm_export.runtime.io import task_for_encoding
 from trm_export.runtime.manifest import Manifest, read_manifest
@@ -197,7 +197,7 @@ def _backends(manifest: Manifest, variant: str, requested: str) -> list[str]:
     if requested != "auto":
         return [requested]
     backends = ["onnxruntime"]
-    if variant in manifest.build.get("engines", {}) and importlib.util.find_spec("tensorrt") is not None:
+    if variant in manifest.build.get("engines", {}) and importable("tensorrt"):
         backends.append("tensorrt")
     return backends
 

@@ -18,9 +18,10 @@ from pathlib import Path
 
 from trm_export.errors import BundleError
 from trm_export.report.latency import StepTiming, time_steps
+from trm_export.runtime.backend import importable
 from trm_export.runtime.cpu_engines import machine, write_record
 from trm_export.runtime.manifest import read_manifest
-from trm_export.runtime.openvino_backend import HOW_TO_INSTALL, openvino_importable
+from trm_export.runtime.openvino_backend import HOW_TO_INSTALL
 from trm_export.runtime.selfcheck import verify_bundle
 from trm_export.runtime.solver import Solver
 
@@ -52,7 +53,7 @@ def tune_cpu_engines(bundle: str | Path, variant: str | None = None, batches: tu
                      threads: int | None = None, seconds: float = 1.0, rounds: int = 3,
                      log: Callable[[str], None] = print) -> tuple[list[EngineRow], Path]:
     """Time both engines on `bundle` at each batch size; write this machine's record; return the rows and file."""
-    if not openvino_importable():
+    if not importable("openvino"):
         raise BundleError(f"tune compares ONNX Runtime with OpenVINO, and OpenVINO is not installed: {HOW_TO_INSTALL}")
     bundle = Path(bundle)
     manifest = read_manifest(bundle)

@@ -39,6 +39,13 @@ class Backend(Protocol):
         """z_H, z_L [n, S, D] of slots [0, n) (copies on the host; for verification and drift)."""
 
 
+def importable(module: str) -> bool:
+    """Whether an optional engine (tensorrt, openvino) is installed, without importing it."""
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0][:300] if text else type(exc).__name__

@@ -5,8 +5,8 @@ faster depends on the CPU, the model and the batch size (OpenVINO's fusions pay 
 steps; ONNX Runtime often leads at batch 1). So the choice is measured, never guessed: `trm-export tune BUNDLE`
 times both on this machine and records the result per (bundle digest, variant, batch size, threads, CPU) in a
 small file outside the bundle (bundles are sealed and travel; a measurement belongs to the machine). `auto` then
-runs OpenVINO where a record of this machine says it is faster beyond the timing spread, and says so in
-`Solver.backend_note`; without a record it runs ONNX Runtime, as always.
+runs OpenVINO where a record of this machine says every timed round of it beat every round of ONNX Runtime,
+and says so in `Solver.backend_note`; without a record it runs ONNX Runtime, as always.
 
 The record file is `$TRM_EXPORT_TUNE_FILE`, else `~/.cache/trm-export/cpu_engines.json`. It is read as untrusted:
 anything malformed is ignored, with a note.
@@ -20,7 +20,10 @@ import os
 import platform
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from trm_export.runtime.manifest import Manifest
 
 RECORD_ENV = "TRM_EXPORT_TUNE_FILE"
 
@@ -64,13 +67,18 @@ def read_records(path: Path | None = None) -> tuple[dict[str, Any], str | None]:
     return data, None
 
 
-def measured_engine(digest: str, variant: str, batch: int, threads: int | None) -> tuple[str | None, str | None]:
-    """(engine, note) from this machine's record for the nearest measured batch size; (None, note) without one."""
+def measured_engine(manifest: Manifest, variant: str, batch: int,
+                    threads: int | None) -> tuple[str | None, str | None]:
+    """(engine, note) from this machine's record for the nearest measured batch size; (None, note) without one.
+    Without a record file (the usual case) nothing else is computed: this runs at every `auto` Solver's start."""
     records, note = read_records()
-    entry = records.get(_key(digest, variant, threads))
+    if not records:
+        return None, note
+    entry = records.get(_key(manifest.digest, variant, threads))
     if not isinstance(entry, dict) or not isinstance(entry.get("batches"), dict):
         return None, note
-    batches = {int(b): v for b, v in entry["batches"].items() if str(b).isdigit() and isinstance(v, dict)}
+    batches = {int(b): v for b, v in entry["batches"].items()
+               if str(b).isdigit() and int(b) > 0 and isinstance(v, dict)}
     if not batches:
         return None, note
     nearest = min(batches, key=lambda b: (abs(math.log(b) - math.log(batch)), b))

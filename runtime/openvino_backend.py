@@ -3,7 +3,7 @@
 The same step graph file and the same host slots as ONNX Runtime (backend.HostSlots): the arrays are handed to
 OpenVINO as shared tensors, inputs and outputs, so a step copies nothing. OpenVINO compiles the ONNX graph itself
 (its own fusions and kernels), which on some models and batch sizes is faster than ONNX Runtime on the same file
-(benchmarks/cpu_engines.py measures both).
+(benchmarks/cpu_speed.py measures both; `trm-export tune` on the device).
 
 Arithmetic: the graph's own, always. On a CPU with AVX512_BF16 or AMX OpenVINO's default inference precision is
 bfloat16 (faster, and not what the graph computes); we ask for float32 (`INFERENCE_PRECISION_HINT`), so that
@@ -21,12 +21,6 @@ from trm_export.errors import BundleError
 from trm_export.runtime.backend import HostSlots, _first_line, check_step_io
 
 HOW_TO_INSTALL = "pip install openvino (or trm-export[openvino])"
-
-
-def openvino_importable() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("openvino") is not None
 
 
 class OpenVinoBackend(HostSlots):

@@ -39,7 +39,7 @@ from typing import Protocol
 import numpy as np
 
 from trm_export.errors import BundleError, InputError
-from trm_export.runtime.backend import Backend, OnnxRuntimeBackend
+from trm_export.runtime.backend import Backend, OnnxRuntimeBackend, importable
 from trm_export.runtime.embedding import Embedder
 from trm_export.runtime.manifest import Manifest, member, read_manifest
 from trm_export.runtime.validate import validate_puzzles
@@ -198,21 +198,15 @@ def _tuned_cpu_engine(manifest: Manifest, variant: str, batch: int, threads: int
     faster on this machine (runtime.cpu_engines); ONNX Runtime otherwise, and always where it has a GPU provider."""
     from trm_export.runtime.backend import onnxruntime_providers
     from trm_export.runtime.cpu_engines import measured_engine
-    from trm_export.runtime.openvino_backend import HOW_TO_INSTALL, openvino_importable
+    from trm_export.runtime.openvino_backend import HOW_TO_INSTALL
 
-    if provider is None and onnxruntime_providers(None)[0] != "CPUExecutionProvider":
-        return "onnxruntime", None
-    engine, note = measured_engine(manifest.digest, variant, batch, threads)
-    if engine == "openvino" and not openvino_importable():
+    engine, note = measured_engine(manifest, variant, batch, threads)
+    if engine != "openvino" or (provider is None and onnxruntime_providers(None)[0] != "CPUExecutionProvider"):
+        return "onnxruntime", note
+    if not importable("openvino"):
         return "onnxruntime", ("this machine's record says OpenVINO is faster, but it is not installed: "
                                f"{HOW_TO_INSTALL}")
-    return engine or "onnxruntime", note
-
-
-def _tensorrt_importable() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("tensorrt") is not None
+    return "openvino", note
 
 
 class Solver:
@@ -248,7 +242,7 @@ class Solver:
         graph = self.manifest.graphs[self.variant]
         task = self.manifest.task
         engine = self.manifest.build.get("engines", {}).get(self.variant)
-        kind, self.backend_note = select_backend(self.manifest, self.variant, backend, _tensorrt_importable())
+        kind, self.backend_note = select_backend(self.manifest, self.variant, backend, importable("tensorrt"))
         if kind == "onnxruntime" and backend == "auto" and provider in (None, "cpu"):
             kind, note = _tuned_cpu_engine(self.manifest, self.variant, batch_size, threads, provider)
             self.backend_note = "; ".join(n for n in (self.backend_note, note) if n) or None

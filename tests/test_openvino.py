@@ -135,3 +135,9 @@ def test_a_malformed_record_is_ignored_with_a_note(bundle, record):
     assert "unreadable engine record" in solver.backend_note and "trm-export tune" in solver.backend_note
     record.write_text(json.dumps({"x": {"batches": {"2": {"engine": "rm -rf /"}}}}))
     assert Solver(bundle, batch_size=2).backend.name.startswith("onnxruntime")
+    from trm_export.runtime.cpu_engines import _key
+
+    key = _key(Solver(bundle, batch_size=2).manifest.digest, "fp32", None)
+    for batches in ({"0": {"engine": "openvino"}}, {"2": {"engine": "rm -rf /"}}, {"2": "openvino"}, []):
+        record.write_text(json.dumps({key: {"batches": batches}}))
+        assert Solver(bundle, batch_size=2).backend.name.startswith("onnxruntime"), batches
