@@ -50,11 +50,16 @@ def prepare_graph(model: onnx.ModelProto, threads: int | None = 1) -> onnx.Model
             options.intra_op_num_threads = threads
         ort.InferenceSession(str(src), options, providers=["CPUExecutionProvider"])
         prepared = onnx.load(dst)
-    foreign = sorted({n.op_type for n in prepared.graph.node if n.domain not in ("", "ai.onnx")})
+    # The cpu target's graph has ONNX Runtime's contrib attention and rope already; nothing else may appear.
+    def contrib(m: onnx.ModelProto) -> set[tuple[str, str]]:
+        return {(n.domain, n.op_type) for n in m.graph.node if n.domain not in ("", "ai.onnx")}
+
+    foreign = sorted(op for _, op in contrib(prepared) - contrib(model))
     if foreign:
         raise CalibrationError(f"graph preparation introduced non-standard ops {foreign}; cannot continue")
-    # ONNX Runtime lists every domain it knows; keep the ones the graph uses (the default domain).
-    keep = [o for o in prepared.opset_import if o.domain in ("", "ai.onnx")]
+    # ONNX Runtime lists every domain it knows; keep the ones the graph uses.
+    used = {"", "ai.onnx"} | {domain for domain, _ in contrib(prepared)}
+    keep = [o for o in prepared.opset_import if o.domain in used]
     del prepared.opset_import[:]
     prepared.opset_import.extend(keep)
     prepared.ir_version = model.ir_version

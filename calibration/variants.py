@@ -53,6 +53,7 @@ from trm_export.calibration.quantize import (
     calibrate,
     quantize_int8,
 )
+from trm_export.export.onnx_graph import contrib_ops
 from trm_export.export.staging import StagedBundle
 from trm_export.report.latency import StepTiming, affordable_batch, faster_beyond_noise
 from trm_export.report.measure import (
@@ -221,6 +222,10 @@ def add_variants(bundle: str | Path, out: str | Path, options: QuantizeOptions =
     if not options.methods and not make_fp16:
         raise CalibrationError(f"nothing to add for target {target.name}: no calibration method, and fp16 is only "
                                "made for GPU targets unless asked (fp16=True)")
+    if options.int8.quantize_attention and "MultiHeadAttention" in manifest.graphs["fp32"].onnxruntime_ops:
+        raise CalibrationError("--quantize-attention: this bundle's attention is ONNX Runtime's fused "
+                               "MultiHeadAttention (cpu target), whose products stay float; re-export with "
+                               "--standard-ops to quantize them")
     budget = options.mixed_options.max_accuracy_drop
     with StagedBundle(out, force=options.force) as stage, tempfile.TemporaryDirectory(prefix="trm-q.") as tmp:
         work = Path(tmp)
@@ -285,7 +290,7 @@ def add_variants(bundle: str | Path, out: str | Path, options: QuantizeOptions =
             details = {**details, "size_bytes": len(data), "size_ratio_fp32": len(data) / fp32_size,
                        "weight_bytes": weight_bytes(model), "fp32_weight_bytes": weight_bytes(fp32_model)}
             graphs[variant] = GraphSpec(rel, precision, fp32_spec.opset, model.ir_version, list(fp32_spec.inputs),
-                                        list(fp32_spec.outputs), details)
+                                        list(fp32_spec.outputs), details, onnxruntime_ops=contrib_ops(model))
             paths[variant] = stage.path / rel
 
         if options.methods:

@@ -218,6 +218,10 @@ def evaluate(model: Path | None, split: str, limit: int | None, steps: str, adap
               help="Keep only the puzzle-table rows a deployment will be asked for: a dataset folder (its test "
                    "split's identifiers), an ARC challenge file (its tasks' views; needs --data for the names) or a "
                    "list of identifiers or puzzle names, one per line. Puzzles keep their identifiers.")
+@click.option("--standard-ops", is_flag=True,
+              help="Standard ONNX ops only. The cpu target otherwise writes attention and rope as ONNX Runtime's "
+                   "fused contrib ops (faster there; only ONNX Runtime runs them): use it to run the bundle on "
+                   "OpenVINO (--backend openvino).")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "int8", "best"]), default=None,
               help="Precision the bundle runs by default (default: the target's, see `trm-export targets`); "
                    "best = the fastest variant within --max-accuracy-drop, measured here.")
@@ -242,7 +246,8 @@ def evaluate(model: Path | None, split: str, limit: int | None, steps: str, adap
 @override_options
 def export(model: Path | None, target: str, output: Path | None, force: bool, puzzles: Path | None,
            parity_puzzles: str | None, parity_seconds: float, check_steps: str | None, strict: bool,
-           strict_threshold: float, puzzle_table_dtype: str, keep_puzzles: Path | None, precision: str | None,
+           strict_threshold: float, puzzle_table_dtype: str, keep_puzzles: Path | None, standard_ops: bool,
+           precision: str | None,
            max_accuracy_drop: float, calib: Path | None, calib_puzzles: int | None, eval_puzzles: int | None,
            eval_seconds: float, threads: int | None, no_report: bool, data: Path | None, dataset_json: Path | None,
            **overrides) -> None:
@@ -270,7 +275,7 @@ def export(model: Path | None, target: str, output: Path | None, force: bool, pu
                              parity_seconds=parity_seconds, check_steps=steps_count,
                              puzzle_table_dtype=puzzle_table_dtype,
                              keep_puzzles=keep_puzzles, strict=strict,
-                             rounding_sensitive_threshold=strict_threshold / 100),
+                             rounding_sensitive_threshold=strict_threshold / 100, standard_ops=standard_ops),
         precision=precision, max_accuracy_drop=max_accuracy_drop, calib=calib, calib_puzzles=calib_puzzles,
         eval_puzzles=eval_puzzles, eval_seconds=eval_seconds, threads=threads, report=not no_report, data=data)
     result = deploy(ck, out, options, puzzles=given, log=lambda m: click.echo(m))

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from trm_export.export import onnxruntime_ops as ort_ops
 from trm_export.export.config import ModelConfig, swiglu_intermediate
 
 
@@ -157,8 +158,11 @@ class Attention(nn.Module):
         self.qkv_proj = Linear(hidden_size, 3 * self.width)
         self.o_proj = Linear(self.width, hidden_size)
         self.export_form = False  # set while exporting (RecursiveModel.exporting)
+        self.onnxruntime_ops = False  # export form with ONNX Runtime's contrib ops (the cpu target)
 
     def forward(self, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        if self.onnxruntime_ops:
+            return self._forward_onnxruntime(h, rope)
         batch, seq, _ = h.shape
         half = None
         if self.export_form:  # constant shapes: traced sizes export as Shape/Gather/Unsqueeze/Concat chains per call
@@ -173,6 +177,17 @@ class Attention(nn.Module):
         scores = torch.matmul(q, k.transpose(-1, -2)) * (1.0 / math.sqrt(self.head_dim))
         out = torch.matmul(scores.softmax(dim=-1), v)  # [B, heads, S, head_dim]
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, self.width))
+
+    def _forward_onnxruntime(self, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        """The same attention as two ONNX Runtime contrib nodes (export/onnxruntime_ops.py); `rope` holds the
+        rotary caches (RecursiveModel.rope in this form)."""
+        q, k, v = self.qkv_proj(h).split(self.width, dim=-1)  # each [B, S, heads * head_dim]
+        if rope is not None:
+            offset = torch.zeros(1, dtype=torch.long)  # positions 0..S-1
+            q = ort_ops.RotaryEmbedding.apply(q, offset, *rope, self.num_heads)
+            k = ort_ops.RotaryEmbedding.apply(k, offset, *rope, self.num_heads)
+        out = ort_ops.MultiHeadAttention.apply(q, k, v, self.num_heads, 1.0 / math.sqrt(self.head_dim))
+        return self.o_proj(out)
 
 
 class Block(nn.Module):
@@ -241,6 +256,10 @@ class RecursiveModel(nn.Module):
             cos, sin = rope_tables(config.head_dim, config.total_seq_len, config.rope_theta)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
+            # RotaryEmbedding's caches: one half of each table (its halves repeat), stored once for every layer.
+            self.register_buffer("rope_cos_cache", cos[:, :config.head_dim // 2].clone(), persistent=False)
+            self.register_buffer("rope_sin_cache", sin[:, :config.head_dim // 2].clone(), persistent=False)
+        self.onnxruntime_ops = False  # set while exporting with ONNX Runtime's contrib ops (exporting)
         if config.family == "hrm":
             self.H_level = ReasoningStack(config, config.H_layers)
         self.L_level = ReasoningStack(config, config.L_layers)
@@ -254,7 +273,10 @@ class RecursiveModel(nn.Module):
 
     @property
     def rope(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        return (self.rope_cos, self.rope_sin) if hasattr(self, "rope_cos") else None
+        """cos, sin tables [S, head_dim]; in the ONNX Runtime export form RotaryEmbedding's half-width caches."""
+        if not hasattr(self, "rope_cos"):
+            return None
+        return (self.rope_cos_cache, self.rope_sin_cache) if self.onnxruntime_ops else (self.rope_cos, self.rope_sin)
 
     @property
     def high_net(self) -> ReasoningStack:
@@ -291,12 +313,15 @@ class RecursiveModel(nn.Module):
         return logits, q[:, 0], q[:, 1]
 
     @contextlib.contextmanager
-    def exporting(self) -> Iterator[RecursiveModel]:
+    def exporting(self, onnxruntime_ops: bool = False) -> Iterator[RecursiveModel]:
         """Within this block the model takes its export form: the same function, written the way ONNX Runtime
-        runs fastest (norms it fuses, see rms_norm_fusable; SwiGLUs as plain MatMuls, see SwiGLU)."""
+        runs fastest (norms it fuses, see rms_norm_fusable; SwiGLUs as plain MatMuls, see SwiGLU). With
+        `onnxruntime_ops`, attention and rope become ONNX Runtime's contrib nodes (export/onnxruntime_ops.py):
+        only ONNX Runtime runs that graph."""
         blocks = [m for m in self.modules() if isinstance(m, Block)]
 
         def set_form(on: bool) -> None:
+            self.onnxruntime_ops = on and onnxruntime_ops
             for b in blocks:
                 b.export_form = on
                 b.mlp.set_export_form(on)
@@ -304,6 +329,7 @@ class RecursiveModel(nn.Module):
                     b.mlp_t.set_export_form(on, along_positions=True)
                 else:
                     b.self_attn.export_form = on
+                    b.self_attn.onnxruntime_ops = on and onnxruntime_ops
 
         set_form(True)
         try:

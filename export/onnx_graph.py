@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from trm_export.errors import TrmExportError
+from trm_export.export import onnxruntime_ops as ort_ops
 from trm_export.export.model import RecursiveModel
 from trm_export.runtime.backend import STEP_INPUTS, STEP_OUTPUTS
 from trm_export.runtime.manifest import TensorSpec
@@ -51,6 +52,7 @@ class ExportedGraph:
     data: bytes
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
+    onnxruntime_ops: list[str]
 
     @property
     def opset(self) -> int:
@@ -71,22 +73,28 @@ def step_io_specs(model: RecursiveModel) -> tuple[list[TensorSpec], list[TensorS
     return inputs, outputs
 
 
-def export_step_graph(model: RecursiveModel, opset: int) -> ExportedGraph:
-    """Trace one ACT step and return the checked ONNX model and its serialized bytes."""
+def export_step_graph(model: RecursiveModel, opset: int, onnxruntime_ops: bool = False) -> ExportedGraph:
+    """Trace one ACT step and return the checked ONNX model and its serialized bytes. `onnxruntime_ops`: attention
+    and rope as ONNX Runtime's contrib nodes (export/onnxruntime_ops.py), a graph only ONNX Runtime runs."""
     cfg = model.config
     example = torch.zeros(_TRACE_BATCH, cfg.total_seq_len, cfg.hidden_size)
     buffer = io.BytesIO()
     dynamic = {name: {0: "batch"} for name in (*STEP_INPUTS, *STEP_OUTPUTS)}
-    with torch.no_grad(), model.exporting():
+    with torch.no_grad(), model.exporting(onnxruntime_ops):
         torch.onnx.export(StepGraph(model).eval(), (example, example, example), buffer, dynamo=False,
                           opset_version=opset, input_names=list(STEP_INPUTS), output_names=list(STEP_OUTPUTS),
-                          dynamic_axes=dynamic, do_constant_folding=True)
+                          dynamic_axes=dynamic, do_constant_folding=True, custom_opsets={ort_ops.DOMAIN: 1})
     proto = onnx.load_from_string(buffer.getvalue())
     proto.producer_name, proto.producer_version = "trm-export", ""  # no torch version: byte-identical re-exports
     proto.doc_string = f"{cfg.family.upper()} step: {cfg.H_cycles} x ({cfg.L_cycles} + 1) network calls"
     check_graph(proto)
     inputs, outputs = step_io_specs(model)
-    return ExportedGraph(proto, proto.SerializeToString(), inputs, outputs)
+    return ExportedGraph(proto, proto.SerializeToString(), inputs, outputs, contrib_ops(proto))
+
+
+def contrib_ops(proto: onnx.ModelProto) -> list[str]:
+    """The ONNX Runtime contrib op types a graph uses (sorted): engines other than ONNX Runtime may not run them."""
+    return sorted({n.op_type for n in proto.graph.node if n.domain == ort_ops.DOMAIN})
 
 
 def check_graph(proto: onnx.ModelProto, max_opset: int | None = None, max_ir_version: int | None = None) -> None:

@@ -96,6 +96,9 @@ class ExportOptions:
     # strict it refuses, before the bundle is committed.
     rounding_sensitive_threshold: float = ROUNDING_SENSITIVE_THRESHOLD
     strict: bool = False
+    # Standard ONNX ops only: the cpu target otherwise writes attention and rope as ONNX Runtime's contrib nodes
+    # (export/onnxruntime_ops.py), which only ONNX Runtime runs (OpenVINO, for one, computes them wrongly).
+    standard_ops: bool = False
 
 
 @dataclass(frozen=True)
@@ -164,6 +167,13 @@ def puzzles_from_folder(folder: str | Path, config, size: int | None = HELDOUT_P
                    described, spec.name if spec else None, spec.side if spec else None)
 
 
+def uses_onnxruntime_ops(target: Target, options: ExportOptions) -> bool:
+    """ONNX Runtime's fused attention and rope: for the target whose runtime is native ONNX Runtime (cpu), unless
+    the user asks for standard ops. TensorRT cannot parse them; onnxruntime-web's WebAssembly build is not measured
+    with them."""
+    return target.runtime == "onnxruntime" and not options.standard_ops
+
+
 def opset_for(target: Target) -> int:
     return min(target.max_opset, EXPORTER_MAX_OPSET)
 
@@ -198,11 +208,12 @@ def export_bundle(checkpoint: str | Path | LoadedCheckpoint, out: str | Path, op
         puzzles = puzzles or default_puzzles(ck)
 
         opset = opset_for(target)
-        graph = export_step_graph(model, opset)
+        graph = export_step_graph(model, opset, onnxruntime_ops=uses_onnxruntime_ops(target, options))
         check_graph(graph.model, target.max_opset, target.max_ir_version)
         graph_file = stage.write_bytes("graphs/step_fp32.onnx", graph.data)
         say(f"step graph: opset {opset}, IR {graph.model.ir_version}, {len(graph.model.graph.node)} nodes, "
-            f"{len(graph.data) / 1e6:.2f} MB ({cfg.net_calls_per_step} network calls unrolled)")
+            f"{len(graph.data) / 1e6:.2f} MB ({cfg.net_calls_per_step} network calls unrolled"
+            + (f"; ONNX Runtime's {', '.join(graph.onnxruntime_ops)}" if graph.onnxruntime_ops else "") + ")")
 
         names = None if options.identifiers is None else _read_identifiers(options.identifiers, cfg)
         keep = None
@@ -228,7 +239,8 @@ def export_bundle(checkpoint: str | Path | LoadedCheckpoint, out: str | Path, op
             task=task,
             embedding=embedding,
             loop=LoopSpec(cfg.halt_max_steps, cfg.halting_rule, cfg.halting_rule == "q_halt>q_continue"),
-            graphs={"fp32": GraphSpec(graph_file, "fp32", opset, graph.model.ir_version, graph.inputs, graph.outputs)},
+            graphs={"fp32": GraphSpec(graph_file, "fp32", opset, graph.model.ir_version, graph.inputs, graph.outputs,
+                                      onnxruntime_ops=graph.onnxruntime_ops)},
             target=target.name,
             files={},
             provenance={"checkpoint": ck.path.name, "checkpoint_sha256": ck.sha256, "key_prefix": ck.key_prefix,

@@ -21,7 +21,7 @@ from trm_export.report.latency import StepTiming, time_steps
 from trm_export.runtime.backend import importable
 from trm_export.runtime.cpu_engines import machine, write_record
 from trm_export.runtime.manifest import read_manifest
-from trm_export.runtime.openvino_backend import HOW_TO_INSTALL
+from trm_export.runtime.openvino_backend import HOW_TO_INSTALL, check_standard_ops
 from trm_export.runtime.selfcheck import verify_bundle
 from trm_export.runtime.solver import Solver
 
@@ -58,6 +58,9 @@ def tune_cpu_engines(bundle: str | Path, variant: str | None = None, batches: tu
     bundle = Path(bundle)
     manifest = read_manifest(bundle)
     variant = manifest.default_variant if variant is None else variant
+    if variant not in manifest.graphs:
+        raise BundleError(f"requested variant {variant!r}; this bundle has {sorted(manifest.graphs)}")
+    check_standard_ops(manifest.graphs[variant])
     report = verify_bundle(bundle, variant=variant, backend="openvino")
     if not report:
         raise BundleError(f"variant {variant!r} fails the bundle's golden self-check on OpenVINO here, so it is not "

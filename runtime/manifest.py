@@ -42,6 +42,9 @@ class GraphSpec:
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
     details: dict[str, Any] = field(default_factory=dict)  # calibration method, float layers, ...
+    # ONNX Runtime contrib ops (domain com.microsoft) in the graph: the cpu target's fused attention and rope.
+    # Only ONNX Runtime runs them (other backends refuse such a graph); empty for every other target.
+    onnxruntime_ops: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -262,6 +265,15 @@ def _tensor_specs(data: Any, where: str) -> list[TensorSpec]:
     return specs
 
 
+def _op_names(graph: Any, where: str) -> list[str]:
+    """graphs.<variant>.onnxruntime_ops: op type names (absent in older bundles: none)."""
+    names = graph.get("onnxruntime_ops", []) if isinstance(graph, dict) else []
+    if not isinstance(names, list) or len(names) > 64 or not all(
+            isinstance(n, str) and NAME_PATTERN.fullmatch(n) for n in names):
+        raise _schema(f"{where}.onnxruntime_ops", "a list of op type names", names)
+    return list(names)
+
+
 def _parse(data: Any) -> Manifest:
     root = _Fields(data, "manifest")
     version = data.get("format_version") if isinstance(data, dict) else None
@@ -296,7 +308,7 @@ def _parse(data: Any) -> Manifest:
             opset=f.int("opset", lo=1, hi=1000), ir_version=f.int("ir_version", lo=1, hi=1000),
             inputs=_tensor_specs(f._get("inputs", False), f"graphs.{name}.inputs"),
             outputs=_tensor_specs(f._get("outputs", False), f"graphs.{name}.outputs"),
-            details=f.obj("details", optional=True))
+            details=f.obj("details", optional=True), onnxruntime_ops=_op_names(g, f"graphs.{name}"))
     if "fp32" not in graphs:
         raise BundleError(f"{MANIFEST_NAME}: graphs has no 'fp32' variant; every bundle carries one")
     files = root.obj("files")

@@ -19,21 +19,36 @@ import numpy as np
 
 from trm_export.errors import BundleError
 from trm_export.runtime.backend import HostSlots, _first_line, check_step_io
+from trm_export.runtime.manifest import GraphSpec
 
 HOW_TO_INSTALL = "pip install openvino (or trm-export[openvino])"
+
+
+def check_standard_ops(graph: GraphSpec) -> None:
+    """Refuse a graph with ONNX Runtime's contrib ops (the cpu target's fused attention and rope): OpenVINO reads
+    them, but computes RotaryEmbedding with a position offset wrongly (2026.4: up to 0.07 off on one layer)."""
+    if graph.onnxruntime_ops:
+        raise BundleError(f"{graph.file} uses ONNX Runtime's contrib ops ({', '.join(graph.onnxruntime_ops)}), which "
+                          "only ONNX Runtime runs correctly: run it with --backend onnxruntime, or re-export with "
+                          "--standard-ops for OpenVINO")
 
 
 class OpenVinoBackend(HostSlots):
     """One compiled model and one infer request on the CPU plugin, latency mode (one stream), float32."""
 
     def __init__(self, model_path: Path, capacity: int, state_shape: tuple[int, int], seq_len: int, vocab: int,
-                 threads: int | None = None):
+                 threads: int | None = None, inference_precision: str = "f32"):
+        """`inference_precision`: "f32" (the graph's arithmetic: what the runtime always uses) or "bf16" (OpenVINO's
+        default on CPUs with AVX512_BF16 / AMX; another arithmetic, measured by benchmarks/cpu_speed.py, never
+        chosen by the runtime)."""
+        if inference_precision not in ("f32", "bf16"):
+            raise ValueError(f"inference_precision must be 'f32' or 'bf16', got {inference_precision!r}")
         try:
             import openvino as ov
         except ImportError:
             raise BundleError(f"backend 'openvino' requested, but OpenVINO is not installed here: "
                               f"{HOW_TO_INSTALL}") from None
-        config: dict[str, object] = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
+        config: dict[str, object] = {"INFERENCE_PRECISION_HINT": inference_precision, "PERFORMANCE_HINT": "LATENCY"}
         if threads:
             config["INFERENCE_NUM_THREADS"] = int(threads)
         try:
@@ -44,7 +59,7 @@ class OpenVinoBackend(HostSlots):
         names = [set().union(*(port.get_names() for port in ports)) if ports else set()
                  for ports in (self.compiled.inputs, self.compiled.outputs)]
         check_step_io(model_path, names[0], names[1])
-        self.name = f"openvino {ov.__version__.split('-')[0]} (CPU, f32)"
+        self.name = f"openvino {ov.__version__.split('-')[0]} (CPU, {inference_precision})"
         super().__init__(capacity, state_shape, seq_len, vocab)
         self.request = self.compiled.create_infer_request()
         self._tensor = ov.Tensor

@@ -10,6 +10,8 @@
 #   3. tests/test_runtime_oldest.py runs in .venv-oldest on that bundle (TRM_RUNTIME_BUNDLE), without
 #      tests/conftest.py (it needs torch): manifest and checksums, fixed and adaptive solves against the bundle's
 #      golden values, `trm-export verify` and `trm-export run`, edited and damaged bundles refused.
+#   4. The maze attention reference model's cpu bundle (ONNX Runtime's contrib attention and rope) passes
+#      `trm-export verify` in .venv-oldest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MAIN_VENV=${MAIN_VENV:-.venv}
@@ -98,4 +100,16 @@ lap "export of the bundle (main venv)"
 TRM_RUNTIME_BUNDLE="$tmp/bundle" TRM_EXPECT_VERSIONS="$expect" \
   "$OLD/bin/python" -m pytest tests/test_runtime_oldest.py --noconftest -p no:cacheprovider -q --tb=short
 lap "tests on Python $pyver"
+
+# The attention reference model's cpu bundle: attention and rope as ONNX Runtime's contrib ops (MultiHeadAttention,
+# RotaryEmbedding), whose kernels and attributes changed across onnxruntime releases: its golden self-check on the
+# oldest onnxruntime (full fixed and adaptive loops against the PyTorch reference's recorded values).
+maze_args=(reference_models/maze_att --target cpu -o "$tmp/maze" --parity-puzzles 8)
+if "$MAIN_VENV/bin/trm-export" export --help | grep -q -- --no-report; then
+  maze_args+=(--no-report)
+fi
+"$MAIN_VENV/bin/trm-export" "${maze_args[@]}" > "$tmp/maze.log" 2>&1 || { cat "$tmp/maze.log"; exit 1; }
+grep -E "^step graph" "$tmp/maze.log" || true
+"$OLD/bin/trm-export" verify "$tmp/maze"
+lap "attention bundle (contrib ops) verified on Python $pyver"
 echo "oldest runtime check: passed in $((SECONDS - start)) s"

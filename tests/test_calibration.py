@@ -55,7 +55,7 @@ FAST = QuantizeOptions(threads=THREADS, progress=False, fp16=True, mixed=True, c
                        compare=CompareOptions(drift_puzzles=8, batch_size=24))
 
 
-def _export(root, variant, name: str = "bundle"):
+def _export(root, variant, name: str = "bundle", standard_ops: bool = False):
     write_official_checkpoint(root / "ckpt", variant)
     if variant.seq_len == 81:
         data = get_task("sudoku").split("heldout", size=8)
@@ -64,14 +64,21 @@ def _export(root, variant, name: str = "bundle"):
         rng = np.random.default_rng(0)
         puzzles = Puzzles(rng.integers(1, variant.vocab_size, (8, variant.seq_len)),
                           rng.integers(0, variant.num_puzzle_identifiers, 8), None, "random", None)
-    path, _, _ = export_bundle(root / "ckpt", root / name, ExportOptions(progress=False, batch_size=8),
-                               puzzles=puzzles)
+    path, _, _ = export_bundle(root / "ckpt", root / name,
+                               ExportOptions(progress=False, batch_size=8, standard_ops=standard_ops), puzzles=puzzles)
     return path
 
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory):
     return _export(tmp_path_factory.mktemp("calib"), SUDOKU_SHAPED)
+
+
+@pytest.fixture(scope="module")
+def standard_bundle(tmp_path_factory):
+    """The same model with attention in standard ops (--standard-ops): its q k^T and softmax v products are MatMuls
+    (in the cpu target's default graph they are inside ONNX Runtime's MultiHeadAttention)."""
+    return _export(tmp_path_factory.mktemp("calib-standard"), SUDOKU_SHAPED, standard_ops=True)
 
 
 @pytest.fixture(scope="module")
@@ -159,7 +166,8 @@ def test_any_reader_with_get_next_feeds_the_calibrator(bundle, calib_set):
 
 
 @pytest.mark.parametrize("method", ["minmax", "entropy"])
-def test_only_what_the_int8_graph_reads_is_calibrated_and_its_ranges_are_onnx_runtimes(bundle, calib_set, method):
+def test_only_what_the_int8_graph_reads_is_calibrated_and_its_ranges_are_onnx_runtimes(standard_bundle, calib_set,
+                                                                                       method):
     """The calibrator collects the activation inputs of weighted MatMul/Gemm only (the attention products' too when
     asked), and fits them exactly as ONNX Runtime's own calibrator, which collects every MatMul input and output."""
     import tempfile
@@ -167,6 +175,7 @@ def test_only_what_the_int8_graph_reads_is_calibrated_and_its_ranges_are_onnx_ru
     import onnxruntime as ort
     from onnxruntime.quantization.calibrate import create_calibrator
 
+    bundle = standard_bundle
     samples = record_step_inputs(bundle, calib_set, RecordOptions(max_samples=16, threads=THREADS))
     prepared = prepare_graph(onnx.load(bundle / "graphs/step_fp32.onnx"))
     settings = CalibrationSettings(method=method, threads=THREADS, chunk_samples=16, batch_size=16)
@@ -361,6 +370,12 @@ def test_left_weight_products_move_to_the_right_unchanged() -> None:
     assert [n.name for n in matmuls] == ["/mlp_t/gate_proj/MatMul", "/mlp_t/gate_proj_1/MatMul"]
     assert all(n.input[1] == "W_T" for n in matmuls)
     assert [i.name for i in moved.graph.initializer] == ["W_T"]
+
+
+def test_quantize_attention_is_refused_where_attention_is_onnxruntimes_fused_op(bundle, tmp_path):
+    with pytest.raises(CalibrationError, match="fused MultiHeadAttention .* re-export with --standard-ops"):
+        add_variants(bundle, tmp_path / "q", dataclasses.replace(FAST, int8=Int8Options(quantize_attention=True)))
+    assert not (tmp_path / "q").exists()
 
 
 def test_quantizer_output_passes_the_checker_for_attention_and_mlp_t(tmp_path, quantized):

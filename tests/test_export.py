@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import os
@@ -21,6 +22,7 @@ from official_format import VARIANTS, write_official_checkpoint
 
 from trm_export.cli import main as cli
 from trm_export.errors import BundleError
+from trm_export.export.onnx_graph import opset_of
 from trm_export.export.pipeline import ExportOptions, ParityError, Puzzles, export_bundle
 from trm_export.runtime.manifest import read_manifest
 from trm_export.runtime.selfcheck import verify_bundle
@@ -105,6 +107,50 @@ def test_export_form_is_the_same_step_with_plain_matmuls(tmp_path, name):
         assert "Transpose" not in ops
 
 
+@pytest.mark.parametrize("name", ["trm-att-rope", "trm-att-learned", "trm-att-rope-3heads", "hrm"])
+def test_onnxruntime_ops_compute_the_standard_forms_step(tmp_path, name):
+    """The cpu target's attention and rope as ONNX Runtime's MultiHeadAttention and RotaryEmbedding: one step from a
+    given state is the standard-ops graph's and the PyTorch reference's, within float32 rounding; the nodes are
+    the contrib ones (a Softmax left over would mean the fused form silently fell back)."""
+    import onnxruntime as ort
+
+    from trm_export.export.checkpoint import load_checkpoint
+    from trm_export.export.onnx_graph import export_step_graph
+
+    v = stable(name)
+    write_official_checkpoint(tmp_path / "ckpt", v)
+    model = load_checkpoint(tmp_path / "ckpt").model
+    torch.manual_seed(0)
+    s, d = model.config.total_seq_len, model.config.hidden_size
+    state = {k: torch.randn(3, s, d) for k in ("x", "z_H", "z_L")}
+    with torch.no_grad():
+        reference = [t.numpy() for t in model.step(*state.values())]
+    feeds = {k: t.numpy() for k, t in state.items()}
+    outputs = {}
+    for fused in (False, True):
+        graph = export_step_graph(model, 20, onnxruntime_ops=fused)
+        ops = collections.Counter(n.op_type for n in graph.model.graph.node)
+        if fused:
+            assert ops["MultiHeadAttention"] > 0 and ops["Softmax"] == 0
+            assert ops["RotaryEmbedding"] == (2 * ops["MultiHeadAttention"] if v.pos_encodings == "rope" else 0)
+            assert graph.onnxruntime_ops == sorted(k for k in ("MultiHeadAttention", "RotaryEmbedding") if ops[k])
+        else:
+            assert graph.onnxruntime_ops == [] and ops["Softmax"] > 0
+        session = ort.InferenceSession(graph.data, providers=["CPUExecutionProvider"])
+        outputs[fused] = session.run(None, feeds)
+    for ours, standard, ref in zip(outputs[True], outputs[False], reference, strict=True):
+        scale = max(1.0, float(np.abs(ref).max()))
+        assert np.abs(ours - ref).max() <= 2e-5 * scale
+        assert np.abs(ours - standard).max() <= 2e-5 * scale
+
+
+def test_standard_ops_keeps_the_cpu_graph_free_of_contrib_ops(tmp_path):
+    path, manifest = export(tmp_path, standard_ops=True)
+    graph = onnx.load(path / manifest["graphs"]["fp32"]["file"])
+    assert not [n for n in graph.graph.node if n.domain] and manifest["graphs"]["fp32"]["onnxruntime_ops"] == []
+    assert any(n.op_type == "Softmax" for n in graph.graph.node)
+
+
 def test_weights_are_stored_once_however_many_calls(tmp_path):
     v = stable("trm-att-rope")
     path, manifest = export(tmp_path, "trm-att-rope")
@@ -112,7 +158,7 @@ def test_weights_are_stored_once_however_many_calls(tmp_path):
     weight_elems = sum(int(np.prod(i.dims)) for i in graph.graph.initializer if len(i.dims) == 2 and min(i.dims) > 4)
     block_params = v.L_layers * (4 * v.hidden_size ** 2 + 3 * v.hidden_size * 256)
     assert weight_elems <= block_params + 2 * v.hidden_size * 16 + 1000  # + lm/q heads, rope tables
-    calls = sum(1 for n in graph.graph.node if n.op_type == "Softmax")
+    calls = sum(1 for n in graph.graph.node if n.op_type == "MultiHeadAttention")  # the cpu target's attention
     assert calls == v.H_cycles * (v.L_cycles + 1) * v.L_layers  # every call unrolled
 
 
@@ -121,8 +167,12 @@ def test_weights_are_stored_once_however_many_calls(tmp_path):
 def test_opset_and_ir_follow_the_target(tmp_path, target, opset, ir):
     path, manifest = export(tmp_path, target=target)
     graph = onnx.load(path / manifest["graphs"]["fp32"]["file"])
-    assert (graph.opset_import[0].version, graph.ir_version) == (opset, ir)
+    assert (opset_of(graph), graph.ir_version) == (opset, ir)
     assert manifest["graphs"]["fp32"]["opset"] == opset and manifest["target"] != ""
+    # ONNX Runtime's contrib ops only where the runtime is native ONNX Runtime: TensorRT cannot parse them.
+    contrib = {n.op_type for n in graph.graph.node if n.domain == "com.microsoft"}
+    assert contrib == ({"MultiHeadAttention", "RotaryEmbedding"} if target == "cpu" else set())
+    assert manifest["graphs"]["fp32"]["onnxruntime_ops"] == sorted(contrib)
 
 
 def test_export_is_deterministic(tmp_path):
@@ -166,11 +216,11 @@ def _exports_a_broken_graph(monkeypatch, relative_error: float = 1e-3) -> None:
 
     original = pipeline.export_step_graph
 
-    def broken(model, opset):
+    def broken(model, opset, **form):
         model = copy.deepcopy(model)
         with torch.no_grad():
             next(p for name, p in model.named_parameters() if "down_proj" in name).mul_(1 + relative_error)
-        return original(model, opset)
+        return original(model, opset, **form)
 
     monkeypatch.setattr(pipeline, "export_step_graph", broken)
 

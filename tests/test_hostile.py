@@ -511,11 +511,11 @@ def test_non_finite_graph_outputs_fail_parity(tmp_path, monkeypatch):
 
     original = pipeline.export_step_graph
 
-    def broken(model, opset):
+    def broken(model, opset, **form):
         model = copy.deepcopy(model)
         with torch.no_grad():
             next(p for name, p in model.named_parameters() if "lm_head" in name)[0, 0] = float("nan")
-        return original(model, opset)
+        return original(model, opset, **form)
 
     monkeypatch.setattr(pipeline, "export_step_graph", broken)
     write_official_checkpoint(tmp_path / "ck", SUDOKU_SHAPED)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import builtins
+import dataclasses
 import json
 
 import numpy as np
@@ -11,6 +12,7 @@ from click.testing import CliRunner
 
 from trm_export.cli import main as cli
 from trm_export.errors import BundleError
+from trm_export.runtime.manifest import read_manifest
 from trm_export.runtime.selfcheck import verify_bundle
 from trm_export.runtime.solver import Solver
 from trm_export.tasks import get_task
@@ -19,8 +21,16 @@ pytest.importorskip("openvino")
 
 
 @pytest.fixture(scope="module")
-def bundle(sudoku_bundle):
-    return sudoku_bundle / "bundle"
+def bundle(sudoku_bundle, tmp_path_factory):
+    """The session's sudoku-shaped attention model exported with --standard-ops: OpenVINO refuses the cpu target's
+    default graph (ONNX Runtime's fused attention and rope; see the last tests)."""
+    from trm_export.export.pipeline import ExportOptions, Puzzles, export_bundle
+
+    puzzles = get_task("sudoku").split("calibration", size=16)
+    out = tmp_path_factory.mktemp("openvino") / "bundle"
+    export_bundle(sudoku_bundle / "ckpt", out, ExportOptions(progress=False, batch_size=8, standard_ops=True),
+                  puzzles=Puzzles(puzzles.inputs, puzzles.puzzle_ids, puzzles.labels, "calibration", "sudoku"))
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -141,3 +151,55 @@ def test_a_malformed_record_is_ignored_with_a_note(bundle, record):
     for batches in ({"0": {"engine": "openvino"}}, {"2": {"engine": "rm -rf /"}}, {"2": "openvino"}, []):
         record.write_text(json.dumps({key: {"batches": batches}}))
         assert Solver(bundle, batch_size=2).backend.name.startswith("onnxruntime"), batches
+
+
+@pytest.fixture(scope="module")
+def attention_bundles(tmp_path_factory):
+    """A small attention model (rope) exported for the cpu target twice: with ONNX Runtime's fused attention and
+    rope (the default) and with --standard-ops."""
+    from official_format import VARIANTS, write_official_checkpoint
+
+    from trm_export.export.pipeline import ExportOptions, Puzzles, export_bundle
+
+    folder = tmp_path_factory.mktemp("attention")
+    v = dataclasses.replace(VARIANTS["trm-att-rope"], gain=0.5)
+    write_official_checkpoint(folder / "ckpt", v)
+    rng = np.random.default_rng(0)
+    puzzles = Puzzles(rng.integers(1, v.vocab_size, (8, v.seq_len)), rng.integers(0, v.num_puzzle_identifiers, 8),
+                      None, "random test puzzles", None)
+    bundles = {}
+    for standard_ops in (False, True):
+        out = folder / ("standard" if standard_ops else "fused")
+        export_bundle(folder / "ckpt", out, ExportOptions(progress=False, batch_size=8, golden_puzzles=2,
+                                                          standard_ops=standard_ops), puzzles=puzzles)
+        bundles["standard" if standard_ops else "fused"] = out
+    return bundles
+
+
+def test_a_graph_with_onnxruntime_ops_is_refused_in_one_line(attention_bundles, record, tmp_path):
+    """OpenVINO reads ONNX Runtime's RotaryEmbedding but computes it wrongly (with a position offset): the backend
+    refuses the cpu target's fused graph, names the ops and the way out; tune refuses too; auto stays on ONNX
+    Runtime whatever a record says."""
+    fused = attention_bundles["fused"]
+    assert read_manifest(fused).graphs["fp32"].onnxruntime_ops == ["MultiHeadAttention", "RotaryEmbedding"]
+    message = r"uses ONNX Runtime's contrib ops \(MultiHeadAttention, RotaryEmbedding\).*--standard-ops"
+    with pytest.raises(BundleError, match=message):
+        Solver(fused, backend="openvino")
+    path = tmp_path / "p.npy"
+    np.save(path, np.ones((2, read_manifest(fused).task.seq_len), np.int64))
+    for args in (["run", str(fused), "--input", str(path), "--backend", "openvino"], ["tune", str(fused)]):
+        result = CliRunner().invoke(cli, args)
+        assert result.exit_code != 0 and "Traceback" not in result.output
+        assert len(result.output.strip().splitlines()) == 1 and "--standard-ops" in result.output, result.output
+    from trm_export.runtime.cpu_engines import _key
+
+    key = _key(read_manifest(fused).digest, "fp32", None)
+    record.write_text(json.dumps({key: {"batches": {"2": {"engine": "openvino", "speedup": 2.0}}}}))
+    assert Solver(fused, batch_size=2).backend.name.startswith("onnxruntime")
+
+
+def test_a_standard_ops_bundle_runs_on_openvino(attention_bundles):
+    standard = attention_bundles["standard"]
+    assert read_manifest(standard).graphs["fp32"].onnxruntime_ops == []
+    report = verify_bundle(standard, backend="openvino")
+    assert report, str(report)
