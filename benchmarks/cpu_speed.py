@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from step_profile import step_inputs  # benchmarks/ is on sys.path when run as a script
-from timing import median_time
+from timing import call_times, median_time
 
 from trm_export.calibration.variants import QuantizeOptions, add_variants
 from trm_export.export.accuracy import task_for_config
@@ -68,16 +68,6 @@ def step_flops(cfg: ModelConfig) -> float:
     return float(per_step + 2 * cfg.seq_len * d * v)
 
 
-def best_time(fn: Callable[[], object], repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
 def gemm_peak(threads: int, n: int = 2048, repeats: int = 10) -> dict[str, float]:
     """float32 GFLOP/s of an n x n x n matmul in torch and in ONNX Runtime (MLAS): the machine's peak is the
     better of the two (on an AMD CPU torch's BLAS can be far below MLAS, which would inflate every fraction)."""
@@ -97,8 +87,8 @@ def gemm_peak(threads: int, n: int = 2048, repeats: int = 10) -> dict[str, float
     feeds = {"a": a.numpy(), "b": b.numpy()}
     flop = 2 * n**3 / 1e9
     # The best call, not the median: a peak is what the machine reaches when nothing else runs on it.
-    result = {"torch": flop / best_time(lambda: torch.mm(a, b), repeats),
-              "onnxruntime": flop / best_time(lambda: session.run(None, feeds), repeats)}
+    result = {"torch": flop / min(call_times(lambda: torch.mm(a, b), repeats)),
+              "onnxruntime": flop / min(call_times(lambda: session.run(None, feeds), repeats))}
     result["peak"] = max(result.values())
     return result
 

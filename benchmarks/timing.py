@@ -7,8 +7,8 @@ import time
 from collections.abc import Callable
 
 
-def median_time(fn: Callable[[], object], repeats: int, warmup: bool = True) -> float:
-    """Median wall time of `fn` over `repeats` calls, after one untimed warm-up call."""
+def call_times(fn: Callable[[], object], repeats: int, warmup: bool = True) -> list[float]:
+    """Wall time of each of `repeats` calls of `fn`, after one untimed warm-up call."""
     if warmup:
         fn()
     times = []
@@ -16,4 +16,9 @@ def median_time(fn: Callable[[], object], repeats: int, warmup: bool = True) -> 
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return times
+
+
+def median_time(fn: Callable[[], object], repeats: int, warmup: bool = True) -> float:
+    """Median wall time of `fn` over `repeats` calls, after one untimed warm-up call."""
+    return statistics.median(call_times(fn, repeats, warmup))

@@ -4,7 +4,8 @@ Written with standard ops, one attention layer is about 25 nodes: rope's Slice /
 transposes, two MatMuls, a scale and a Softmax; ONNX Runtime fuses none of it on the CPU. Its contrib ops
 MultiHeadAttention (flash attention on the CPU) and RotaryEmbedding do the same work in three kernels. Whole steps,
 against the same step in standard ops, 2 threads, interleaved (benchmarks/cpu_speed.py; benchmarks/results):
-1.18x on the maze reference model at batch 1 and at batch 64, 1.13x / 1.06x on the paper-size maze at batch 1 / 8.
+1.18-1.30x on the maze reference model at batch 1 and 64 (two runs), 1.13x / 1.06x on the paper-size maze at
+batch 1 / 8.
 
 Each op is a torch.autograd.Function: its forward is the reference math (so the PyTorch export form, parity and
 golden vectors compute exactly what the standard form computes), its symbolic is the contrib node. Only ONNX
