@@ -155,36 +155,27 @@ def graph_step(path: Path, engine: str, state: dict[str, np.ndarray], cfg: Model
 def export_forms(model, folder: Path) -> dict[str, Path]:
     """The same step in two more export forms: standard ONNX ops only (our export form without ONNX Runtime's
     contrib ops: what TensorRT, the browser and OpenVINO get) and a plain torch.onnx export of model.step."""
-    from trm_export.export.onnx_graph import StepGraph, export_step_graph
-    from trm_export.runtime.backend import STEP_INPUTS, STEP_OUTPUTS
+    from trm_export.export.onnx_graph import export_step_graph
 
     forms = {"standard_ops": folder / "standard_ops.onnx", "plain_export": folder / "plain_export.onnx"}
     forms["standard_ops"].write_bytes(export_step_graph(model, 20).data)
-    cfg = model.config
-    example = torch.zeros(2, cfg.total_seq_len, cfg.hidden_size)
-    with torch.no_grad():
-        torch.onnx.export(StepGraph(model).eval(), (example,) * 3, str(forms["plain_export"]), dynamo=False,
-                          opset_version=20, input_names=list(STEP_INPUTS), output_names=list(STEP_OUTPUTS),
-                          dynamic_axes={k: {0: "batch"} for k in (*STEP_INPUTS, *STEP_OUTPUTS)})
+    forms["plain_export"].write_bytes(export_step_graph(model, 20, export_form=False).data)
     return forms
 
 
-def forms_agree(bundle: Path, forms: dict[str, Path], state: dict[str, np.ndarray], cfg: ModelConfig,
-                threads: int, openvino: bool) -> dict[str, float]:
-    """max |z_H| difference after one step from `state`: each other form (and OpenVINO) against the bundle's fp32
-    graph on ONNX Runtime: the contenders must compute the same step."""
+def forms_agree(reference: Path, forms: dict[str, Path], state: dict[str, np.ndarray], cfg: ModelConfig,
+                threads: int) -> dict[str, float]:
+    """max |z_H| difference after one step from `state`: each contender (label -> graph file; "openvino*" labels
+    on OpenVINO, the others on ONNX Runtime) against the bundle's fp32 graph on ONNX Runtime: they must compute
+    the same step."""
     def z_H(path: Path, engine: str) -> np.ndarray:
         backend = graph_backend(path, engine, state, cfg, threads)
         backend.step(len(state["x"]))
         return backend.state(len(state["x"]))[0]
 
-    manifest = read_manifest(bundle)
-    reference = z_H(member(bundle, manifest.graphs["fp32"].file), "onnxruntime")
-    pairs = [(form, path, "onnxruntime") for form, path in forms.items()]
-    if openvino:
-        pairs.append(("openvino_standard_ops" if "standard_ops" in forms else "openvino_fp32",
-                      forms.get("standard_ops", member(bundle, manifest.graphs["fp32"].file)), "openvino"))
-    return {label: float(np.abs(z_H(path, engine) - reference).max()) for label, path, engine in pairs}
+    expected = z_H(reference, "onnxruntime")
+    return {label: float(np.abs(z_H(path, "openvino" if label.startswith("openvino") else "onnxruntime")
+                                - expected).max()) for label, path in forms.items()}
 
 
 def auto_engine(bundle: Path, batch: int, threads: int) -> str:
@@ -287,7 +278,8 @@ def main() -> None:
             flops = step_flops(ck.config)
             model_result = {"step_gflop": flops / 1e9, "onnxruntime_ops": fused, "step": {}, "end_to_end": {},
                             "forms_max_abs_z_H": {}}
-            standard_graph = forms.get("standard_ops", member(bundle, manifest.graphs["fp32"].file))
+            bundle_graph = member(bundle, manifest.graphs["fp32"].file)
+            standard_graph = forms.get("standard_ops", bundle_graph)  # what OpenVINO runs
             if openvino and args.openvino_bf16:  # another arithmetic: its accuracy, beside float32's, same loop
                 bf16 = {engine: fixed_loop_accuracy(standard_graph, engine, bundle, data, ck.config, args.threads)
                         for engine in ("openvino", "openvino_bf16")}
@@ -302,8 +294,11 @@ def main() -> None:
             for batch in (int(b) for b in args.batches.split(",")):
                 tokens = data.inputs[:batch]
                 state = step_inputs(bundle, batch)
-                if forms or (openvino and wanted("openvino")):
-                    agree = forms_agree(bundle, forms, state, ck.config, args.threads, openvino and wanted("openvino"))
+                checked = dict(forms)  # on ONNX Runtime
+                if openvino and wanted("openvino"):
+                    checked["openvino_standard_ops" if fused else "openvino_fp32"] = standard_graph
+                if checked:
+                    agree = forms_agree(bundle_graph, checked, state, ck.config, args.threads)
                     model_result["forms_max_abs_z_H"][batch] = agree
                     print(f"{name} batch {batch:>2}: one step from the same state, max |z_H - bundle fp32 on ONNX "
                           "Runtime|: " + ", ".join(f"{k} {v:.1e}" for k, v in agree.items()), flush=True)

@@ -75,11 +75,13 @@ def mean_steps(model: str) -> dict[str, float]:
     return steps
 
 
-def cpu_ms_per_puzzle_step(cpu_json: Path, model: str) -> tuple[float, int, str] | None:
+def measured_models(path: Path) -> dict:
+    """cpu_speed.py's JSON: model name -> its measurements ({} when the file is absent)."""
+    return json.loads(path.read_text())["models"] if path.is_file() else {}
+
+
+def cpu_ms_per_puzzle_step(entry: dict | None) -> tuple[float, int, str] | None:
     """(ms per puzzle-step, batch, engine label) of the runtime's default engine at the largest measured batch."""
-    if not cpu_json.is_file():
-        return None
-    entry = json.loads(cpu_json.read_text())["models"].get(model)
     if entry is None:
         return None
     batch = max(entry["step"], key=int)
@@ -123,21 +125,18 @@ def main() -> None:
     lines = ["# Jetson on-paper floor per puzzle vs this CPU (`benchmarks/jetson_floor.py`)", "",
              "Floor = FLOPs per step x mean steps / dense tensor-core throughput of the module's GPU (see the "
              "script's docstring for the sources). The CPU row is measured; the module rows are arithmetic.", ""]
+    cpu = measured_models(args.cpu_json)
     for model in ("maze_att", "sudoku_mlpt"):
         gflop = step_flops(load_checkpoint(reference_model_path(model)).config) / 1e9
-        lines += table(f"{model} (reference model)", gflop, mean_steps(model),
-                       cpu_ms_per_puzzle_step(args.cpu_json, model))
+        lines += table(f"{model} (reference model)", gflop, mean_steps(model), cpu_ms_per_puzzle_step(cpu.get(model)))
+    paper = next(iter(measured_models(args.paper_json).values()), None)
     if args.paper_checkpoint is not None:
         gflop = step_flops(load_checkpoint(args.paper_checkpoint).config) / 1e9
-    elif args.paper_json.is_file():
-        gflop = next(iter(json.loads(args.paper_json.read_text())["models"].values()))["step_gflop"]
     else:
-        gflop = None
+        gflop = None if paper is None else paper["step_gflop"]
     if gflop is not None:
-        paper = next(iter(json.loads(args.paper_json.read_text())["models"]), None) if args.paper_json.is_file() \
-            else None
-        cpu = cpu_ms_per_puzzle_step(args.paper_json, paper) if paper else None
-        lines += table("paper-size Maze-Hard attention (random weights)", gflop, {"fixed 16": 16.0}, cpu)
+        lines += table("paper-size Maze-Hard attention (random weights)", gflop, {"fixed 16": 16.0},
+                       cpu_ms_per_puzzle_step(paper))
     args.output.write_text("\n".join(lines))
     print("\n".join(lines))
 

@@ -27,7 +27,6 @@ import numpy as np
 import onnx
 
 from trm_export.calibration.data import CalibrationError
-from trm_export.export.onnxruntime_ops import DOMAIN as CONTRIB_DOMAIN
 
 _NORM_CHAIN = ("Add", "Sqrt", "Reciprocal", "Div", "Mul")
 
@@ -102,9 +101,9 @@ def convert_fp16(prepared: onnx.ModelProto, options: Fp16Options = Fp16Options()
     blocked = set(rms_norm_nodes(model) if options.keep_norms_float32 else [])
     ops = ("Softmax",) if options.keep_softmax_float32 else ()
     blocked |= {n.name for n in graph.node if n.op_type in ops}
-    # ONNX Runtime's contrib attention (it holds a softmax) and rope (cpu target only) stay in float32, where their
-    # CPU kernels were checked on onnxruntime 1.17 and 1.32.
-    blocked |= {n.name for n in graph.node if n.domain == CONTRIB_DOMAIN}
+    # Ops outside the standard domain (the cpu target's ONNX Runtime attention, which holds a softmax, and rope)
+    # stay in float32, where their CPU kernels were checked on onnxruntime 1.17 and 1.32.
+    blocked |= {n.name for n in graph.node if n.domain not in ("", "ai.onnx")}
     types = _elem_types(model)
     unknown = sorted({t for n in graph.node for t in [*n.input, *n.output] if t and t not in types})
     if unknown:

@@ -54,6 +54,7 @@ from trm_export.calibration.quantize import (
     quantize_int8,
 )
 from trm_export.export.onnx_graph import contrib_ops
+from trm_export.export.onnxruntime_ops import MULTI_HEAD_ATTENTION
 from trm_export.export.staging import StagedBundle
 from trm_export.report.latency import StepTiming, affordable_batch, faster_beyond_noise
 from trm_export.report.measure import (
@@ -222,7 +223,7 @@ def add_variants(bundle: str | Path, out: str | Path, options: QuantizeOptions =
     if not options.methods and not make_fp16:
         raise CalibrationError(f"nothing to add for target {target.name}: no calibration method, and fp16 is only "
                                "made for GPU targets unless asked (fp16=True)")
-    if options.int8.quantize_attention and "MultiHeadAttention" in manifest.graphs["fp32"].onnxruntime_ops:
+    if options.int8.quantize_attention and MULTI_HEAD_ATTENTION in manifest.graphs["fp32"].onnxruntime_ops:
         raise CalibrationError("--quantize-attention: this bundle's attention is ONNX Runtime's fused "
                                "MultiHeadAttention (cpu target), whose products stay float; re-export with "
                                "--standard-ops to quantize them")

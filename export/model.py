@@ -17,7 +17,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trm_export.export import onnxruntime_ops as ort_ops
 from trm_export.export.config import ModelConfig, swiglu_intermediate
 
 
@@ -181,6 +180,8 @@ class Attention(nn.Module):
     def _forward_onnxruntime(self, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
         """The same attention as two ONNX Runtime contrib nodes (export/onnxruntime_ops.py); `rope` holds the
         rotary caches (RecursiveModel.rope in this form)."""
+        from trm_export.export import onnxruntime_ops as ort_ops  # it builds on this module (rotate_half)
+
         q, k, v = self.qkv_proj(h).split(self.width, dim=-1)  # each [B, S, heads * head_dim]
         if rope is not None:
             offset = torch.zeros(1, dtype=torch.long)  # positions 0..S-1

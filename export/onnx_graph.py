@@ -14,6 +14,7 @@ extra dependency, and writes byte-identical files for identical inputs.
 
 from __future__ import annotations
 
+import contextlib
 import io
 from dataclasses import dataclass
 
@@ -73,14 +74,17 @@ def step_io_specs(model: RecursiveModel) -> tuple[list[TensorSpec], list[TensorS
     return inputs, outputs
 
 
-def export_step_graph(model: RecursiveModel, opset: int, onnxruntime_ops: bool = False) -> ExportedGraph:
+def export_step_graph(model: RecursiveModel, opset: int, onnxruntime_ops: bool = False,
+                      export_form: bool = True) -> ExportedGraph:
     """Trace one ACT step and return the checked ONNX model and its serialized bytes. `onnxruntime_ops`: attention
-    and rope as ONNX Runtime's contrib nodes (export/onnxruntime_ops.py), a graph only ONNX Runtime runs."""
+    and rope as ONNX Runtime's contrib nodes (export/onnxruntime_ops.py), a graph only ONNX Runtime runs.
+    `export_form` False traces the reference form as it is (a plain torch.onnx export: benchmarks compare it)."""
     cfg = model.config
     example = torch.zeros(_TRACE_BATCH, cfg.total_seq_len, cfg.hidden_size)
     buffer = io.BytesIO()
     dynamic = {name: {0: "batch"} for name in (*STEP_INPUTS, *STEP_OUTPUTS)}
-    with torch.no_grad(), model.exporting(onnxruntime_ops):
+    form = model.exporting(onnxruntime_ops) if export_form else contextlib.nullcontext()
+    with torch.no_grad(), form:
         torch.onnx.export(StepGraph(model).eval(), (example, example, example), buffer, dynamo=False,
                           opset_version=opset, input_names=list(STEP_INPUTS), output_names=list(STEP_OUTPUTS),
                           dynamic_axes=dynamic, do_constant_folding=True, custom_opsets={ort_ops.DOMAIN: 1})

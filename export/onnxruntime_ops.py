@@ -19,16 +19,12 @@ from __future__ import annotations
 
 import torch
 
+from trm_export.export.model import rotate_half
+
 DOMAIN = "com.microsoft"
 # Contrib ops the cpu target's graph may contain; GraphSpec.onnxruntime_ops names those a graph has.
 MULTI_HEAD_ATTENTION = "MultiHeadAttention"
 ROTARY_EMBEDDING = "RotaryEmbedding"
-OPS = (MULTI_HEAD_ATTENTION, ROTARY_EMBEDDING)
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
 class MultiHeadAttention(torch.autograd.Function):
@@ -59,7 +55,7 @@ class RotaryEmbedding(torch.autograd.Function):
         cos = torch.cat((cos_cache, cos_cache), dim=-1)[:seq, None, :]  # [S, 1, head_dim]
         sin = torch.cat((sin_cache, sin_cache), dim=-1)[:seq, None, :]
         x = x.view(batch, seq, heads, width // heads)
-        return (x * cos + _rotate_half(x) * sin).reshape(batch, seq, width)
+        return (x * cos + rotate_half(x) * sin).reshape(batch, seq, width)
 
     @staticmethod
     def symbolic(g, x, offset, cos_cache, sin_cache, heads: int):
