@@ -8,11 +8,11 @@ MODEL: a shipped reference model's name, or an official checkpoint (with the bun
 For each reference model (default: both shipped ones), in one process and with the same thread count:
 - this machine's float32 GEMM peak (the better of torch and ONNX Runtime on a 2048^3 matmul), GFLOP/s;
 - one ACT step at batch 1 and batch 64: PyTorch eager (float32), every graph variant of the bundle on
-  ONNX Runtime (CPU; --quantize adds int8-entropy and fp16 to the exported bundle first) and, where its graph has
-  standard ops only, on OpenVINO (float32, where installed: the runtime's `--backend openvino`), median time,
+  ONNX Runtime (CPU; --quantize adds int8-entropy and fp16 to the exported bundle first) and on OpenVINO (float32,
+  where installed: the runtime's `--backend openvino`), median time,
   achieved GFLOP/s (analytic FLOPs of the step) and fraction of the peak;
 - the same step in two more export forms, where they differ from the bundle's graph: standard ONNX ops only (no
-  ONNX Runtime contrib ops: what TensorRT, the browser and OpenVINO get) on ONNX Runtime and OpenVINO, and a plain
+  ONNX Runtime contrib ops: what TensorRT and the browser get) on ONNX Runtime and OpenVINO, and a plain
   torch.onnx export of model.step on ONNX Runtime; each checked to compute the same step first;
 - the runtime's default (backend "auto": ONNX Runtime, or OpenVINO where `trm-export tune` recorded it faster)
   against OpenVINO's faster form;
@@ -279,9 +279,8 @@ def main() -> None:
             model_result = {"step_gflop": flops / 1e9, "onnxruntime_ops": fused, "step": {}, "end_to_end": {},
                             "forms_max_abs_z_H": {}}
             bundle_graph = member(bundle, manifest.graphs["fp32"].file)
-            standard_graph = forms.get("standard_ops", bundle_graph)  # what OpenVINO runs
             if openvino and args.openvino_bf16:  # another arithmetic: its accuracy, beside float32's, same loop
-                bf16 = {engine: fixed_loop_accuracy(standard_graph, engine, bundle, data, ck.config, args.threads)
+                bf16 = {engine: fixed_loop_accuracy(bundle_graph, engine, bundle, data, ck.config, args.threads)
                         for engine in ("openvino", "openvino_bf16")}
                 same = float(np.all(bf16["openvino"]["predictions"] == bf16["openvino_bf16"]["predictions"],
                                     axis=1).mean())
@@ -295,8 +294,10 @@ def main() -> None:
                 tokens = data.inputs[:batch]
                 state = step_inputs(bundle, batch)
                 checked = dict(forms)  # on ONNX Runtime
-                if openvino and wanted("openvino"):
-                    checked["openvino_standard_ops" if fused else "openvino_fp32"] = standard_graph
+                if openvino and wanted("openvino"):  # the bundle's own graph (through runtime/openvino_ops.py)
+                    checked["openvino_fp32"] = bundle_graph
+                    if "standard_ops" in forms:
+                        checked["openvino_standard_ops"] = forms["standard_ops"]
                 if checked:
                     agree = forms_agree(bundle_graph, checked, state, ck.config, args.threads)
                     model_result["forms_max_abs_z_H"][batch] = agree
@@ -305,8 +306,7 @@ def main() -> None:
                 makers = {"pytorch_eager": partial(torch_step, ck.model, tokens)}
                 for variant in variants:
                     makers[f"onnxruntime_{variant}"] = partial(ort_step, bundle, variant, tokens, args.threads)
-                    if (openvino and variant in args.openvino_variants.split(",")
-                            and not manifest.graphs[variant].onnxruntime_ops):
+                    if openvino and variant in args.openvino_variants.split(","):
                         makers[f"openvino_{variant}"] = partial(ort_step, bundle, variant, tokens, args.threads,
                                                                 "openvino")
                 for form, path in forms.items():
@@ -316,7 +316,7 @@ def main() -> None:
                         makers[f"openvino_{form}"] = partial(graph_step, path, "openvino", state, ck.config,
                                                              args.threads)
                 if openvino and args.openvino_bf16:
-                    makers["openvino_bf16"] = partial(graph_step, standard_graph, "openvino_bf16", state, ck.config,
+                    makers["openvino_bf16"] = partial(graph_step, bundle_graph, "openvino_bf16", state, ck.config,
                                                       args.threads)
                 makers = {k: v for k, v in makers.items() if wanted(k)}
                 row = interleaved_medians(makers, args.repeats, args.rounds)
@@ -326,15 +326,18 @@ def main() -> None:
                     eager = f"  {row['pytorch_eager'] / seconds:5.2f}x eager" if "pytorch_eager" in row else ""
                     print(f"{name} batch {batch:>2} {label:<28} {seconds * 1e3:9.2f} ms/step  {gflops:7.1f} GFLOP/s "
                           f"({100 * gflops / peak:5.1f}% of peak){eager}", flush=True)
-                default = f"{auto_engine(bundle, batch, args.threads)}_fp32"
+                default = f"{auto_engine(bundle, batch, args.threads)}_fp32"  # a tune record may say OpenVINO
                 ov = {k: v for k, v in row.items() if k in ("openvino_fp32", "openvino_standard_ops")}
                 if default in row and ov:
                     best = min(ov, key=ov.get)
                     ratio = row[best] / row[default]
+                    untuned = row[best] / row["onnxruntime_fp32"] if "onnxruntime_fp32" in row else None
                     model_result.setdefault("default_vs_openvino", {})[batch] = {
-                        "default": default, "openvino": best, "ratio": ratio}
+                        "default": default, "openvino": best, "ratio": ratio, "onnxruntime_ratio": untuned}
                     print(f"{name} batch {batch:>2}: the runtime's default ({default}) is {ratio:.2f}x the speed of "
-                          f"OpenVINO f32's best ({best}) (>= 1: at least as fast)", flush=True)
+                          f"OpenVINO f32's best ({best}) (>= 1: at least as fast)"
+                          + (f"; ONNX Runtime (the default without a tune record) {untuned:.2f}x"
+                             if untuned and default != "onnxruntime_fp32" else ""), flush=True)
             if args.no_end_to_end:
                 results["models"][name] = model_result
                 continue

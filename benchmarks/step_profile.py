@@ -7,7 +7,7 @@ For each batch size, the same state (the bundle's embedding of held-out puzzles 
 - ONNX Runtime (ORT_ENABLE_ALL, as the runtime runs it): the JSON trace of `enable_profiling`, node events summed
   per operator type of the optimised graph (what ORT actually runs after its fusions), and the optimised graph's
   operator counts (`optimized_model_filepath`);
-- OpenVINO (float32, latency mode, as `--backend openvino` runs it; graphs in standard ops only, as the backend):
+- OpenVINO (float32, latency mode, as `--backend openvino` runs it, contrib ops through runtime/openvino_ops.py):
   `PERF_COUNT` counters per executed layer, summed per layer type.
 Shares, not absolute times, are the result; the wall time per step of each engine is printed beside them
 (profiling adds overhead to both).
@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from trm_export.runtime import openvino_ops
 from trm_export.runtime.io import task_for_encoding
 from trm_export.runtime.manifest import member, read_manifest
 from trm_export.runtime.solver import Solver
@@ -77,13 +78,15 @@ def profile_openvino(graph: Path, feeds: dict[str, np.ndarray], threads: int, st
     import openvino as ov
 
     config = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads}
-    request = ov.Core().compile_model(str(graph), "CPU", config).create_infer_request()
+    core = ov.Core()
+    openvino_ops.register(core)  # the cpu target's contrib ops, as the runtime's backend reads them
+    request = core.compile_model(str(graph), "CPU", config).create_infer_request()
     request.infer(feeds)
     start = time.perf_counter()
     for _ in range(steps):
         request.infer(feeds)
     wall = (time.perf_counter() - start) / steps
-    counted = ov.Core().compile_model(str(graph), "CPU", {**config, "PERF_COUNT": True}).create_infer_request()
+    counted = core.compile_model(str(graph), "CPU", {**config, "PERF_COUNT": True}).create_infer_request()
     per_type: dict[str, float] = collections.Counter()
     counted.infer(feeds)
     for _ in range(steps):
@@ -114,12 +117,7 @@ def main() -> None:
     args = parser.parse_args()
     spec = read_manifest(args.bundle).graphs[args.variant]
     graph = member(args.bundle, spec.file)
-    # OpenVINO computes the cpu target's ONNX Runtime contrib ops wrongly (runtime/openvino_backend.py): profile it
-    # on a --standard-ops bundle instead.
-    openvino = importlib.util.find_spec("openvino") is not None and not spec.onnxruntime_ops
-    if spec.onnxruntime_ops:
-        print(f"OpenVINO not profiled: {spec.file} has ONNX Runtime's contrib ops {spec.onnxruntime_ops}; "
-              "profile a bundle exported with --standard-ops for it", flush=True)
+    openvino = importlib.util.find_spec("openvino") is not None
     results: dict = {"bundle": str(args.bundle), "variant": args.variant, "threads": args.threads, "batches": {}}
     for batch in args.batch or [1, 64]:
         feeds = step_inputs(args.bundle, batch)

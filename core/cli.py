@@ -220,8 +220,8 @@ def evaluate(model: Path | None, split: str, limit: int | None, steps: str, adap
                    "list of identifiers or puzzle names, one per line. Puzzles keep their identifiers.")
 @click.option("--standard-ops", is_flag=True,
               help="Standard ONNX ops only. The cpu target otherwise writes attention and rope as ONNX Runtime's "
-                   "fused contrib ops (faster there; only ONNX Runtime runs them): use it to run the bundle on "
-                   "OpenVINO (--backend openvino).")
+                   "fused contrib ops (faster there; ONNX Runtime and the openvino backend run them): use it for "
+                   "another engine.")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "int8", "best"]), default=None,
               help="Precision the bundle runs by default (default: the target's, see `trm-export targets`); "
                    "best = the fastest variant within --max-accuracy-drop, measured here.")
@@ -580,9 +580,9 @@ def quantize(bundle: Path, output: Path, force: bool, methods: str, calib: Path 
               help="Threads of both engines (default: theirs); the record holds for this setting only.")
 @click.option("--seconds", type=click.FloatRange(0.05, 600), default=1.0, show_default=True,
               help="Timing budget per engine, round and batch size (at least one step).")
-@click.option("--rounds", type=click.IntRange(1, 20), default=3, show_default=True,
-              help="Alternating rounds; OpenVINO is recorded only when every round of it beats every round of "
-                   "ONNX Runtime's.")
+@click.option("--rounds", type=click.IntRange(1, 20), default=5, show_default=True,
+              help="Alternating rounds; OpenVINO is recorded only when it beats ONNX Runtime in every round (the "
+                   "two timed back to back).")
 def tune(bundle: Path, variant: str | None, batch_sizes: tuple[int, ...], threads: int | None, seconds: float,
          rounds: int) -> None:
     """Time ONNX Runtime against OpenVINO on this CPU; `--backend auto` then runs the faster one here.

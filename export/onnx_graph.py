@@ -77,7 +77,8 @@ def step_io_specs(model: RecursiveModel) -> tuple[list[TensorSpec], list[TensorS
 def export_step_graph(model: RecursiveModel, opset: int, onnxruntime_ops: bool = False,
                       export_form: bool = True) -> ExportedGraph:
     """Trace one ACT step and return the checked ONNX model and its serialized bytes. `onnxruntime_ops`: attention
-    and rope as ONNX Runtime's contrib nodes (export/onnxruntime_ops.py), a graph only ONNX Runtime runs.
+    and rope as ONNX Runtime's contrib nodes (export/onnxruntime_ops.py), a graph for ONNX Runtime (and OpenVINO
+    through runtime/openvino_ops.py).
     `export_form` False traces the reference form as it is (a plain torch.onnx export: benchmarks compare it)."""
     cfg = model.config
     example = torch.zeros(_TRACE_BATCH, cfg.total_seq_len, cfg.hidden_size)

@@ -8,11 +8,11 @@ against the same step in standard ops, 2 threads, interleaved (benchmarks/cpu_sp
 batch 1 / 8.
 
 Each op is a torch.autograd.Function: its forward is the reference math (so the PyTorch export form, parity and
-golden vectors compute exactly what the standard form computes), its symbolic is the contrib node. Only ONNX
-Runtime runs these graphs: TensorRT cannot parse them, so TensorRT and browser targets keep the standard form.
-Both ops run correctly on onnxruntime 1.17 (the runtime's floor) and 1.32 as used here; RotaryEmbedding takes its
-positions as one offset ([0]): onnxruntime 1.17 computes full [batch, positions] ids wrongly, and OpenVINO
-2026.4 computes the offset form wrongly (its backend refuses these graphs, see runtime/openvino_backend.py).
+golden vectors compute exactly what the standard form computes), its symbolic is the contrib node. TensorRT cannot
+parse these graphs, so TensorRT and browser targets keep the standard form. Both ops run correctly on onnxruntime
+1.17 (the runtime's floor) and 1.32 as used here; RotaryEmbedding takes its positions as one offset ([0]):
+onnxruntime 1.17 computes full [batch, position] ids wrongly. OpenVINO 2026.4's own converter computes the offset
+form wrongly, so the openvino backend reads both ops through ours (runtime/openvino_ops.py).
 """
 
 from __future__ import annotations

@@ -97,7 +97,7 @@ class ExportOptions:
     rounding_sensitive_threshold: float = ROUNDING_SENSITIVE_THRESHOLD
     strict: bool = False
     # Standard ONNX ops only: the cpu target otherwise writes attention and rope as ONNX Runtime's contrib nodes
-    # (export/onnxruntime_ops.py), which only ONNX Runtime runs (OpenVINO, for one, computes them wrongly).
+    # (export/onnxruntime_ops.py), which ONNX Runtime runs and OpenVINO through runtime/openvino_ops.py only.
     standard_ops: bool = False
 
 

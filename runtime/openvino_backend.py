@@ -3,7 +3,8 @@
 The same step graph file and the same host slots as ONNX Runtime (backend.HostSlots): the arrays are handed to
 OpenVINO as shared tensors, inputs and outputs, so a step copies nothing. OpenVINO compiles the ONNX graph itself
 (its own fusions and kernels), which on some models and batch sizes is faster than ONNX Runtime on the same file
-(benchmarks/cpu_speed.py measures both; `trm-export tune` on the device).
+(benchmarks/cpu_speed.py measures both; `trm-export tune` on the device). The cpu target's contrib ops (fused
+attention and rope) are read through runtime/openvino_ops.py, not OpenVINO's own converters (one computes wrongly).
 
 Arithmetic: the graph's own, always. On a CPU with AVX512_BF16 or AMX OpenVINO's default inference precision is
 bfloat16 (faster, and not what the graph computes); we ask for float32 (`INFERENCE_PRECISION_HINT`), so that
@@ -18,19 +19,25 @@ from pathlib import Path
 import numpy as np
 
 from trm_export.errors import BundleError
+from trm_export.runtime import openvino_ops
 from trm_export.runtime.backend import HostSlots, _first_line, check_step_io
-from trm_export.runtime.manifest import GraphSpec
 
 HOW_TO_INSTALL = "pip install openvino (or trm-export[openvino])"
+# OpenVINO 2024.0-2024.2 compute our attention steps wrongly, in either export form (the maze reference model:
+# logits 50 off after one step; 2024.3, 2024.6, 2025.0 and 2026.4 agree with ONNX Runtime within 2e-5).
+OLDEST_CORRECT = (2024, 3)
 
 
-def check_standard_ops(graph: GraphSpec) -> None:
-    """Refuse a graph with ONNX Runtime's contrib ops (the cpu target's fused attention and rope): OpenVINO reads
-    them, but computes RotaryEmbedding with a position offset wrongly (2026.4: up to 0.07 off on one layer)."""
-    if graph.onnxruntime_ops:
-        raise BundleError(f"{graph.file} uses ONNX Runtime's contrib ops ({', '.join(graph.onnxruntime_ops)}), which "
-                          "only ONNX Runtime runs correctly: run it with --backend onnxruntime, or re-export with "
-                          "--standard-ops for OpenVINO")
+def check_version(version: str) -> None:
+    """Refuse an OpenVINO release known to compute these graphs wrongly (its version string: "2024.2.0-15519-...")."""
+    try:
+        year_minor = tuple(int(part) for part in version.split("-")[0].split(".")[:2])
+    except ValueError:
+        return  # a development build: the golden self-check judges it
+    if year_minor < OLDEST_CORRECT:
+        raise BundleError(f"OpenVINO {version.split('-')[0]} computes these step graphs wrongly (fixed in "
+                          f"{'.'.join(map(str, OLDEST_CORRECT))}): pip install 'openvino>={OLDEST_CORRECT[0]}."
+                          f"{OLDEST_CORRECT[1]}', or use --backend onnxruntime")
 
 
 class OpenVinoBackend(HostSlots):
@@ -48,14 +55,17 @@ class OpenVinoBackend(HostSlots):
         except ImportError:
             raise BundleError(f"backend 'openvino' requested, but OpenVINO is not installed here: "
                               f"{HOW_TO_INSTALL}") from None
+        check_version(ov.__version__)
         config: dict[str, object] = {"INFERENCE_PRECISION_HINT": inference_precision, "PERFORMANCE_HINT": "LATENCY"}
         if threads:
             config["INFERENCE_NUM_THREADS"] = int(threads)
         try:
-            self.compiled = ov.Core().compile_model(str(model_path), "CPU", config)
+            core = ov.Core()
+            openvino_ops.register(core)
+            self.compiled = core.compile_model(str(model_path), "CPU", config)
         except Exception as exc:  # OpenVINO's own exception types: a broken graph, an op it does not have
-            raise BundleError(f"{model_path}: OpenVINO cannot compile this graph ({_first_line(exc)}); run it with "
-                              "--backend onnxruntime") from None
+            raise BundleError(f"{model_path}: OpenVINO cannot compile this graph ({openvino_ops.reason(exc)}); "
+                              "run it with --backend onnxruntime") from None
         names = [set().union(*(port.get_names() for port in ports)) if ports else set()
                  for ports in (self.compiled.inputs, self.compiled.outputs)]
         check_step_io(model_path, names[0], names[1])

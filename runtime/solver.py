@@ -200,8 +200,6 @@ def _tuned_cpu_engine(manifest: Manifest, variant: str, batch: int, threads: int
     from trm_export.runtime.cpu_engines import measured_engine
     from trm_export.runtime.openvino_backend import HOW_TO_INSTALL
 
-    if manifest.graphs[variant].onnxruntime_ops:  # only ONNX Runtime runs it: no record to read
-        return "onnxruntime", None
     engine, note = measured_engine(manifest, variant, batch, threads)
     if engine != "openvino" or (provider is None and onnxruntime_providers(None)[0] != "CPUExecutionProvider"):
         return "onnxruntime", note
@@ -255,9 +253,8 @@ class Solver:
             return TensorRTBackend(member(self.bundle, engine["file"]), batch_size, self.embedder.state_shape,
                                    task.seq_len, task.vocab_size)
         if kind == "openvino":
-            from trm_export.runtime.openvino_backend import OpenVinoBackend, check_standard_ops
+            from trm_export.runtime.openvino_backend import OpenVinoBackend
 
-            check_standard_ops(graph)
             if provider not in (None, "cpu"):
                 raise BundleError(f"provider {provider!r} is ONNX Runtime's; the openvino backend runs on the CPU")
             return OpenVinoBackend(member(self.bundle, graph.file), batch_size, self.embedder.state_shape,
