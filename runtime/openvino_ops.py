@@ -67,7 +67,6 @@ def rotary_embedding(context: Any) -> list[Any]:
     """input [B, S, heads * head_dim]; position offset [1] and cos / sin caches [max positions, head_dim / 2], all
     constants (as exported): the tables become constants, so OpenVINO fuses the rotation as in a standard graph."""
     ops = _opset()
-
     op = "RotaryEmbedding"
     if context.get_input_size() != 4:
         _refuse(op, f"{context.get_input_size()} inputs")
@@ -84,15 +83,15 @@ def rotary_embedding(context: Any) -> list[Any]:
     if any(c is None for c in constants):
         _refuse(op, "positions or caches that are not constants")
     offset, cos_cache, sin_cache = constants
-    length, half = shape[1].get_length(), cos_cache.shape[-1] if cos_cache.ndim == 2 else 0
-    if (offset.size != 1 or cos_cache.shape != sin_cache.shape or cos_cache.ndim != 2 or not 0 <= int(offset.flat[0])
-            or int(offset.flat[0]) + length > cos_cache.shape[0]):
+    start, length = (int(offset.flat[0]) if offset.size == 1 else -1), shape[1].get_length()
+    if cos_cache.ndim != 2 or cos_cache.shape != sin_cache.shape or not 0 <= start <= cos_cache.shape[0] - length:
         _refuse(op, "positions other than one offset within the caches")
+    half = cos_cache.shape[1]
     if _attribute(context, "rotary_embedding_dim", 0) not in (0, 2 * half):
         _refuse(op, "a partial rotary dimension")
     if shape[2].is_dynamic or shape[2].get_length() != 2 * half * heads:
         _refuse(op, "an input width other than num_heads * 2 * the caches' width")
-    rows = slice(int(offset.flat[0]), int(offset.flat[0]) + length)
+    rows = slice(start, start + length)
     cos, sin = (ops.constant(np.concatenate([t[rows], t[rows]], -1)[:, None, :].astype(np.float32))
                 for t in (cos_cache, sin_cache))  # [S, 1, head_dim]: the halves repeat
     x4 = _split_heads(ops, x, heads, 2 * half)
@@ -107,7 +106,6 @@ def rotary_embedding(context: Any) -> list[Any]:
 def multi_head_attention(context: Any) -> list[Any]:
     """softmax(q k^T * scale) v per head; query, key, value [B, S, heads * head_dim], nothing else."""
     ops = _opset()
-
     op = "MultiHeadAttention"
     if context.get_input_size() != 3:
         _refuse(op, f"{context.get_input_size()} inputs (bias, mask, past)")
