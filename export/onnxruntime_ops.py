@@ -20,11 +20,8 @@ from __future__ import annotations
 import torch
 
 from trm_export.export.model import rotate_half
-
-DOMAIN = "com.microsoft"
-# Contrib ops the cpu target's graph may contain; GraphSpec.onnxruntime_ops names those a graph has.
-MULTI_HEAD_ATTENTION = "MultiHeadAttention"
-ROTARY_EMBEDDING = "RotaryEmbedding"
+from trm_export.runtime.manifest import MULTI_HEAD_ATTENTION, ROTARY_EMBEDDING
+from trm_export.runtime.manifest import ONNXRUNTIME_DOMAIN as DOMAIN
 
 
 class MultiHeadAttention(torch.autograd.Function):

@@ -2,10 +2,17 @@
 
 Both engines run the bundle's same graph file in float32. For each batch size they are timed in alternating
 rounds (a fresh Solver each turn, one alive at a time: an idle session's spinning threads would slow the other on
-a small machine), and OpenVINO is recorded as the engine only when it beat ONNX Runtime in every round (each round
-times both, one right after the other, so a change in a shared machine's load between rounds neither hides a lead
-nor invents one), and only after it passed the bundle's golden self-check here. `backend="auto"` then follows the
-record (runtime.cpu_engines).
+a small machine). Each round times both engines one right after the other, in turns (ONNX Runtime first in odd
+rounds, OpenVINO first in even ones), so a change in a shared machine's load between rounds neither hides a lead
+nor invents one, and neither engine always gets the warmer or the quieter slot.
+
+OpenVINO is recorded as the engine where it was faster in most rounds and in the median, and only after it passed
+the bundle's golden self-check here. Why a majority and not every round: the two engines give the same answers, so
+a wrong pick costs only the difference between them; where they are equal either pick is right, and where one
+leads by a few percent a majority of paired rounds finds it far more often than unanimity does (the paper-size
+maze step at batch 8: OpenVINO 4-9% faster in the medians of two tune runs, and both runs kept ONNX Runtime under
+the earlier, stricter rules; one had OpenVINO win 4 of 5 rounds). `backend="auto"` then follows the record
+(runtime.cpu_engines).
 """
 
 from __future__ import annotations
@@ -35,11 +42,17 @@ class EngineRow:
     ms: dict[str, list[float]]  # engine -> median ms per step of each round
 
     @property
+    def openvino_wins(self) -> int:
+        """Rounds in which OpenVINO was faster than ONNX Runtime (the two timed back to back)."""
+        return sum(o < r for o, r in zip(self.ms["openvino"], self.ms["onnxruntime"]))  # noqa: B905 - 3.8
+
+    @property
     def engine(self) -> str:
-        """OpenVINO only when it beat ONNX Runtime in every round (the two timed back to back)."""
+        """OpenVINO where it was faster in most rounds (each timed back to back with ONNX Runtime) and in the
+        median; ONNX Runtime, the engine every install has, otherwise (a tie included)."""
         ov, ort = self.ms["openvino"], self.ms["onnxruntime"]
-        paired = len(ov) == len(ort) and all(o < r for o, r in zip(ov, ort))  # noqa: B905 - lengths checked (3.8)
-        return "openvino" if paired else "onnxruntime"
+        most = len(ov) == len(ort) and 2 * self.openvino_wins > len(ov)
+        return "openvino" if most and self.speedup > 1.0 else "onnxruntime"
 
     @property
     def speedup(self) -> float:
@@ -49,7 +62,7 @@ class EngineRow:
     def record(self) -> dict:
         return {"engine": self.engine, "speedup": round(self.speedup, 3),
                 "ms_per_step": {e: round(statistics.median(v), 3) for e, v in self.ms.items()},
-                "rounds": len(self.ms["onnxruntime"]),
+                "rounds": len(self.ms["onnxruntime"]), "openvino_won_rounds": self.openvino_wins,
                 "ms_per_round": {e: [round(t, 3) for t in v] for e, v in self.ms.items()}}
 
 
@@ -74,7 +87,7 @@ def tune_cpu_engines(bundle: str | Path, variant: str | None = None, batches: tu
         ms: dict[str, list[float]] = {e: [] for e in ENGINES}
         started = time.perf_counter()
         for r in range(rounds):
-            for engine in ENGINES:
+            for engine in ENGINES if r % 2 == 0 else ENGINES[::-1]:  # in turns: neither always goes first
                 solver = Solver(bundle, variant=variant, backend=engine, batch_size=batch, threads=threads,
                                 verify=False)
                 timing: StepTiming = time_steps(solver, seconds)

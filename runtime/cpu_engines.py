@@ -5,8 +5,8 @@ faster depends on the CPU, the model and the batch size (OpenVINO's fusions pay 
 steps; ONNX Runtime often leads at batch 1). So the choice is measured, never guessed: `trm-export tune BUNDLE`
 times both on this machine and records the result per (bundle digest, variant, batch size, threads, CPU) in a
 small file outside the bundle (bundles are sealed and travel; a measurement belongs to the machine). `auto` then
-runs OpenVINO where a record of this machine says it beat ONNX Runtime in every timed round (back to back),
-and says so in `Solver.backend_note`; without a record it runs ONNX Runtime, as always.
+runs OpenVINO where a record of this machine says it beat ONNX Runtime (in most paired rounds and in the
+median: report/tune.py), and says so in `Solver.backend_note`; without a record it runs ONNX Runtime, as always.
 
 The record file is `$TRM_EXPORT_TUNE_FILE`, else `~/.cache/trm-export/cpu_engines.json`. It is read as untrusted:
 anything malformed is ignored, with a note.

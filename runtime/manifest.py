@@ -19,6 +19,12 @@ from typing import Any
 
 from trm_export.errors import BundleError
 
+# ONNX Runtime's contrib domain and the two ops of it a cpu target's graph may have (GraphSpec.onnxruntime_ops):
+# named here, torch-free, for the exporter that writes them and the OpenVINO converters that read them.
+ONNXRUNTIME_DOMAIN = "com.microsoft"
+MULTI_HEAD_ATTENTION = "MultiHeadAttention"
+ROTARY_EMBEDDING = "RotaryEmbedding"
+
 _VERSION = re.compile(r"[0-9]{1,4}(\.[0-9A-Za-z]{1,16}){0,4}")  # 10.3.0.26, 8.7
 FORMAT_VERSION = 2  # 2: the manifest carries the digest of its own canonical form
 MANIFEST_NAME = "manifest.json"
@@ -42,8 +48,8 @@ class GraphSpec:
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
     details: dict[str, Any] = field(default_factory=dict)  # calibration method, float layers, ...
-    # ONNX Runtime contrib ops (domain com.microsoft) in the graph: the cpu target's fused attention and rope.
-    # Only ONNX Runtime runs them (other backends refuse such a graph); empty for every other target.
+    # ONNX Runtime contrib ops (ONNXRUNTIME_DOMAIN) in the graph: the cpu target's fused attention and rope.
+    # ONNX Runtime runs them, OpenVINO through runtime/openvino_ops.py; empty for every other target.
     onnxruntime_ops: list[str] = field(default_factory=list)
 
 

@@ -21,7 +21,8 @@ from typing import Any
 
 import numpy as np
 
-DOMAIN = "com.microsoft"
+from trm_export.runtime.manifest import MULTI_HEAD_ATTENTION, ROTARY_EMBEDDING
+from trm_export.runtime.manifest import ONNXRUNTIME_DOMAIN as DOMAIN
 
 
 class UnsupportedContribOp(ValueError):
@@ -67,7 +68,7 @@ def rotary_embedding(context: Any) -> list[Any]:
     """input [B, S, heads * head_dim]; position offset [1] and cos / sin caches [max positions, head_dim / 2], all
     constants (as exported): the tables become constants, so OpenVINO fuses the rotation as in a standard graph."""
     ops = _opset()
-    op = "RotaryEmbedding"
+    op = ROTARY_EMBEDDING
     if context.get_input_size() != 4:
         _refuse(op, f"{context.get_input_size()} inputs")
     if _attribute(context, "interleaved", 0) != 0 or _attribute(context, "is_packed_batching", 0) != 0:
@@ -106,7 +107,7 @@ def rotary_embedding(context: Any) -> list[Any]:
 def multi_head_attention(context: Any) -> list[Any]:
     """softmax(q k^T * scale) v per head; query, key, value [B, S, heads * head_dim], nothing else."""
     ops = _opset()
-    op = "MultiHeadAttention"
+    op = MULTI_HEAD_ATTENTION
     if context.get_input_size() != 3:
         _refuse(op, f"{context.get_input_size()} inputs (bias, mask, past)")
     if _attribute(context, "unidirectional", 0) != 0:
@@ -137,5 +138,5 @@ def register(core: Any) -> None:
     """Make `core`'s ONNX reader use these converters for the cpu target's contrib ops."""
     from openvino.frontend.onnx import ConversionExtension
 
-    core.add_extension(ConversionExtension("RotaryEmbedding", DOMAIN, rotary_embedding))
-    core.add_extension(ConversionExtension("MultiHeadAttention", DOMAIN, multi_head_attention))
+    core.add_extension(ConversionExtension(ROTARY_EMBEDDING, DOMAIN, rotary_embedding))
+    core.add_extension(ConversionExtension(MULTI_HEAD_ATTENTION, DOMAIN, multi_head_attention))

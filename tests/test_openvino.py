@@ -136,16 +136,39 @@ def test_tune_records_both_engines_and_auto_follows_the_record(bundle, record):
     assert Solver(bundle, batch_size=32, threads=1).backend.name.startswith("onnxruntime")
 
 
-def test_tune_records_openvino_only_when_it_wins_every_round_back_to_back():
+def test_tune_records_openvino_where_it_wins_most_paired_rounds_and_the_median():
     """The rounds are paired (both engines timed one after the other): a load change between rounds moves both,
-    so OpenVINO's lead counts even where its slowest round is slower than ONNX Runtime's fastest; one lost
-    round keeps ONNX Runtime."""
+    so OpenVINO's lead counts even where its slowest round is slower than ONNX Runtime's fastest. A lead of a few
+    percent that loses one round to noise still counts (the paper-size maze at batch 8); a minority of won
+    rounds, a tie, or a majority with a slower median keeps ONNX Runtime."""
     from trm_export.report.tune import EngineRow
 
     drifting = EngineRow(8, {"onnxruntime": [10.0, 14.0, 10.5], "openvino": [9.5, 13.0, 10.0]})
     assert drifting.engine == "openvino" and drifting.record()["ms_per_round"]["openvino"] == [9.5, 13.0, 10.0]
-    one_lost = EngineRow(8, {"onnxruntime": [10.0, 14.0, 10.5], "openvino": [9.5, 14.5, 10.0]})
-    assert one_lost.engine == "onnxruntime"
+    paper_b8 = EngineRow(8, {"onnxruntime": [11.3, 11.6, 11.8, 12.1, 11.2], "openvino": [10.9, 11.0, 12.0, 11.8, 10.8]})
+    assert paper_b8.engine == "openvino" and paper_b8.record()["openvino_won_rounds"] == 4
+    minority = EngineRow(8, {"onnxruntime": [10.0, 14.0, 10.5], "openvino": [9.5, 14.5, 10.6]})
+    tie = EngineRow(8, {"onnxruntime": [10.0, 10.0, 10.0, 10.0], "openvino": [9.0, 9.0, 11.0, 11.0]})
+    slower_median = EngineRow(8, {"onnxruntime": [5.0, 6.0, 7.0, 1.0, 2.0], "openvino": [4.9, 5.9, 6.9, 8.0, 9.0]})
+    assert slower_median.openvino_wins == 3 and slower_median.speedup < 1
+    assert minority.engine == tie.engine == slower_median.engine == "onnxruntime"
+
+
+def test_tune_times_the_engines_in_turns(bundle, record, monkeypatch):
+    """Neither engine always goes first in a round (the first slot may be the warmer or the quieter one)."""
+    from trm_export.report import tune
+    from trm_export.report.latency import StepTiming
+
+    order = []
+
+    class Timed:
+        def __init__(self, bundle, backend, **kwargs):
+            order.append(backend)
+
+    monkeypatch.setattr(tune, "Solver", Timed)
+    monkeypatch.setattr(tune, "time_steps", lambda solver, seconds: StepTiming(2, 1, 1.0, 1.0, 1.0, 1.0))
+    tune.tune_cpu_engines(bundle, batches=(2,), rounds=3, log=lambda line: None)
+    assert order == ["onnxruntime", "openvino", "openvino", "onnxruntime", "onnxruntime", "openvino"]
 
 
 def test_a_malformed_record_is_ignored_with_a_note(bundle, record):
