@@ -161,7 +161,7 @@ def read_yaml(path: Path) -> dict:
 
     try:
         data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as exc:
+    except (OSError, yaml.YAMLError, RecursionError) as exc:  # RecursionError: nested past Python's stack
         raise CheckpointError(path, f"cannot read the training config: {exc}") from None
     if not isinstance(data, dict):
         raise CheckpointError(path, "training config is not a YAML mapping")
@@ -171,7 +171,7 @@ def read_yaml(path: Path) -> dict:
 def read_dataset_json(path: Path) -> dict:
     try:
         data = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:  # RecursionError: nested past Python's stack
         raise CheckpointError(path, f"cannot read dataset.json: {exc}") from None
     if not isinstance(data, dict):
         raise CheckpointError(path, "dataset.json is not a JSON object")

@@ -62,7 +62,7 @@ def read_records(path: Path | None = None) -> tuple[dict[str, Any], str | None]:
         data = json.loads(path.read_text(encoding="utf-8"))
         if not isinstance(data, dict):
             raise ValueError("not a JSON object")
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
         return {}, f"{path}: unreadable engine record ({exc}); ignored: run `trm-export tune BUNDLE` again"
     return data, None
 

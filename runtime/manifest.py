@@ -390,7 +390,7 @@ def read_manifest(bundle: str | Path, verify: bool = True) -> Manifest:
         raise BundleError(f"{path}: {path.stat().st_size} bytes; a manifest is at most {MAX_MANIFEST_BYTES}")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: nested past Python's stack
         raise BundleError(f"{path}: not valid JSON ({exc})") from None
     if not isinstance(data, dict):
         raise BundleError(f"{path}: not a manifest (a JSON object is expected)")

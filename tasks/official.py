@@ -130,7 +130,7 @@ class DatasetFolder:
                 continue
             try:
                 meta = json.loads(meta_path.read_text(encoding="utf-8"))
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
                 raise DatasetFolderError(f"{meta_path}: not readable JSON ({exc})") from None
             if not isinstance(meta, dict) or not isinstance(meta.get("seq_len"), int) \
                     or not isinstance(meta.get("vocab_size"), int):

@@ -88,6 +88,7 @@ def test_views_index_names_once():
     ('{"t": {"test": [{"input": []}]}}', "a grid must be a non-empty list"),
     ('{"t": {"train": [{"input": [[1]]}], "test": [{"input": [[1]]}]}}', "train[0].output"),
     ("{", "not a JSON ARC challenge file"),
+    ("[" * 100_000 + "]" * 100_000, "not a JSON ARC challenge file"),  # deeper than Python's reader recurses
 ])
 def test_malformed_challenge_files_say_where(tmp_path, content, message):
     path = tmp_path / "c.json"

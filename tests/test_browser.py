@@ -149,12 +149,48 @@ def test_the_javascript_runtime_refuses_edited_files_and_bad_puzzles(browser_bun
     result = _node("tests/runtime.mjs", str(copy), "golden", check=False)
     assert result["error"] == ("BundleError: graphs/step_fp32.onnx: checksum mismatch (the file was changed after "
                                "export); re-export the bundle")
+    shutil.copy(browser_bundle / "graphs" / "step_fp32.onnx", graph)  # the manifest itself: a loosened tolerance
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["golden"]["tolerances"]["fp32"]["q_abs"] = 1e9
+    (copy / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    with pytest.raises(BundleError, match="manifest was edited after export"):
+        read_manifest(copy)
+    result = _node("tests/runtime.mjs", str(copy), "golden", check=False)
+    assert result["error"].startswith("BundleError: manifest.json: its digest does not match its content: the "
+                                      "manifest was edited after export")
     bad = {"puzzles": [[1] * 80 + [11]], "options": {}}
     result = _node("tests/runtime.mjs", str(browser_bundle), "solve", stdin=json.dumps(bad), check=False)
     assert result["error"] == ("InputError: token 11 at puzzle 0, position 80 is outside the vocabulary [0, 11)")
     result = _node("tests/runtime.mjs", str(browser_bundle), "solve", check=False,
                    stdin=json.dumps({"puzzles": [[1] * 81], "options": {"halting": "stable:0"}}))
     assert result["error"].startswith("InputError: halting must be one of q, stable:K, q+stable:K")
+
+
+@needs_node
+def test_the_javascript_runtime_reads_the_manifest_digest_as_python_does(tmp_path):
+    """The page refuses an edited manifest as runtime/manifest.py does: its canonical JSON (rebuilt from the file's
+    own tokens: JavaScript's numbers forget int versus float) gives Python's digest, for every number form Python
+    writes or reads, any string, any key order."""
+    from trm_export.runtime.manifest import canonical_digest, seal
+
+    rng = np.random.default_rng(0)
+    floats = [0.0, -0.0, 1.0, -2.5, 0.1, 1e-4, 1e-5, 9.999e-5, 1e15, 1e16, 1.5e16, 123456789012345678.0, 5e-324,
+              1.7976931348623157e308, 1 / 3, 2.0 ** 70, 100.0, 0.5]
+    floats += list(rng.standard_normal(300) * 10.0 ** rng.integers(-30, 30, 300).astype(float))
+    body = {"floats": floats, "ints": [0, -1, 2 ** 70, -(2 ** 63)], "nested": {"b": [True, False, None, {}], "a": []},
+            "text": ["plain", "quote \" backslash \\ tab \t nl \n", "\u00e9t\u00e9 \u2603 \U0001f600", "\x7f\x00\x1f"],
+            "\u00e9": 1, "\U0001f600": 2, "\uffff": 3, "Z": 4, "digest": "x"}
+    texts = [seal(body), json.dumps(body, indent=1), json.dumps(body, ensure_ascii=False),
+             # how a person might write numbers and keys by hand: Python reads these to the same values
+             '{"b": 1.50, "a": 1E5, "c": -0, "d": 2e-7, "e": 1e999, "f": -1e999, "a": 3, "g": 0.00010, "s": "\\ud800"}']
+    for i, text in enumerate(texts):
+        (tmp_path / f"m{i}.json").write_text(text, encoding="utf-8")
+    script = ("import {canonicalManifest} from './app/trm.mjs'; import {createHash} from 'node:crypto';"
+              "import {readFileSync} from 'node:fs';"
+              "console.log(JSON.stringify(process.argv.slice(1).map((f) => createHash('sha256')"
+              ".update(canonicalManifest(readFileSync(f, 'utf8'))).digest('hex'))));")
+    digests = _node("--input-type=module", "-e", script, *(str(tmp_path / f"m{i}.json") for i in range(len(texts))))
+    assert digests == [canonical_digest(json.loads(text)) for text in texts]
 
 
 @needs_node

@@ -217,6 +217,7 @@ CASES: list[tuple[str, Callable[[Path, Path], None], list[str], str]] = [
     ("list-manifest", _raw_manifest(b"[]"), VERIFY, "JSON object"),
     ("bad-utf8", _raw_manifest(b'{"a": "\xff\xfe"}'), VERIFY, "not valid JSON"),
     ("huge-manifest", _raw_manifest(b" " * (17 << 20) + b"{}"), VERIFY, "at most"),
+    ("nested-manifest", _raw_manifest(b'{"a": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"), VERIFY, "not valid JSON"),
     # resealed: wrong types and ranges
     ("seq-len-string", _set("task.seq_len", "81"), RUN, "task.seq_len must be an integer"),
     ("seq-len-float", _set("task.seq_len", 2.5), RUN, "task.seq_len must be an integer"),

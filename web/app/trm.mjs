@@ -9,8 +9,9 @@
 // "q" (the trained Q head), "stable:K" (the answer unchanged for K steps in a row) or "q+stable:K" (either), after
 // at least minSteps and at most maxSteps. Puzzles stream through batchSize slots; with refill a halted puzzle's
 // slot takes the next puzzle on the next step. The embedding runs here, once per puzzle; the step graph runs in
-// ONNX Runtime. A bundle is a stranger's input: paths are checked, every file is checked against the manifest's
-// sha256 before it is used, .npy headers against their sizes, and every failure is one line naming the file.
+// ONNX Runtime. A bundle is a stranger's input: the manifest is checked against its own digest, paths are
+// checked, every file is checked against the manifest's sha256 before it is used, .npy headers against their
+// sizes, and every failure is one line naming the file.
 //
 // Concurrency: a Solver holds one batch of state, so its solve() calls take turns (a queue); for parallel work
 // create several Solvers.
@@ -50,6 +51,119 @@ async function sha256Hex(buffer) {
   }
   const digest = new Uint8Array(await subtle.digest("SHA-256", buffer));
   return Array.from(digest, (b) => b.toString(16).padStart(2, "0")).join("");
+}
+
+// ---- the manifest's own digest -----------------------------------------------------------------------------------
+
+// runtime/manifest.py seals manifest.json with `digest`: the sha256 of the manifest's canonical JSON, Python's
+// json.dumps(sort_keys=True, separators=(",", ":"), ensure_ascii=True) of every other field, so that tolerances,
+// loop settings and paths are covered like the files. JSON.parse forgets how a number was written (1 and 1.0 become
+// one value; Python keeps an int and a float), so the canonical text is rebuilt from the file's own tokens.
+export function canonicalManifest(text) {
+  let at = 0;
+  const space = () => { while (at < text.length && " \t\n\r".includes(text[at])) at += 1; };
+  const expect = (ch) => {
+    space();
+    if (text[at] !== ch) throw new BundleError(`manifest.json: not JSON (expected ${ch} at ${at})`);
+    at += 1;
+  };
+  const stringToken = () => {  // the decoded string; `at` past its closing quote
+    const start = at;
+    at += 1;
+    while (at < text.length && text[at] !== '"') at += text[at] === "\\" ? 2 : 1;
+    at += 1;
+    return JSON.parse(text.slice(start, at));
+  };
+  const value = (top) => {
+    space();
+    const ch = text[at];
+    if (ch === "{") {
+      at += 1;
+      const members = new Map();  // a repeated key: the last one counts, as in Python
+      space();
+      if (text[at] === "}") { at += 1; } else {
+        for (;;) {
+          space();
+          const key = stringToken();
+          expect(":");
+          members.set(key, value(false));
+          space();
+          if (text[at] === ",") { at += 1; continue; }
+          expect("}");
+          break;
+        }
+      }
+      if (top) members.delete("digest");
+      const keys = [...members.keys()].sort(byCodePoint);
+      return `{${keys.map((k) => `${pythonString(k)}:${members.get(k)}`).join(",")}}`;
+    }
+    if (ch === "[") {
+      at += 1;
+      const items = [];
+      space();
+      if (text[at] === "]") { at += 1; } else {
+        for (;;) {
+          items.push(value(false));
+          space();
+          if (text[at] === ",") { at += 1; continue; }
+          expect("]");
+          break;
+        }
+      }
+      return `[${items.join(",")}]`;
+    }
+    if (ch === '"') return pythonString(stringToken());
+    for (const word of ["true", "false", "null"]) {
+      if (text.startsWith(word, at)) { at += word.length; return word; }
+    }
+    const number = /-?(?:0|[1-9]\d*)(?:\.\d+)?(?:[eE][+-]?\d+)?/y;
+    number.lastIndex = at;
+    const match = number.exec(text);
+    if (!match) throw new BundleError(`manifest.json: not JSON (unexpected ${JSON.stringify(ch)} at ${at})`);
+    at = number.lastIndex;
+    return pythonNumber(match[0]);
+  };
+  const out = value(true);
+  space();
+  if (at !== text.length) throw new BundleError(`manifest.json: not JSON (trailing text at ${at})`);
+  return out;
+}
+
+function byCodePoint(a, b) {  // Python compares str by code point; JavaScript's sort by UTF-16 unit
+  const x = Array.from(a, (c) => c.codePointAt(0)), y = Array.from(b, (c) => c.codePointAt(0));
+  for (let i = 0; i < Math.min(x.length, y.length); i += 1) if (x[i] !== y[i]) return x[i] - y[i];
+  return x.length - y.length;
+}
+
+const SHORT_ESCAPES = { '"': '\\"', "\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t", "\b": "\\b", "\f": "\\f" };
+
+function pythonString(s) {  // json.dumps(s, ensure_ascii=True): printable ASCII as is, the rest escaped
+  let out = '"';
+  for (let i = 0; i < s.length; i += 1) {
+    const code = s.charCodeAt(i);
+    if (SHORT_ESCAPES[s[i]]) out += SHORT_ESCAPES[s[i]];
+    else if (code >= 0x20 && code <= 0x7e) out += s[i];
+    else out += `\\u${code.toString(16).padStart(4, "0")}`;
+  }
+  return `${out}"`;
+}
+
+function pythonNumber(literal) {  // how json.dumps writes what json.loads reads from `literal`
+  if (!/[.eE]/.test(literal)) return BigInt(literal).toString();  // an int, any size
+  const x = Number(literal);
+  if (!Number.isFinite(x)) return x > 0 ? "Infinity" : "-Infinity";
+  if (x === 0) return Object.is(x, -0) ? "-0.0" : "0.0";
+  // float repr: the shortest digits that read back (JavaScript's too), fixed notation for 1e-4 <= |x| < 1e16
+  const [mantissa, exp] = Math.abs(x).toExponential().split("e");
+  const digits = mantissa.replace(".", ""), point = Number(exp) + 1;  // digits before the decimal point
+  const sign = x < 0 ? "-" : "";
+  if (point > -4 && point <= 16) {
+    if (point <= 0) return `${sign}0.${"0".repeat(-point)}${digits}`;
+    if (point >= digits.length) return `${sign}${digits}${"0".repeat(point - digits.length)}.0`;
+    return `${sign}${digits.slice(0, point)}.${digits.slice(point)}`;
+  }
+  const e = Number(exp);
+  return `${sign}${mantissa}e${e < 0 ? "-" : "+"}${String(Math.abs(e)).padStart(2, "0")}`;
 }
 
 // Reads bundle files by relative path: over HTTP from `base` (a URL ending in '/'), or with `readFile(rel)`.
@@ -188,8 +302,9 @@ export async function openBundle(base, reader = null) {
   const raw = await reader("manifest.json");
   if (raw.byteLength > MAX_MANIFEST_BYTES) throw new BundleError("manifest.json: too large to be a manifest");
   let manifest;
+  const text = new TextDecoder().decode(raw);
   try {
-    manifest = JSON.parse(new TextDecoder().decode(raw));
+    manifest = JSON.parse(text);
   } catch (error) {
     throw new BundleError(`manifest.json: not JSON (${error.message})`);
   }
@@ -218,6 +333,18 @@ export async function openBundle(base, reader = null) {
     throw new BundleError(`manifest.json: unknown halting rule ${JSON.stringify(rule)}`);
   }
   int(field(manifest, "embedding", "manifest"), "hidden_size", "embedding", 1, 1 << 16);
+  let canonical;
+  try {
+    canonical = new TextEncoder().encode(canonicalManifest(text));
+  } catch (error) {  // a RangeError: nested deeper than this reader recurses (JSON.parse itself does not recurse)
+    if (error instanceof BundleError) throw error;
+    throw new BundleError(`manifest.json: nested too deeply to be a manifest (${error.message})`);
+  }
+  if (manifest.digest !== await sha256Hex(canonical.buffer)) {
+    throw new BundleError("manifest.json: its digest does not match its content: the manifest was edited after " +
+                          "export (tolerances, loop settings and paths are covered like the graphs); " +
+                          "re-export the bundle");
+  }
   return new Bundle(manifest, reader);
 }
 

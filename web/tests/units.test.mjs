@@ -2,7 +2,8 @@
 import assert from "node:assert/strict";
 import { test } from "node:test";
 import {
-  BundleError, checkRelative, InputError, isValidSolution, openBundle, parseHalting, parseNpy, parsePuzzles,
+  BundleError, canonicalManifest, checkRelative, InputError, isValidSolution, openBundle, parseHalting, parseNpy,
+  parsePuzzles,
 } from "../app/trm.mjs";
 
 function npy(descr, shape, payload, fortran = "False") {
@@ -51,6 +52,29 @@ test("a manifest listing a path outside the bundle, or not JSON, is refused befo
                        /not a relative path inside the bundle/);
   await assert.rejects(openBundle(null, read("{")), /manifest\.json: not JSON/);
   await assert.rejects(openBundle(null, read(JSON.stringify({ format_version: 1 }))), /format_version 1/);
+});
+
+test("a manifest edited after export is refused: its digest covers every field, as runtime/manifest.py's", async () => {
+  const { createHash } = await import("node:crypto");
+  const read = (text) => async () => new TextEncoder().encode(text).buffer;
+  const body = { format_version: 2, files: {}, embedding: { hidden_size: 8 },
+                 task: { vocab_size: 11, seq_len: 81, prefix_len: 0, num_puzzle_identifiers: 1 },
+                 loop: { halt_max_steps: 16, halting_rule: "q_halt>0", tolerance: 1.0 } };
+  const sealed = (text) => {
+    const digest = createHash("sha256").update(canonicalManifest(text)).digest("hex");
+    return text.replace(/}\s*$/, `, "digest": "${digest}"}`);
+  };
+  const text = JSON.stringify(body, null, 2).replace('"tolerance": 1', '"tolerance": 1.0');  // as Python writes it
+  const bundle = await openBundle(null, read(sealed(text)));
+  assert.equal(bundle.manifest.loop.halt_max_steps, 16);
+  const edited = sealed(text).replace('"halt_max_steps": 16', '"halt_max_steps": 4096');
+  await assert.rejects(openBundle(null, read(edited)), /manifest\.json: its digest does not match its content/);
+  // 1 and 1.0 are one number to JavaScript, not to Python: a float turned int is an edit too
+  await assert.rejects(openBundle(null, read(sealed(text).replace('"tolerance": 1.0', '"tolerance": 1'))),
+                       /digest does not match/);
+  await assert.rejects(openBundle(null, read(text)), /digest does not match/);
+  const deep = text.replace(/}\s*$/, `, "a": ${"[".repeat(1e6)}${"]".repeat(1e6)}}`);
+  await assert.rejects(openBundle(null, read(deep)), /manifest\.json: nested too deeply to be a manifest/);
 });
 
 test("halting policies parse as runtime/solver.py's", () => {
