@@ -96,9 +96,9 @@ def rotary_embedding(context: Any) -> list[Any]:
     cos, sin = (ops.constant(np.concatenate([t[rows], t[rows]], -1)[:, None, :].astype(np.float32))
                 for t in (cos_cache, sin_cache))  # [S, 1, head_dim]: the halves repeat
     x4 = _split_heads(ops, x, heads, 2 * half)
-    first, second = (ops.slice(x4, ops.constant([start], dtype=np.int64), ops.constant([stop], dtype=np.int64),
+    first, second = (ops.slice(x4, ops.constant([lo], dtype=np.int64), ops.constant([hi], dtype=np.int64),
                                ops.constant([1], dtype=np.int64), ops.constant([-1], dtype=np.int64))
-                     for start, stop in ((0, half), (half, 2 * half)))
+                     for lo, hi in ((0, half), (half, 2 * half)))  # the head's two halves
     # x cos + rotate_half(x) sin, rotate_half(x) = [-second, first]: the pattern OpenVINO fuses into its RoPE kernel
     rotated = ops.add(ops.multiply(x4, cos), ops.multiply(ops.concat([ops.negative(second), first], -1), sin))
     return [ops.reshape(rotated, ops.constant([0, 0, 2 * half * heads], dtype=np.int64), special_zero=True).output(0)]
