@@ -98,7 +98,7 @@ grep -E "^(loaded|stage times)" "$tmp/export.log" || true
 lap "export of the bundle (main venv)"
 
 TRM_RUNTIME_BUNDLE="$tmp/bundle" TRM_EXPECT_VERSIONS="$expect" \
-  "$OLD/bin/python" -m pytest tests/test_runtime_oldest.py --noconftest -p no:cacheprovider -q --tb=short
+  "$OLD/bin/python" -m pytest tests/test_runtime_oldest.py -o addopts=-ra --noconftest -p no:cacheprovider -q --tb=short
 lap "tests on Python $pyver"
 
 # The attention reference model's cpu bundle: attention and rope as ONNX Runtime's contrib ops (MultiHeadAttention,

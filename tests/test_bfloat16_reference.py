@@ -41,6 +41,8 @@ from trm_export.export.model import RecursiveModel
 from trm_export.export.reference import run_reference
 from trm_export.tasks import TaskData
 
+pytestmark = pytest.mark.rounding  # every test here judges float32 or bfloat16 results
+
 DATA = Path(__file__).parent / "data" / "official_bf16"
 CASES = ("bf16-trm-att-rope", "bf16-trm-mlpt-learned", "bf16-hrm")
 

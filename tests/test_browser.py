@@ -98,6 +98,7 @@ def test_an_edited_page_file_is_refused(browser_bundle, tmp_path):
         make_server(copy, port=0)
 
 
+@pytest.mark.rounding
 @needs_ort_web
 @needs_node
 def test_the_javascript_runtime_gives_the_golden_answers(browser_bundle):
@@ -114,6 +115,7 @@ def test_the_javascript_runtime_gives_the_golden_answers(browser_bundle):
     assert result["figures"]["puzzles"] == len(golden["tokens"]) >= 2
 
 
+@pytest.mark.rounding
 @needs_ort_web
 @needs_node
 @pytest.mark.parametrize("options", [

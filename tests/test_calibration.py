@@ -165,6 +165,7 @@ def test_any_reader_with_get_next_feeds_the_calibrator(bundle, calib_set):
         calibrate(prepared, Empty(), settings)
 
 
+@pytest.mark.rounding
 @pytest.mark.parametrize("method", ["minmax", "entropy"])
 def test_only_what_the_int8_graph_reads_is_calibrated_and_its_ranges_are_onnx_runtimes(standard_bundle, calib_set,
                                                                                        method):
@@ -346,6 +347,7 @@ def test_int32_bias_and_qoperator_ops_are_violations():
     assert "qdq-format" in report.failed_rules()
 
 
+@pytest.mark.rounding
 def test_left_weight_products_move_to_the_right_unchanged() -> None:
     """mlp_t's export form computes W @ h; before quantization it becomes (h^T W^T)^T, same values, same node name,
     the weight as B (one transposed copy even when two calls share it)."""
@@ -396,6 +398,7 @@ def test_quantizer_output_passes_the_checker_for_attention_and_mlp_t(tmp_path, q
 
 # --- INT8 / mixed / FP16 bundles ---------------------------------------------------------------------------------
 
+@pytest.mark.rounding
 def test_variant_bundle_verifies_and_runs_through_the_solver(quantized, bundle):
     path, manifest = quantized.path, quantized.manifest
     assert set(manifest.graphs) == {"fp32", "int8-minmax", "int8-entropy", "int8-percentile", "int8-mixed", "fp16"}
@@ -430,6 +433,7 @@ def test_variant_bundle_verifies_and_runs_through_the_solver(quantized, bundle):
     assert set(read_manifest(bundle).graphs) == {"fp32"}
 
 
+@pytest.mark.rounding
 def test_mixed_precision_keeps_in_float_exactly_what_it_records(quantized):
     spec = quantized.manifest.graphs["int8-mixed"]
     mixed = spec.details["mixed_precision"]
@@ -448,6 +452,7 @@ def test_mixed_precision_keeps_in_float_exactly_what_it_records(quantized):
     assert mixed["criterion"] == "exact accuracy"
 
 
+@pytest.mark.rounding
 def test_float_layers_come_back_most_sensitive_first(bundle, calib_set, tmp_path):
     prepared = prepare_graph(onnx.load(bundle / "graphs/step_fp32.onnx"))
     samples = record_step_inputs(bundle, calib_set, RecordOptions(max_samples=12, threads=THREADS))

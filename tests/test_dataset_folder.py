@@ -113,6 +113,7 @@ def test_int8_calibrates_on_train_and_measures_on_test(custom, tmp_path):
     assert "data/test" in result.output  # the evaluation puzzles, named in the log
 
 
+@pytest.mark.rounding
 def test_a_folder_of_a_shipped_task_gives_that_task_s_accuracy(tmp_path, sudoku_bundle):
     """The shipped Sudoku split written as an official folder: the report measures the same puzzles' accuracy."""
     task = get_task("sudoku")

@@ -54,6 +54,7 @@ def export(tmp_path: Path, name: str = "trm-att-rope", out: str = "bundle", **op
     return path, json.loads((path / "manifest.json").read_text())
 
 
+@pytest.mark.rounding
 @pytest.mark.parametrize("name", sorted(VARIANTS))
 def test_every_variant_exports_with_parity_and_verifies(tmp_path, name):
     path, manifest = export(tmp_path, name)
@@ -73,6 +74,7 @@ def test_every_variant_exports_with_parity_and_verifies(tmp_path, name):
     assert report, str(report)
 
 
+@pytest.mark.rounding
 @pytest.mark.parametrize("name", ["trm-mlpt", "trm-att-rope"])
 def test_export_form_is_the_same_step_with_plain_matmuls(tmp_path, name):
     """The model is exported in a faster form (SwiGLU gate/up as two MatMuls; mlp_t as left products, no
@@ -107,6 +109,7 @@ def test_export_form_is_the_same_step_with_plain_matmuls(tmp_path, name):
         assert "Transpose" not in ops
 
 
+@pytest.mark.rounding
 @pytest.mark.parametrize("name", ["trm-att-rope", "trm-att-learned", "trm-att-rope-3heads", "hrm"])
 def test_onnxruntime_ops_compute_the_standard_forms_step(tmp_path, name):
     """The cpu target's attention and rope as ONNX Runtime's MultiHeadAttention and RotaryEmbedding: one step from a
@@ -175,6 +178,7 @@ def test_opset_and_ir_follow_the_target(tmp_path, target, opset, ir):
     assert manifest["graphs"]["fp32"]["onnxruntime_ops"] == sorted(contrib)
 
 
+@pytest.mark.rounding
 def test_export_is_deterministic(tmp_path):
     first, m1 = export(tmp_path, out="a")
     second, m2 = export(tmp_path, out="b")
@@ -234,6 +238,7 @@ def test_failed_parity_writes_nothing(tmp_path, monkeypatch):
     assert not list(tmp_path.glob(".bundle.*"))
 
 
+@pytest.mark.rounding
 def test_a_tolerance_below_float32_rounding_is_judged_against_float64(tmp_path):
     # Asked for 1e-12, the step graph misses it everywhere; float32 itself cannot reach it (the reference is ~1e-6
     # from the float64 step), so every puzzle-step is rounding-limited and the export passes, saying so.
@@ -261,6 +266,7 @@ def _maze_puzzles(indices: list[int] = MAZE_PUZZLES):
                                    labels=p.labels[indices])
 
 
+@pytest.mark.rounding
 def test_an_ill_conditioned_real_model_exports_with_rounding_limited_steps(tmp_path):
     # The early maze checkpoint's float32 reference is itself up to 1e-3 from float64 on some inputs: no
     # float32 graph can be within 1e-4 of it there. Judged against float64, the export passes and its own
@@ -279,6 +285,7 @@ def test_an_ill_conditioned_real_model_exports_with_rounding_limited_steps(tmp_p
     assert verify_bundle(path)
 
 
+@pytest.mark.rounding
 def test_an_ill_conditioned_model_does_not_excuse_a_broken_graph(tmp_path, monkeypatch):
     # 1e-4 relative on one weight: on the ordinary puzzles float32 is accurate, so the error shows there. One
     # ordinary puzzle beside the ill-conditioned one is enough (every broken puzzle-step costs ten float64 steps).
@@ -385,6 +392,7 @@ def test_manifest_describes_the_model(tmp_path):
                                       if p.is_file() and p.name != "manifest.json"}
 
 
+@pytest.mark.rounding
 def test_rounding_sensitive_puzzles_are_identified_not_silently_excused(tmp_path):
     # Random mlp_t blocks at gain 1 are chaotic: float32 rounding alone changes some loop outcomes. Those
     # puzzles must be shown to change under float64 too; a stable model has none.
@@ -405,6 +413,7 @@ def test_rounding_sensitive_puzzles_are_identified_not_silently_excused(tmp_path
     assert parity["passed"] and parity["differing"] == [] and parity["rounding_sensitive"] == []
 
 
+@pytest.mark.rounding
 def test_golden_vectors_of_a_chaotic_model_are_its_rounding_stable_puzzles(tmp_path):
     # Random mlp_t blocks at gain 1 are chaotic: on most random puzzles float32 rounding can change the loop. The
     # golden set takes the stable ones first, and the self-check's bars are the stable fraction, so the correct

@@ -97,6 +97,7 @@ def test_combined_policy_halts_when_either_says_so(solver, data):
     assert (both < q).any() and (both < stable).any()  # each halts some puzzle first: the test tells something
 
 
+@pytest.mark.rounding
 @pytest.mark.parametrize("policy", ["stable:2", "q+stable:2"])
 def test_stable_halting_does_not_depend_on_batch_order_or_refill(sudoku_bundle, data, policy):
     bundle = sudoku_bundle / "bundle"
@@ -112,6 +113,7 @@ def test_stable_halting_does_not_depend_on_batch_order_or_refill(sudoku_bundle, 
             assert np.array_equal(got.q_halt, want.q_halt[order]), (batch, refill)
 
 
+@pytest.mark.rounding
 def test_one_fixed_run_tells_every_halting_policy(solver, data):
     """Mirror of test_report's test for fixed budgets and Q halting: each policy's halting steps and solved count
     from the trajectory must be what `Solver.solve(halting=policy)` does."""

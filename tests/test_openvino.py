@@ -36,12 +36,14 @@ def puzzles():
     return get_task("sudoku").split("heldout", size=40).inputs
 
 
+@pytest.mark.rounding
 def test_the_bundle_passes_its_own_golden_check_on_openvino(bundle):
     report = verify_bundle(bundle, backend="openvino")
     assert report, str(report)
     assert "openvino" in str(report).splitlines()[0] and "f32" in str(report).splitlines()[0]
 
 
+@pytest.mark.rounding
 def test_one_step_from_a_given_state_is_onnx_runtimes_within_float32_rounding(bundle, puzzles):
     """Both engines run the same graph from the same state: every output within float32 rounding of the other."""
     engines = [Solver(bundle, backend=b, batch_size=4, threads=1) for b in ("onnxruntime", "openvino")]
@@ -59,6 +61,7 @@ def test_one_step_from_a_given_state_is_onnx_runtimes_within_float32_rounding(bu
         assert np.abs(ours - theirs).max() <= 1e-4 * scale
 
 
+@pytest.mark.rounding
 def test_the_loop_with_refill_gives_onnx_runtimes_answers(bundle, puzzles):
     """Adaptive halting with refill and packing (load, move, logits of halted slots) through the OpenVINO backend:
     the trained model's answers and halting steps are ONNX Runtime's (a last-bit difference may move a borderline
@@ -186,6 +189,7 @@ def test_a_malformed_record_is_ignored_with_a_note(bundle, record):
         assert Solver(bundle, batch_size=2).backend.name.startswith("onnxruntime"), batches
 
 
+@pytest.mark.rounding
 def test_a_standard_ops_bundle_runs_on_openvino(sudoku_bundle, tmp_path):
     from trm_export.export.pipeline import ExportOptions, Puzzles, export_bundle
 

@@ -40,6 +40,7 @@ def _results(name: str) -> dict:
 
 
 # One shipped model in every run, the other under -m slow (about 20 s each on a 2-core machine).
+@pytest.mark.rounding
 @pytest.mark.parametrize("name", [n if n == "sudoku_mlpt" else pytest.param(n, marks=pytest.mark.slow) for n in MODELS])
 def test_first_held_out_puzzles_match_the_published_table(name):
     # 100 puzzles at 1 and 16 steps: cheap enough for every run, and deterministic (fixed weights and puzzles).

@@ -36,6 +36,8 @@ from official_format import COMPILED_PREFIX, VARIANTS, write_official_checkpoint
 from trm_export.export.checkpoint import load_checkpoint
 from trm_export.export.reference import run_reference
 
+pytestmark = pytest.mark.rounding  # every test here judges float32 or bfloat16 results
+
 ATOL = 1e-5
 CARRY_SLACK = 10.0  # free-running error may be at most this many times the float64-carried one-step rounding
 NUM_PUZZLES = 4

@@ -122,6 +122,7 @@ def test_report_cli(sudoku_bundle, tmp_path):
     read_manifest(bundle)  # the report does not break the bundle's checksums
 
 
+@pytest.mark.rounding
 def test_one_fixed_run_tells_every_fixed_budget_and_adaptive_halting(sudoku_bundle):
     """The report's accuracy of each setting comes from one fixed run: it must be what running it gives."""
     data = get_task("sudoku").split("heldout", size=24)
@@ -170,6 +171,7 @@ def test_wilson_interval():
     assert low < 0.975 < high and high - low == pytest.approx(0.019, abs=0.002)
 
 
+@pytest.mark.rounding
 def test_the_accuracy_as_trained_is_measured_at_export_and_reported(sudoku_bundle, tmp_path):
     """A bfloat16-trained checkpoint: the export records its bfloat16 accuracy (what the training printed), the
     report shows it beside the variants; a device needs no PyTorch for that."""

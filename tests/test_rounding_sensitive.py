@@ -25,6 +25,8 @@ from trm_export.cli import main as cli
 from trm_export.export.parity import ROUNDING_SENSITIVE_THRESHOLD, ParityReport
 from trm_export.export.pipeline import ExportOptions, Puzzles, RoundingSensitiveError, export_bundle
 
+pytestmark = pytest.mark.rounding  # every test here judges float32 or bfloat16 results
+
 CHAOTIC = dataclasses.replace(VARIANTS["trm-mlpt"], name="chaotic", halt_max_steps=10)
 STABLE = dataclasses.replace(CHAOTIC, name="stable", gain=0.5)  # contractive: rounding does not grow
 N = 8  # as on the Sudoku model: 8 puzzles checked

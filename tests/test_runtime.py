@@ -58,12 +58,14 @@ def test_runtime_imports_and_runs_without_torch_or_onnx(bundle):
     assert out.stdout.startswith("steps [")
 
 
+@pytest.mark.rounding
 def test_fixed_mode_equals_the_reference(bundle, puzzles, reference):
     result = Solver(bundle / "bundle", batch_size=16).solve(puzzles, mode="fixed")
     assert np.array_equal(result.predictions, reference.step_predictions[-1])
     assert (result.steps_used == 8).all()
 
 
+@pytest.mark.rounding
 def test_adaptive_mode_equals_the_reference_halting(bundle, puzzles, reference):
     result = Solver(bundle / "bundle", batch_size=16).solve(puzzles, mode="adaptive")
     assert len(set(reference.steps_used.tolist())) > 2  # halting really varies between puzzles
@@ -73,6 +75,7 @@ def test_adaptive_mode_equals_the_reference_halting(bundle, puzzles, reference):
                                atol=1e-4)
 
 
+@pytest.mark.rounding
 def test_result_does_not_depend_on_batch_neighbours(bundle, puzzles):
     alone = [Solver(bundle / "bundle", batch_size=1).solve(p[None]) for p in puzzles[:12]]
     batched = Solver(bundle / "bundle", batch_size=5).solve(puzzles[:12])
@@ -82,6 +85,7 @@ def test_result_does_not_depend_on_batch_neighbours(bundle, puzzles):
         assert batched.q_halt[i] == single.q_halt[0]  # bitwise
 
 
+@pytest.mark.rounding
 def test_refill_and_wait_for_batch_give_the_same_answers(bundle, puzzles):
     solver = Solver(bundle / "bundle", batch_size=8)
     refill = solver.solve(puzzles, mode="adaptive", refill=True)
@@ -90,6 +94,7 @@ def test_refill_and_wait_for_batch_give_the_same_answers(bundle, puzzles):
     assert np.array_equal(refill.steps_used, waves.steps_used)
 
 
+@pytest.mark.rounding
 def test_step_budget_beyond_training_and_min_steps(bundle, puzzles):
     solver = Solver(bundle / "bundle", batch_size=8)
     model = load_checkpoint(bundle / "ckpt").model
@@ -141,6 +146,7 @@ def test_validator_accepts_exactly_the_valid_puzzles(bundle, tokens):
             validate_puzzles(arr if arr is not None else np.array(tokens, dtype=object), None, solver.task)
 
 
+@pytest.mark.rounding
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(batch=st.integers(1, 9), order=st.permutations(list(range(10))), refill=st.booleans(),
        min_steps=st.integers(1, 3))

@@ -150,6 +150,7 @@ def test_build_and_run_engine_matches_golden(tmp_path):
     assert verify_bundle(path, variant="fp32")
 
 
+@pytest.mark.rounding
 @pytest.mark.parametrize("target", [  # one TensorRT generation by default; the other two under -m slow (9 s each)
     pytest.param("jetson-xavier-nx", marks=pytest.mark.slow), "jetson-orin-nano",
     pytest.param("gpu-trt11", marks=pytest.mark.slow)])
