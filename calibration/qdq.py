@@ -30,6 +30,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
+from trm_export.runtime.graph_file import read_graph
 from trm_export.runtime.manifest import read_manifest
 from trm_export.targets.registry import Target, get_target
 
@@ -297,7 +298,7 @@ def check_bundle(path: str | Path) -> BundleCheck:
     target = get_target(manifest.target)
     result = BundleCheck(str(path), target.name)
     for variant, spec in manifest.graphs.items():
-        model = onnx.load(path / spec.file)
+        model = onnx.load_from_string(read_graph(path / spec.file))  # refused if it refers to outside weights
         report = validate_qdq(model, target, name=spec.file)
         result.graphs[variant] = report
         io = _io_types(model)

@@ -68,6 +68,7 @@ from trm_export.report.measure import (
 )
 from trm_export.report.render import write_report
 from trm_export.report.trajectory import Trajectory, puzzle_progress
+from trm_export.runtime.graph_file import read_graph
 from trm_export.runtime.manifest import GraphSpec, Manifest, member, read_manifest
 from trm_export.runtime.selfcheck import golden_figures, golden_report
 from trm_export.runtime.solver import Solver
@@ -234,7 +235,7 @@ def add_variants(bundle: str | Path, out: str | Path, options: QuantizeOptions =
             (stage.path / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(member(bundle, rel), stage.path / rel)  # paths checked: inside, no links out
         fp32_spec = manifest.graphs["fp32"]
-        fp32_model = onnx.load(bundle / fp32_spec.file)
+        fp32_model = onnx.load_from_string(read_graph(bundle / fp32_spec.file))  # every weight inside it
         fp32_size = (bundle / fp32_spec.file).stat().st_size
         calib_set = _calibration_puzzles(manifest, calib, options.calib_puzzles)
         eval_set = _evaluation_puzzles(manifest, heldout, calib_set, options.eval_puzzles)

@@ -495,19 +495,23 @@ def build(bundle: Path, variants: tuple[str, ...], dla_core: int | None, print_r
                    "OpenVINO's CPU plugin in float32 (pip install openvino).")
 @click.option("--threads", type=click.IntRange(1, 1024), default=None, help="ONNX Runtime intra-op threads.")
 @click.option("--output", "-o", type=click.Path(path_type=Path), default=None,
-              help="Report folder (default: BUNDLE/report).")
+              help="Report folder (default: BUNDLE/report, replaced by each run).")
+@click.option("--force", is_flag=True, help="Replace an earlier report at --output (never a folder holding "
+                                            "anything else).")
 @data_option
 def report(bundle: Path, quick: bool, puzzles: int | None, seconds: float | None, max_accuracy_drop: float,
-           backend: str, threads: int | None, output: Path | None, data: Path | None) -> None:
+           backend: str, threads: int | None, output: Path | None, force: bool, data: Path | None) -> None:
     """Measure accuracy versus latency of every variant and step budget here; write Markdown, JSON and plots.
 
     Runtime only (no torch): on the device it measures what runs there, TensorRT engines included."""
     from trm_export.report import ReportOptions, measure_bundle, write_report
+    from trm_export.report.render import is_report_folder
+    from trm_export.runtime.io import check_output_folder
 
     folder = output or bundle / "report"
-    if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
-        raise click.ClickException(f"{folder} is a symbolic link or a file; a report folder must be a plain folder "
-                                   "(remove it, or give --output)")
+    # The bundle's own report/ is re-measured in place; any other existing folder only with --force, and only if
+    # it holds nothing but an earlier report.
+    check_output_folder(folder, force, is_report_folder, "a report", replaceable=output is None)
     if seconds is None and puzzles is None:  # a paper-size model's 1000 puzzles would take hours on a CPU
         seconds = 60.0 if quick else 300.0
     data = measure_bundle(bundle, ReportOptions(quick=quick, puzzles=puzzles, seconds=seconds, threads=threads,

@@ -280,6 +280,12 @@ def _accuracy_plots(data: ReportData, folder: Path, plt, colors: dict) -> list[s
     return written
 
 
+def is_report_folder(folder: Path) -> bool:
+    """Whether `folder` holds nothing but what write_report writes (REPORT.md, report.json, PNG plots)."""
+    return all(p.is_file() and not p.is_symlink() and (p.name in ("REPORT.md", "report.json") or p.suffix == ".png")
+               for p in folder.iterdir())
+
+
 def write_report(data: ReportData, folder: str | Path, max_drop_points: float = 0.5) -> Path:
     """Write REPORT.md, report.json and the plots into `folder` (replaced as a whole)."""
     import shutil

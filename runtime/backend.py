@@ -14,6 +14,7 @@ from typing import Protocol
 import numpy as np
 
 from trm_export.errors import BundleError
+from trm_export.runtime.graph_file import read_graph
 
 STEP_INPUTS = ("x", "z_H", "z_L")
 STEP_OUTPUTS = ("z_H_out", "z_L_out", "logits", "q_halt", "q_continue")
@@ -136,8 +137,9 @@ class OnnxRuntimeBackend(HostSlots):
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
         self.providers = onnxruntime_providers(provider)
+        graph = read_graph(model_path)  # the bytes, every weight inside them: no path for ONNX Runtime to follow
         try:
-            self.session = ort.InferenceSession(str(model_path), options, providers=self.providers)
+            self.session = ort.InferenceSession(graph, options, providers=self.providers)
         except Exception as exc:  # ONNX Runtime's own exception types: a broken or foreign graph
             raise BundleError(f"{model_path}: ONNX Runtime cannot load this graph ({_first_line(exc)}); "
                               "re-export the bundle") from None

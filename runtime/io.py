@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -123,6 +124,30 @@ def check_output_file(output: Path, force: bool) -> None:
         raise InputError(f"{output}: folder {output.parent} does not exist; create it or choose another --output")
     if not os.access(output.parent, os.W_OK | os.X_OK):
         raise InputError(f"{output}: folder {output.parent} is not writable; choose another --output")
+
+
+def check_output_folder(folder: Path, force: bool, ours: Callable[[Path], bool], what: str,
+                        replaceable: bool = False) -> None:
+    """Before any work: `folder` can be written as a whole, and nothing that is not ours is lost.
+
+    Absent: its parent must exist and be writable. Present: replaced only with `force` (or when `replaceable`: a
+    command's own default place, such as a bundle's report/) and only when `ours(folder)` says it holds nothing
+    but what the command writes, so a mistyped --output never removes a user's files; a link or a file is never
+    replaced.
+    """
+    if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
+        raise InputError(f"{folder} is a symbolic link or a file; {what} must be a plain folder (remove it, or "
+                         "choose another --output)")
+    if folder.exists():
+        if not ours(folder):
+            raise InputError(f"{folder} exists and holds files that are not {what}; refusing to replace it, even "
+                             "with --force (choose another --output)")
+        if not (force or replaceable):
+            raise InputError(f"{folder} already exists; pass --force to replace it")
+    if not folder.parent.is_dir():
+        raise InputError(f"{folder}: folder {folder.parent} does not exist; create it or choose another --output")
+    if not os.access(folder.parent, os.W_OK | os.X_OK):
+        raise InputError(f"{folder}: folder {folder.parent} is not writable; choose another --output")
 
 
 def write_solutions(result: SolveResult, encoding: TaskEncoding, output: str | Path | None,

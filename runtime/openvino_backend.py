@@ -21,6 +21,7 @@ import numpy as np
 from trm_export.errors import BundleError
 from trm_export.runtime import openvino_ops
 from trm_export.runtime.backend import HostSlots, _first_line, check_step_io
+from trm_export.runtime.graph_file import read_graph
 
 HOW_TO_INSTALL = "pip install openvino (or trm-export[openvino])"
 # OpenVINO 2024.0-2024.2 compute our attention steps wrongly, in either export form (the maze reference model:
@@ -56,13 +57,14 @@ class OpenVinoBackend(HostSlots):
             raise BundleError(f"backend 'openvino' requested, but OpenVINO is not installed here: "
                               f"{HOW_TO_INSTALL}") from None
         check_version(ov.__version__)
+        read_graph(model_path)  # refused unless every weight is inside the file
         config: dict[str, object] = {"INFERENCE_PRECISION_HINT": inference_precision, "PERFORMANCE_HINT": "LATENCY"}
         if threads:
             config["INFERENCE_NUM_THREADS"] = int(threads)
         try:
             core = ov.Core()
             openvino_ops.register(core)
-            self.compiled = core.compile_model(str(model_path), "CPU", config)
+            self.compiled = core.compile_model(str(model_path), "CPU", config)  # checked: self-contained
         except Exception as exc:  # OpenVINO's own exception types: a broken graph, an op it does not have
             raise BundleError(f"{model_path}: OpenVINO cannot compile this graph ({openvino_ops.reason(exc)}); "
                               "run it with --backend onnxruntime") from None

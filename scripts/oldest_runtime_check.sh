@@ -97,7 +97,19 @@ fi
 grep -E "^(loaded|stage times)" "$tmp/export.log" || true
 lap "export of the bundle (main venv)"
 
-TRM_RUNTIME_BUNDLE="$tmp/bundle" TRM_EXPECT_VERSIONS="$expect" \
+# A resealed copy whose graph keeps a weight outside the bundle (tests/test_hostile.py's external-weights case):
+# ONNX Runtime 1.17 would read it; the runtime must refuse it before any engine sees the graph.
+"$MAIN_VENV/bin/python" - "$tmp" <<'EOF'
+import shutil, sys
+from pathlib import Path
+sys.path.insert(0, "tests")
+from test_hostile import _external_weights
+root = Path(sys.argv[1])
+(root / "outside").mkdir()
+_external_weights(via_link=False)(Path(shutil.copytree(root / "bundle", root / "external.bundle")), root / "outside")
+EOF
+
+TRM_RUNTIME_BUNDLE="$tmp/bundle" TRM_EXTERNAL_WEIGHTS_BUNDLE="$tmp/external.bundle" TRM_EXPECT_VERSIONS="$expect" \
   "$OLD/bin/python" -m pytest tests/test_runtime_oldest.py -o addopts=-ra --noconftest -p no:cacheprovider -q --tb=short
 lap "tests on Python $pyver"
 

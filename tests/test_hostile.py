@@ -150,6 +150,45 @@ def _hostile_variant_name(b: Path, outside: Path) -> None:  # noqa: ARG001
     _write(b, data)
 
 
+def _external_weights(via_link: bool) -> Callable[[Path, Path], None]:
+    """The step graph's largest weight moved to external data: its exact bytes in outside/secret.bin, named by a
+    path that climbs out of the bundle, or by an unlisted link in graphs/ that leads there; manifest resealed. An
+    engine that follows the path computes the right answers (ONNX Runtime 1.17 does, with golden vectors intact):
+    only a check of the graph itself can tell."""
+
+    def mutate(b: Path, outside: Path) -> None:
+        import onnx
+        from onnx.external_data_helper import set_external_data
+
+        path = b / "graphs" / "step_fp32.onnx"
+        model = onnx.load(path)
+        init = max(model.graph.initializer, key=lambda t: len(t.raw_data))
+        (outside / "secret.bin").write_bytes(init.raw_data)
+        if via_link:
+            (b / "graphs" / "weights.bin").symlink_to(outside / "secret.bin")
+            location = "weights.bin"
+        else:
+            location = os.path.relpath(outside / "secret.bin", path.parent)
+        set_external_data(init, location, offset=0, length=len(init.raw_data))
+        init.data_location = onnx.TensorProto.EXTERNAL
+        init.ClearField("raw_data")
+        path.write_bytes(model.SerializeToString())
+        _write(b, _manifest(b))
+
+    return mutate
+
+
+def _folder_beside(name: str, files: dict[str, str]) -> Callable[[Path, Path], None]:
+    """A user's folder next to the bundle (where a mistyped -o lands)."""
+
+    def mutate(b: Path, outside: Path) -> None:  # noqa: ARG001
+        (b.parent / name).mkdir()
+        for rel, text in files.items():
+            (b.parent / name / rel).write_text(text)
+
+    return mutate
+
+
 def _listed_outside(rel: str, link: bool) -> Callable[[Path, Path], None]:
     """`files` lists `rel`, a file outside the bundle: by '..' (quantize used to copy it) or through a folder link."""
 
@@ -327,6 +366,20 @@ CASES: list[tuple[str, Callable[[Path, Path], None], list[str], str]] = [
     ("report-folder-linked-out", lambda b, o: (b / "report").symlink_to(o, target_is_directory=True),
      ["report", "{b}", "--puzzles", "4"], "symbolic link"),
     ("build-recipe-injection", _hostile_variant_name, ["build", "{b}", "--print-recipe"], "does not match"),
+    # report -o: a mistyped folder is never emptied
+    ("report-into-a-users-folder", _folder_beside("thesis", {"thesis.tex": "chapter 1"}),
+     ["report", "{b}", "--puzzles", "4", "-o", "{d}/thesis"], "not a report"),
+    ("report-into-a-users-folder-forced", _folder_beside("thesis", {"thesis.tex": "chapter 1"}),
+     ["report", "{b}", "--puzzles", "4", "-o", "{d}/thesis", "--force"], "not a report"),
+    ("report-into-an-earlier-bundle", _nothing, ["report", "{b}", "--puzzles", "4", "-o", "{o}", "--force"],
+     "not a report"),
+    ("report-over-a-report-without-force", _folder_beside("r", {"REPORT.md": "# earlier", "report.json": "{}"}),
+     ["report", "{b}", "--puzzles", "4", "-o", "{d}/r"], "--force"),
+    # resealed: a graph whose weights live outside it (read by ONNX Runtime 1.17 and onnx.load if let through)
+    *[(f"external-weights-{how}-{label}", _external_weights(how == "link"), command, "weights outside its file")
+      for how in ("climbing", "link")
+      for label, command in (("verify", VERIFY), ("run", RUN), ("check", ["check", "{b}"]), ("quantize", QUANTIZE),
+                             ("run-openvino", [*RUN, "--backend", "openvino"]))],
 ]
 
 
@@ -368,7 +421,7 @@ def test_hostile_input_is_refused_in_one_line(good, tmp_path, case):
     shutil.copytree(bundle, earlier)
     mutate(b, outside)
     before_outside, before_earlier = _tree(outside), _tree(earlier)
-    before_work = {k for k in _tree(work) if not k.startswith(("b.bundle", "earlier.bundle"))}
+    before_work = {k: v for k, v in _tree(work).items() if not k.startswith(("b.bundle", "earlier.bundle"))}
     args = [a.format(b=b, p=work / GOOD_PUZZLES, d=work, o=earlier) for a in command]
     cwd = os.getcwd()
     os.chdir(work)  # a PWNED file from a shell injection would land here
@@ -385,8 +438,8 @@ def test_hostile_input_is_refused_in_one_line(good, tmp_path, case):
     assert words.lower() in errors[0].lower(), errors[0]
     assert _tree(outside) == before_outside  # nothing written outside
     assert _tree(earlier) == before_earlier  # no earlier output lost or changed
-    after_work = {k for k in _tree(work) if not k.startswith(("b.bundle", "earlier.bundle"))}
-    assert after_work == before_work, after_work ^ before_work  # no stray files, no PWNED
+    after_work = {k: v for k, v in _tree(work).items() if not k.startswith(("b.bundle", "earlier.bundle"))}
+    assert after_work == before_work, set(after_work.items()) ^ set(before_work.items())  # no PWNED, nothing lost
 
 
 # ------------------------------------------------------------------------ the findings, one test each
@@ -641,26 +694,47 @@ def test_fixed_mode_has_an_upper_step_limit(good):
 
 
 def test_runtime_imports_without_click_for_the_api(good):
-    """The API's errors are TrmExportError subclasses (BundleError / InputError), never numpy's or ONNX Runtime's."""
+    """The API runs without click (a device app need not install the CLI's dependency) and its errors are
+    TrmExportError subclasses (BundleError / InputError), never numpy's or ONNX Runtime's: each bad call is refused."""
     script = textwrap.dedent(f"""
+        import sys
+        sys.modules["click"] = None  # import click now fails
         import numpy as np
         from trm_export.errors import TrmExportError
         from trm_export.runtime import Solver
         s = Solver({str(good[0])!r})
+        refused = []
         for bad in (np.zeros((2, 81), np.float32), np.full((1, 81), 99), "puzzle", np.zeros((0, 81), int)):
             try:
                 s.solve(bad)
             except TrmExportError:
-                pass
+                refused.append(1)
         for kw in ({{"batch_size": 10**9}}, {{"batch_size": 2.5}}, {{"variant": "nope"}}):
             try:
                 Solver({str(good[0])!r}, **kw)
             except TrmExportError:
-                pass
-        print("ok")
+                refused.append(1)
+        print(len(refused), "click" in sys.modules and sys.modules["click"] is not None)
     """)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+    assert out.returncode == 0 and out.stdout.strip() == "7 False", (out.stdout, out.stderr)
+
+
+def test_nothing_is_written_outside_the_output(good, tmp_path):
+    """ONNX Runtime's telemetry (a device id and an event queue under $HOME/.cache and $TMPDIR) stays off: a
+    `verify` and a `run` with a fresh home and temporary folder leave both empty, the solutions file aside."""
+    home, tmp = tmp_path / "home", tmp_path / "tmp"
+    home.mkdir()
+    tmp.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("ORT_DISABLE_TELEMETRY", "XDG_CACHE_HOME")}
+    env.update(HOME=str(home), TMPDIR=str(tmp))
+    solutions = tmp_path / "s.txt"
+    for args in (["verify", str(good[0])], ["run", str(good[0]), "--input", str(good[1]), "-o", str(solutions)]):
+        out = subprocess.run([sys.executable, "-m", "trm_export.cli", *args], capture_output=True, text=True,
+                             env=env, timeout=300)
+        assert out.returncode == 0, out.stdout + out.stderr
+    assert solutions.is_file()
+    assert [p for p in home.rglob("*")] == [] and [p for p in tmp.rglob("*")] == []
 
 
 def test_dataclass_manifest_round_trips_with_its_digest(good):

@@ -165,3 +165,33 @@ def test_changed_graph_and_bad_puzzles_are_refused(copy, golden, tmp_path):
     puzzles.write_text(format_sudoku(golden["tokens"][0]) + "\n")
     out = cli("run", copy, "--input", puzzles)
     assert out.returncode != 0 and "sha256" in out.stderr and "Traceback" not in out.stderr, out.stderr
+
+
+@pytest.fixture()
+def external_weights(bundle, tmp_path) -> Path:
+    """A resealed copy of the bundle whose step graph keeps its largest weight in ../outside/secret.bin (the hostile
+    table's external-weights-climbing case). ONNX Runtime 1.17 follows such a path; newer releases refuse it by a
+    check of their own. scripts/oldest_runtime_check.sh makes it with the main venv (no onnx here):
+    TRM_EXTERNAL_WEIGHTS_BUNDLE names it; in the main suite it is made here."""
+    given = os.environ.get("TRM_EXTERNAL_WEIGHTS_BUNDLE")
+    if given:
+        return Path(given)
+    if importlib.util.find_spec("onnx") is None:
+        pytest.skip("set TRM_EXTERNAL_WEIGHTS_BUNDLE (scripts/oldest_runtime_check.sh); no onnx here to make one")
+    from test_hostile import _external_weights
+
+    (tmp_path / "outside").mkdir()
+    copy = Path(shutil.copytree(bundle, tmp_path / "b.bundle"))
+    _external_weights(via_link=False)(copy, tmp_path / "outside")
+    return copy
+
+
+def test_a_graph_whose_weights_lie_outside_the_bundle_is_refused_unread(external_weights, golden, tmp_path):
+    with pytest.raises(BundleError, match="weights outside its file"):
+        Solver(external_weights)
+    puzzles = tmp_path / "puzzles.txt"
+    puzzles.write_text(format_sudoku(golden["tokens"][0]) + "\n")
+    for args in (("verify", external_weights), ("run", external_weights, "--input", puzzles)):
+        out = cli(*args)
+        assert out.returncode != 0 and "weights outside its file" in out.stderr, out.stdout + out.stderr
+        assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
