@@ -14,7 +14,7 @@ from pathlib import Path
 import click
 
 from trm_export import __version__
-from trm_export.errors import TrmExportError
+from trm_export.errors import TrmExportError, printable
 from trm_export.runtime.solver import BACKENDS, MAX_STEPS
 
 # Options that fill config fields neither the checkpoint's files nor its tensor shapes tell.
@@ -61,34 +61,50 @@ class _Group(click.Group):
             args = ["export", *args]
         elif args and args[0].startswith("-") and args[0] not in ("-h", "--help", "--version"):
             args = ["export", *args]
-        return super().parse_args(ctx, args)
+        try:
+            return super().parse_args(ctx, args)
+        except click.ClickException as exc:  # click's own message quotes what was typed
+            exc.message = printable(exc.message)
+            raise
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
-        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+        except (click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except click.ClickException as exc:  # ours, or click's own (a bad option value quotes what was typed)
+            exc.message = printable(exc.message)
             raise
         except TrmExportError as exc:
-            raise click.ClickException(_one_line(str(exc))) from None
+            raise _error(str(exc)) from None
         except FileNotFoundError as exc:
-            raise click.ClickException(f"{exc.filename}: no such file or folder") from None
+            raise _error(f"{exc.filename}: no such file or folder") from None
         except IsADirectoryError as exc:
-            raise click.ClickException(f"{exc.filename}: is a folder, expected a file") from None
+            raise _error(f"{exc.filename}: is a folder, expected a file") from None
         except PermissionError as exc:
-            raise click.ClickException(f"{exc.filename}: permission denied") from None
+            raise _error(f"{exc.filename}: permission denied") from None
         except OSError as exc:
             where = f"{exc.filename}: " if exc.filename else ""
-            raise click.ClickException(f"{where}{exc.strerror or exc}") from None
+            raise _error(f"{where}{exc.strerror or exc}") from None
         except MemoryError:
-            raise click.ClickException("out of memory: use fewer puzzles or a smaller --batch-size") from None
+            raise _error("out of memory: use fewer puzzles or a smaller --batch-size") from None
         except KeyboardInterrupt:
-            raise click.ClickException("interrupted; nothing was written (earlier outputs are untouched)") from None
+            raise _error("interrupted; nothing was written (earlier outputs are untouched)") from None
         except Exception as exc:
             if os.environ.get("TRM_EXPORT_TRACEBACK"):
                 raise
-            raise click.ClickException(
+            raise _error(
                 f"internal error, a bug in trm-export: {type(exc).__name__}: {_one_line(str(exc))} (set "
                 "TRM_EXPORT_TRACEBACK=1 to see where, and please report it)") from None
+
+
+def echo(message: object = "", **kwargs) -> None:
+    """click.echo through the one sanitiser: what we print may quote a file, a bundle or a request."""
+    click.echo(printable(str(message)), **kwargs)
+
+
+def _error(message: str) -> click.ClickException:
+    return click.ClickException(_one_line(printable(message)))
 
 
 def _one_line(text: str) -> str:
@@ -125,16 +141,16 @@ def inspect(model: Path | None, dataset_json: Path | None, **overrides) -> None:
     undecided is shown as such, with the candidates)."""
     ck = _load(model, dataset_json, allow_ambiguous=True, **overrides)
     cfg = ck.config
-    click.echo(f"checkpoint   {ck.path}  (sha256 {ck.sha256[:16]}…, key prefix {ck.key_prefix!r})")
-    click.echo(f"model        {cfg.family.upper()}{' mlp_t' if cfg.mlp_t else ''}, "
+    echo(f"checkpoint   {ck.path}  (sha256 {ck.sha256[:16]}…, key prefix {ck.key_prefix!r})")
+    echo(f"model        {cfg.family.upper()}{' mlp_t' if cfg.mlp_t else ''}, "
                f"{sum(p.numel() for p in ck.model.parameters()):,} parameters, state "
                f"[{cfg.total_seq_len} x {cfg.hidden_size}], {cfg.net_calls_per_step} network calls per step")
     for name, value in cfg.to_dict().items():
-        click.echo(f"  {name:<24} {value!s:<12} {ck.sources.get(name, 'default')}")
+        echo(f"  {name:<24} {value!s:<12} {ck.sources.get(name, 'default')}")
     dtypes = sorted(set(ck.stored_dtypes.values()))
-    click.echo(f"stored dtypes {', '.join(dtypes)} (the reference computes in float32)")
+    echo(f"stored dtypes {', '.join(dtypes)} (the reference computes in float32)")
     if ck.ambiguous:
-        click.echo(f"AMBIGUOUS: {ck.ambiguous}")
+        echo(f"AMBIGUOUS: {ck.ambiguous}")
 
 
 @main.command()
@@ -180,12 +196,12 @@ def evaluate(model: Path | None, split: str, limit: int | None, steps: str, adap
         task = task_for_config(cfg)
         puzzles = task.split(split, size=limit)
         source = f"{task.spec.name} {split} split"
-    click.echo(f"{ck.path}: {source}, {len(puzzles)} puzzles")
+    echo(f"{ck.path}: {source}, {len(puzzles)} puzzles")
     dtypes = {"auto": None, "float32": ("float32",), "bfloat16": ("bfloat16",),
               "both": ("float32", "bfloat16")}[compute_dtypes]
     rows = accuracy_by_budget_and_dtype(ck.model, puzzles, budgets, adaptive=adaptive, progress=True,
                                         compute_dtypes=dtypes)
-    click.echo(format_table(rows))
+    echo(format_table(rows))
 
 
 @main.command()
@@ -278,23 +294,23 @@ def export(model: Path | None, target: str, output: Path | None, force: bool, pu
                              rounding_sensitive_threshold=strict_threshold / 100, standard_ops=standard_ops),
         precision=precision, max_accuracy_drop=max_accuracy_drop, calib=calib, calib_puzzles=calib_puzzles,
         eval_puzzles=eval_puzzles, eval_seconds=eval_seconds, threads=threads, report=not no_report, data=data)
-    result = deploy(ck, out, options, puzzles=given, log=lambda m: click.echo(m))
-    click.echo("")
-    click.echo(result.table())
-    click.echo("(accuracy and ms/step measured here, ONNX Runtime on this CPU; the device measures its own: "
+    result = deploy(ck, out, options, puzzles=given, log=lambda m: echo(m))
+    echo("")
+    echo(result.table())
+    echo("(accuracy and ms/step measured here, ONNX Runtime on this CPU; the device measures its own: "
                "trm-export report)")
-    click.echo("stage times: " + ", ".join(f"{name} {seconds:.0f} s" for name, seconds in
+    echo("stage times: " + ", ".join(f"{name} {seconds:.0f} s" for name, seconds in
                                            result.stage_seconds.items()) +
                f"; total {sum(result.stage_seconds.values()):.0f} s")
     path = result.path
     if (path / "report" / "REPORT.md").is_file():
-        click.echo(f"report: {path / 'report' / 'REPORT.md'}")
+        echo(f"report: {path / 'report' / 'REPORT.md'}")
     chosen = get_target(target)
     if chosen.runtime == "onnxruntime-web":
-        click.echo(f"the page: trm-export serve {shlex.quote(str(path))}  (then open the URL it prints); or copy "
+        echo(f"the page: trm-export serve {shlex.quote(str(path))}  (then open the URL it prints); or copy "
                    f"{path} to any web server, see its README.md")
         return
-    click.echo(f"copy {path} to the device ({chosen.description}) and follow its README.md; there: trm-export verify "
+    echo(f"copy {path} to the device ({chosen.description}) and follow its README.md; there: trm-export verify "
                f"{path.name}   |   trm-export run {path.name} --input puzzles.txt")
 
 
@@ -322,7 +338,7 @@ def verify(bundle: Path, variant: str | None, backend: str, provider: str | None
     from trm_export.runtime.selfcheck import verify_bundle
 
     report = verify_bundle(bundle, variant=variant, provider=provider, backend=backend)
-    click.echo(str(report))
+    echo(str(report))
     if not report:
         sys.exit(1)
 
@@ -382,7 +398,7 @@ def run(bundle: Path, input_path: Path | None, data: Path | None, limit: int | N
         raise click.UsageError("--limit goes with --data")
     policy = parse_halting(halting)  # a bad policy fails before anything loads
     if mode == "fixed" and policy.name != "q":
-        click.echo(f"--halting {policy.name} is ignored with --mode fixed (every puzzle runs --max-steps steps)",
+        echo(f"--halting {policy.name} is ignored with --mode fixed (every puzzle runs --max-steps steps)",
                    err=True)
     if output is not None:
         check_output_file(output, force)
@@ -390,7 +406,7 @@ def run(bundle: Path, input_path: Path | None, data: Path | None, limit: int | N
                     threads=threads)
     note = getattr(solver, "backend_note", None)
     if note:
-        click.echo(note, err=True)
+        echo(note, err=True)
     arc = input_path is not None and input_path.suffix.lower() == ".json"
     if solutions is not None and not arc:
         raise click.UsageError("--solutions goes with an ARC challenge file (--input challenges.json)")
@@ -415,10 +431,10 @@ def run(bundle: Path, input_path: Path | None, data: Path | None, limit: int | N
     loop = mode if mode == "fixed" or policy.name == "q" else f"{mode}, halting {policy.name}"
     summary = describe_run(result, valid, loop, solver.backend.name, labels)
     if output is None:
-        click.echo(text, nl=False)
-        click.echo(summary, err=True)  # stdout stays the solutions alone
+        echo(text, nl=False)
+        echo(summary, err=True)  # stdout stays the solutions alone
     else:
-        click.echo(f"{summary} -> {output}")
+        echo(f"{summary} -> {output}")
 
 
 def _run_arc(solver, challenges: Path, solutions: Path | None, output: Path | None, solve_options: dict) -> None:
@@ -444,11 +460,11 @@ def _run_arc(solver, challenges: Path, solutions: Path | None, output: Path | No
         scores = result.score(truth)
         summary += f"; pass@1 {100 * scores[1]:.1f}%, pass@2 {100 * scores[2]:.1f}% (mean over tasks)"
     if output is None:
-        click.echo(text)
-        click.echo(summary, err=True)
+        echo(text)
+        echo(summary, err=True)
     else:
         write_text_atomically(output, text + "\n")
-        click.echo(f"{summary} -> {output}")
+        echo(f"{summary} -> {output}")
 
 
 @main.command()
@@ -469,14 +485,14 @@ def build(bundle: Path, variants: tuple[str, ...], dla_core: int | None, print_r
         manifest = read_manifest(bundle)
         target = get_target(manifest.target)
         for recipe in recipes_for(manifest, target, dla_core=dla_core, variants=list(variants) or None):
-            click.echo(recipe.trtexec_command())
+            echo(recipe.trtexec_command())
         return
     if record:
         manifest = record_engines(bundle, list(variants) or None)
     else:
         manifest = build_bundle_engines(bundle, list(variants) or None, dla_core=dla_core)
     for name, rec in manifest.build["engines"].items():
-        click.echo(f"{name}: {rec['file']} (TensorRT {rec['tensorrt_version']}, SM {rec['sm']}), recorded: "
+        echo(f"{name}: {rec['file']} (TensorRT {rec['tensorrt_version']}, SM {rec['sm']}), recorded: "
                    f"`trm-export verify {bundle} --variant {name}` now checks the engine")
 
 
@@ -517,7 +533,7 @@ def report(bundle: Path, quick: bool, puzzles: int | None, seconds: float | None
     data = measure_bundle(bundle, ReportOptions(quick=quick, puzzles=puzzles, seconds=seconds, threads=threads,
                                                 backend=backend, data=data))
     folder = write_report(data, folder, max_accuracy_drop)
-    click.echo(f"report written: {folder / 'REPORT.md'}")
+    echo(f"report written: {folder / 'REPORT.md'}")
 
 
 @main.command()
@@ -572,7 +588,7 @@ def quantize(bundle: Path, output: Path, force: bool, methods: str, calib: Path 
         if calib is None:
             calib = folder_split(data, "calibration", task, calib_puzzles or CALIBRATION_PUZZLES)
     result = add_variants(bundle, output, options, calib=calib, heldout=heldout)
-    click.echo(f"next: trm-export check {result.path}   |   trm-export report {result.path}")
+    echo(f"next: trm-export check {result.path}   |   trm-export report {result.path}")
 
 
 @main.command()
@@ -597,12 +613,12 @@ def tune(bundle: Path, variant: str | None, batch_sizes: tuple[int, ...], thread
 
     rows, path = tune_cpu_engines(bundle, variant, tuple(sorted(set(batch_sizes))), threads, seconds, rounds,
                                   log=click.echo)
-    click.echo(f"{'batch':>5}  {'ONNX Runtime':>14}  {'OpenVINO':>14}  OpenVINO's speed  rounds it won  auto runs")
+    echo(f"{'batch':>5}  {'ONNX Runtime':>14}  {'OpenVINO':>14}  OpenVINO's speed  rounds it won  auto runs")
     for row in rows:
         ms, rounds = row.record()["ms_per_step"], len(row.ms["openvino"])
-        click.echo(f"{row.batch:>5}  {ms['onnxruntime']:>11.2f} ms  {ms['openvino']:>11.2f} ms  "
+        echo(f"{row.batch:>5}  {ms['onnxruntime']:>11.2f} ms  {ms['openvino']:>11.2f} ms  "
                    f"{row.speedup:>15.2f}x  {row.openvino_wins:>7} of {rounds:<3}  {row.engine}")
-    click.echo(f"recorded in {path}")
+    echo(f"recorded in {path}")
 
 
 @main.command()
@@ -612,7 +628,7 @@ def check(bundle: Path) -> None:
     from trm_export.calibration import check_bundle
 
     report = check_bundle(bundle)
-    click.echo(str(report))
+    echo(str(report))
     if not report:
         sys.exit(1)
 
@@ -630,7 +646,7 @@ def serve(bundle: Path, host: str, port: int, quiet: bool) -> None:
     from trm_export.web.serve import make_server, page_url
 
     server = make_server(bundle, host, port, log=None if quiet else click.echo)
-    click.echo(f"serving {bundle} at {page_url(server)} (Ctrl-C stops)")
+    echo(f"serving {bundle} at {page_url(server)} (Ctrl-C stops)")
     try:
         server.serve_forever()
     except KeyboardInterrupt:
@@ -674,7 +690,7 @@ def triton(bundle: Path, output: Path, force: bool, name: str, variant: str | No
                           batch_size=batch_size, threads=threads, backend=backend, max_puzzles=max_puzzles)
     out = write_repository(bundle, output, TritonOptions(name=name, loop=loop, instances=instances, kind=kind,
                                                          force=force))
-    click.echo(f"Triton model repository written: {out} (model {name!r}); start it as {out / 'README.md'} says")
+    echo(f"Triton model repository written: {out} (model {name!r}); start it as {out / 'README.md'} says")
 
 
 def _sm_range(sm: tuple[str, ...]) -> str:
@@ -686,12 +702,12 @@ def targets() -> None:
     """List deployment targets with their TensorRT versions and limits."""
     from trm_export.targets.registry import TARGETS
 
-    click.echo(f"{'target':<22}{'runtime':<17}{'TensorRT':<12}{'opset':<7}{'IR':<4}{'SM':<10}{'DLA':<5}"
+    echo(f"{'target':<22}{'runtime':<17}{'TensorRT':<12}{'opset':<7}{'IR':<4}{'SM':<10}{'DLA':<5}"
                f"{'precision':<10}{'batch min/opt/max':<19}aliases")
     for t in TARGETS:
         trt = "-" if t.tensorrt is None else (t.tensorrt[0] if t.tensorrt[0] == t.tensorrt[1] else
                                                f"{t.tensorrt[0]}+")
-        click.echo(f"{t.name:<22}{t.runtime:<17}{trt:<12}{t.max_opset:<7}{t.max_ir_version:<4}"
+        echo(f"{t.name:<22}{t.runtime:<17}{trt:<12}{t.max_opset:<7}{t.max_ir_version:<4}"
                    f"{_sm_range(t.sm):<10}{t.dla_cores:<5}{t.default_precision:<10}"
                    f"{f'{t.batch.min}/{t.batch.opt}/{t.batch.max}':<19}{', '.join(t.aliases)}")
 

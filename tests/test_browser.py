@@ -267,6 +267,27 @@ def test_serve_serves_only_the_bundle(browser_bundle, sudoku_bundle):
         make_server(sudoku_bundle / "bundle", port=0)
 
 
+@needs_ort_web
+def test_the_request_log_cannot_drive_the_terminal(browser_bundle):
+    """`serve` prints each request line, which the client writes: ESC sequences in it arrive escaped."""
+    import socket
+
+    lines: list[str] = []
+    server = make_server(browser_bundle, port=0, log=lines.append)
+    start_in_thread(server)
+    try:
+        for path in ("/\x1b[2J\x1b]0;PWNED\x07", "/web/index.html\r\x1b[31m"):
+            with socket.create_connection(server.server_address[:2], timeout=10) as conn:
+                conn.sendall(f"GET {path} HTTP/1.0\r\n\r\n".encode("latin-1"))
+                while conn.recv(65536):
+                    pass
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert len(lines) >= 2 and any("\\x1b[2J" in line for line in lines), lines
+    assert not any(c in line for line in lines for c in "\x1b\x07\r"), lines
+
+
 def test_export_without_onnxruntime_web_fails_before_any_work(tmp_path):
     out = tmp_path / "b"
     env = {**os.environ, "TRM_ORT_WEB": str(tmp_path / "nowhere")}

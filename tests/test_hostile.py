@@ -375,6 +375,13 @@ CASES: list[tuple[str, Callable[[Path, Path], None], list[str], str]] = [
      "not a report"),
     ("report-over-a-report-without-force", _folder_beside("r", {"REPORT.md": "# earlier", "report.json": "{}"}),
      ["report", "{b}", "--puzzles", "4", "-o", "{d}/r"], "--force"),
+    # terminal escapes in names that reach an error line (ESC [2J clears the screen, OSC 0 retitles the window)
+    ("escape-in-a-missing-bundle-name", _nothing, ["verify", "{d}/\x1b[2J\x1b]0;PWNED\x07gone"], "no such folder"),
+    ("escape-in-a-missing-checkpoint", _nothing, ["inspect", "{d}/\x1b[31mck\rpt"], "no such"),
+    ("escape-in-a-listed-missing-file", _edit(lambda d: d["files"].update({"\x1b[31mx.npy": "0" * 64})), VERIFY,
+     "missing"),
+    ("escape-in-a-bad-option-value", _nothing, ["run", "{b}", "--input", "{p}", "--mode", "\x1b[31mfixed"],
+     "invalid value"),
     # resealed: a graph whose weights live outside it (read by ONNX Runtime 1.17 and onnx.load if let through)
     *[(f"external-weights-{how}-{label}", _external_weights(how == "link"), command, "weights outside its file")
       for how in ("climbing", "link")
@@ -433,6 +440,7 @@ def test_hostile_input_is_refused_in_one_line(good, tmp_path, case):
     assert result.exit_code not in (0, None), out
     assert isinstance(result.exception, SystemExit), repr(result.exception)  # a click error, not an exception
     assert "Traceback" not in out
+    assert not any(c in out for c in "\x1b\x9b\r\x07"), repr(out)  # nothing from the input drives the terminal
     errors = [line for line in out.splitlines() if line.startswith("Error:")]
     assert len(errors) == 1, out
     assert words.lower() in errors[0].lower(), errors[0]
@@ -506,9 +514,11 @@ def test_verify_reports_files_the_manifest_does_not_list(good, tmp_path):
     b = tmp_path / "b"
     shutil.copytree(good[0], b)
     (b / "graphs" / "extra.onnx").write_bytes(b"x")
+    (b / "graphs" / "\x1b]0;PWNED\x07\x1b[2Jnote").write_bytes(b"x")  # retitles the window, clears the screen
     result = CliRunner().invoke(cli, ["verify", str(b)])
     assert result.exit_code == 0
     assert "not listed in the manifest" in result.output and "graphs/extra.onnx" in result.output
+    assert "graphs/\\x1b]0;PWNED\\x07\\x1b[2Jnote" in result.output and "\x1b" not in result.output
     # each check prints its own figure beside its own bar
     assert "[ok] fixed-step predictions: 1 identical (bar >= 1," in result.output
 

@@ -6,6 +6,7 @@ The server tests skip, saying why, where no such environment exists; everything 
 
 from __future__ import annotations
 
+import ipaddress
 import threading
 from pathlib import Path
 
@@ -194,6 +195,27 @@ def server(bundle, tmp_path_factory):
         pytest.skip(f"no tritonserver: {exc}")
     yield srv
     srv.stop()
+
+
+def _listening(port: int) -> list[str]:
+    """The local addresses of the sockets listening on `port` (/proc/net/tcp and tcp6: this machine's own view)."""
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            address, _, hex_port = local.partition(":")
+            if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+                raw = bytes.fromhex(address)  # 32-bit words in host (little-endian) order
+                raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+                ip = ipaddress.ip_address(raw)
+                found.append(str(getattr(ip, "ipv4_mapped", None) or ip))  # gRPC listens as ::ffff:127.0.0.1
+    return found
+
+
+def test_the_server_listens_on_this_machine_only(server):
+    """tritonserver binds every interface by default; ours binds 127.0.0.1 unless told otherwise."""
+    for port in (server.http_port, server.grpc_port, server.metrics_port):
+        assert _listening(port) == ["127.0.0.1"], (port, _listening(port))
 
 
 @pytest.mark.parametrize("protocol", ["http", "grpc"])

@@ -190,7 +190,7 @@ model refuses to load, saying so, when tensors do not survive the exchange).
 In an NGC container (`nvcr.io/nvidia/tritonserver:<yy.mm>-py3`, which has the Python backend):
 
 ```bash
-docker run --rm -p 8000:8000 -p 8001:8001 -v "$PWD":/models nvcr.io/nvidia/tritonserver:24.10-py3 \\
+docker run --rm -p 127.0.0.1:8000:8000 -p 127.0.0.1:8001:8001 -v "$PWD":/models nvcr.io/nvidia/tritonserver:24.10-py3 \\
   bash -c "pip install 'numpy<2' trm-export && tritonserver --model-repository=/models"
 ```
 
@@ -203,6 +203,11 @@ python3.11 -m venv triton-env && triton-env/bin/pip install 'numpy<2' onnxruntim
 python -c "from trm_export.triton.server import TritonServer; TritonServer('.', 'triton-env', http_port=8000, \\
   grpc_port=8001).run_forever()"
 ```
+
+It listens on 127.0.0.1 (this machine only); `host='0.0.0.0'` serves other machines. Do that behind a proxy that
+limits request sizes: tritonserver's HTTP parser trusts a request's declared shape, and one request declaring
+`[2**40, 81]` aborts it. (The container line above binds every interface inside the container: publish its ports
+on the host's loopback, `-p 127.0.0.1:8000:8000`, unless such a proxy is in front.)
 
 GPU: write the repository with `--kind gpu`; the loop then runs the bundle's TensorRT engine where one was built
 for that GPU and TensorRT is importable in the stub's environment, else ONNX Runtime's CUDA provider.

@@ -100,13 +100,19 @@ def free_port() -> int:
 
 
 class TritonServer:
-    """tritonserver on `repository`, on free ports of 127.0.0.1 unless given; a context manager (stops on exit).
-    The server's log goes to `log` (default: repository/../NAME.tritonserver.log)."""
+    """tritonserver on `repository`, listening on `host` (127.0.0.1: this machine only) on free ports unless given;
+    a context manager (stops on exit). The server's log goes to `log` (default: repository/../NAME.tritonserver.log).
+
+    tritonserver itself binds every interface unless told otherwise; serving other machines is a decision
+    (host="0.0.0.0"), taken knowing that this server's HTTP parser trusts a request's declared shape (one request
+    declaring [2**40, 81] aborts the nvidia-pytriton 0.7.0 server before any model code runs): put it behind a
+    proxy that limits request sizes."""
 
     def __init__(self, repository: str | Path, env: str | Path | None = None, *, http_port: int = 0,
                  grpc_port: int = 0, metrics_port: int = 0, log: str | Path | None = None,
-                 extra_args: tuple[str, ...] = ()):
+                 extra_args: tuple[str, ...] = (), host: str = "127.0.0.1"):
         self.repository = Path(repository).resolve()
+        self.host = host
         self.install = find_triton(env)
         self.http_port, self.grpc_port = http_port or free_port(), grpc_port or free_port()
         self.metrics_port = metrics_port or free_port()
@@ -116,16 +122,21 @@ class TritonServer:
 
     @property
     def http_url(self) -> str:
-        return f"127.0.0.1:{self.http_port}"
+        return f"{self._client_host}:{self.http_port}"
 
     @property
     def grpc_url(self) -> str:
-        return f"127.0.0.1:{self.grpc_port}"
+        return f"{self._client_host}:{self.grpc_port}"
+
+    @property
+    def _client_host(self) -> str:
+        return "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host  # where a client on this machine connects
 
     def command(self) -> list[str]:
         return [str(self.install.binary), f"--model-repository={self.repository}",
-                f"--backend-directory={self.install.backends}", f"--http-port={self.http_port}",
-                f"--grpc-port={self.grpc_port}", f"--metrics-port={self.metrics_port}", *self.extra_args]
+                f"--backend-directory={self.install.backends}", f"--http-address={self.host}",
+                f"--http-port={self.http_port}", f"--grpc-address={self.host}", f"--grpc-port={self.grpc_port}",
+                f"--metrics-address={self.host}", f"--metrics-port={self.metrics_port}", *self.extra_args]
 
     def start(self, timeout: float = 120.0) -> TritonServer:
         env = {**os.environ, "LD_LIBRARY_PATH": self.install.library_path, "PYTHONPATH": self.install.python_path}

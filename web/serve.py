@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-from trm_export.errors import BundleError
+from trm_export.errors import BundleError, printable
 from trm_export.runtime.manifest import MANIFEST_NAME, read_manifest
 from trm_export.web.bundle import PAGE
 
@@ -61,7 +61,7 @@ def _handler(bundle: Path, served: frozenset[str], log: Callable[[str], None] | 
 
         def log_message(self, format: str, *args) -> None:  # noqa: A002 (http.server's signature)
             if log is not None:
-                log(f"{self.address_string()} {format % args}")
+                log(printable(f"{self.address_string()} {format % args}"))  # the request line is the client's
 
     return Handler
 
