@@ -32,6 +32,7 @@ from onnx import TensorProto, numpy_helper
 
 from trm_export.runtime.graph_file import read_graph
 from trm_export.runtime.manifest import read_manifest
+from trm_export.targets.engines import check_build_recipes
 from trm_export.targets.registry import Target, get_target
 
 RULES = ("onnx-checker", "opset", "ir_version", "qdq-format", "int8", "zero-point", "scale",
@@ -295,6 +296,7 @@ def check_bundle(path: str | Path) -> BundleCheck:
     """
     path = Path(path)
     manifest = read_manifest(path)  # verifies checksums first
+    check_build_recipes(path, manifest)  # and that the build script is the manifest's own
     target = get_target(manifest.target)
     result = BundleCheck(str(path), target.name)
     for variant, spec in manifest.graphs.items():

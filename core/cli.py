@@ -335,8 +335,11 @@ def _count_or_all(value: str | None, option: str) -> int | None:
               help="ONNX Runtime execution provider (default: the best available).")
 def verify(bundle: Path, variant: str | None, backend: str, provider: str | None) -> None:
     """Check a bundle: manifest checksums, then its golden puzzles against the reference's values."""
+    from trm_export.runtime.manifest import read_manifest
     from trm_export.runtime.selfcheck import verify_bundle
+    from trm_export.targets.engines import check_build_recipes
 
+    check_build_recipes(bundle, read_manifest(bundle))  # the script a device owner runs is the manifest's
     report = verify_bundle(bundle, variant=variant, provider=provider, backend=backend)
     echo(str(report))
     if not report:
@@ -478,9 +481,10 @@ def _run_arc(solver, challenges: Path, solutions: Path | None, output: Path | No
 def build(bundle: Path, variants: tuple[str, ...], dla_core: int | None, print_recipe: bool, record: bool) -> None:
     """Build TensorRT engines for BUNDLE here (needs TensorRT and a GPU), recorded in its manifest."""
     from trm_export.runtime.manifest import read_manifest
-    from trm_export.targets.engines import build_bundle_engines, recipes_for, record_engines
+    from trm_export.targets.engines import build_bundle_engines, check_build_recipes, recipes_for, record_engines
     from trm_export.targets.registry import get_target
 
+    check_build_recipes(bundle, read_manifest(bundle))
     if print_recipe:
         manifest = read_manifest(bundle)
         target = get_target(manifest.target)

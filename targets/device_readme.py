@@ -408,8 +408,9 @@ def _build(manifest: Manifest, target: Target | None) -> list[str]:
     python_cmds = _python_ok(target)
     commands = [("trm-export build .", "every variant, the default first; records each engine in manifest.json"),
                 (f"trm-export build . --variant {_shell_word(default)}", "only the default variant (quicker)")]
-    commands = (commands if python_cmds else []) + [("sh build/build_engines.sh",
-                                                     "every variant with trtexec, then records them")]
+    commands = (commands if python_cmds else []) + [("trm-export verify . && sh build/build_engines.sh",
+                                                     "every variant with trtexec, then records them; verify "
+                                                     "first: it refuses a script that is not the manifest's")]
     lines += [_commands(commands), ""]
     if python_cmds:
         lines += ["`run`, `verify` and `report` use an engine once it is recorded in manifest.json (`trm-export build "

@@ -56,6 +56,32 @@ def write_build_recipes(bundle_dir: Path, manifest: Manifest) -> dict:
     return recipe_manifest_entry(recipes)
 
 
+def check_build_recipes(bundle: str | Path, manifest: Manifest) -> None:
+    """Refuse (BundleError) a bundle whose build script or recipes are not what its typed manifest data gives.
+
+    build/build_engines.sh is what a device owner is told to run, and the manifest's digest is not a signature:
+    a stranger can replace the script and reseal. So the script and the recorded trtexec commands are derived
+    again here, from the manifest's target and graphs through the same quoting, and must be equal byte for byte.
+    """
+    bundle = Path(bundle)
+    target = get_target(manifest.target)
+    if target.tensorrt is None:
+        if BUILD_SCRIPT in manifest.files or manifest.build.get("recipes"):
+            raise BundleError(f"{bundle}: a {target.name} bundle has no build script or recipes, but this one lists "
+                              "them; refusing (re-export the bundle)")
+        return
+    recipes = recipes_for(manifest, target)
+    if manifest.build.get("recipes") != recipe_manifest_entry(recipes)["recipes"]:
+        raise BundleError(f"{bundle}: the manifest's build recipes are not the commands its graphs and target give "
+                          "(edited after export); refusing; re-export the bundle, or see `trm-export build "
+                          f"{bundle} --print-recipe`")
+    script = member(bundle, BUILD_SCRIPT)
+    if script.is_file() and script.read_bytes() != (build_script(recipes, target) + "\n").encode():
+        raise BundleError(f"{bundle / BUILD_SCRIPT}: not the script this bundle's manifest gives (edited after "
+                          f"export): do not run it; `trm-export build {bundle}` builds from the manifest itself, "
+                          "or re-export the bundle")
+
+
 def build_bundle_engines(bundle: str | Path, variants: list[str] | None = None, dla_core: int | None = None,
                          verbose: bool = False) -> Manifest:
     """Build engines for the bundle's target on this machine and record them in the manifest."""

@@ -763,3 +763,32 @@ def test_digest_holds_for_what_json_changes(good, tmp_path):
     graphs = {**m.graphs, "fp32": dataclasses.replace(m.graphs["fp32"], details=details)}
     (b / MANIFEST_NAME).write_text(dataclasses.replace(m, graphs=graphs).to_json())
     assert read_manifest(b).graphs["fp32"].details == {"per_step": {"1": 5, "10": 3, "2": 1}, "shape": [1, 2]}
+
+
+@pytest.mark.parametrize("edit", ["script", "recipe", "script-on-a-cpu-bundle"])
+def test_a_build_script_that_is_not_the_manifests_is_refused(tmp_path, edit):
+    """build/build_engines.sh is what a device owner runs: replaced (or a recipe edited) and resealed, `verify`,
+    `check` and `build` refuse the bundle in one line, and nothing in it runs."""
+    from test_export import export
+
+    b, _ = export(tmp_path, target="cpu" if edit == "script-on-a-cpu-bundle" else "jetson-orin-nano")
+    data = _manifest(b)
+    if edit == "recipe":
+        recipe = next(iter(data["build"]["recipes"].values()))
+        recipe["trtexec"] += " ; touch PWNED"
+    else:
+        (b / "build").mkdir(exist_ok=True)
+        (b / "build" / "build_engines.sh").write_text("#!/bin/sh\ntouch PWNED\n")
+        data["files"]["build/build_engines.sh"] = ""
+    _write(b, data)
+    words = {"script": "not the script", "recipe": "recipes", "script-on-a-cpu-bundle": "no build script"}[edit]
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        for args in (["verify", str(b)], ["check", str(b)], ["build", str(b), "--print-recipe"]):
+            result = CliRunner().invoke(cli, args)
+            errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+            assert result.exit_code == 1 and len(errors) == 1 and words in errors[0], (args, result.output)
+    finally:
+        os.chdir(cwd)
+    assert not (tmp_path / "PWNED").exists()
