@@ -134,12 +134,27 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
     if bad:
         raise CheckpointError(path, f"expected a state dict of tensors; non-tensor entries: {bad[:5]}")
+    # Weights are real floating-point numbers in ordinary dense storage. A complex, bool or integer tensor would be
+    # cast to float32 and exported as if it were a weight; a sparse or meta tensor cannot be read as one.
+    odd = [f"{k} ({_kind(v)})" for k, v in obj.items()
+           if v.is_meta or v.layout != torch.strided or not v.is_floating_point()]
+    if odd:
+        raise CheckpointError(path, f"{len(odd)} tensor(s) are not dense floating-point weights: "
+                              f"{', '.join(odd[:3])}{' ...' if len(odd) > 3 else ''}; a TRM / HRM checkpoint holds "
+                              "floating-point weights only (float32, bfloat16, float16)")
     broken = [k for k, v in obj.items() if v.is_floating_point() and not _all_finite(v)]
     if broken:
         raise CheckpointError(path, f"{len(broken)} tensor(s) hold NaN or infinite values ({', '.join(broken[:3])}"
                               f"{' ...' if len(broken) > 3 else ''}): the training run diverged or the file is "
                               "damaged; export an earlier checkpoint")
     return obj
+
+
+def _kind(tensor: torch.Tensor) -> str:
+    dtype = str(tensor.dtype).replace("torch.", "")
+    if tensor.is_meta:
+        return f"{dtype}, meta: no data"
+    return dtype if tensor.layout == torch.strided else f"{dtype}, {str(tensor.layout).replace('torch.', '')}"
 
 
 def _all_finite(tensor: torch.Tensor, chunk_rows: int = 1 << 16) -> bool:

@@ -264,9 +264,12 @@ def _tensor_specs(data: Any, where: str) -> list[TensorSpec]:
     for i, item in enumerate(data):
         f = _Fields(item, f"{where}[{i}]")
         shape = f._get("shape", False)
-        if not isinstance(shape, list) or not all(isinstance(d, str) or (isinstance(d, int) and not isinstance(
-                d, bool) and 0 <= d <= LIMITS["num_puzzle_identifiers"]) for d in shape):
-            raise _schema(f"{where}[{i}].shape", "a list of sizes and axis names", shape)
+        # A step tensor's shape: the batch axis (a name, or a size) first, then sizes; never empty.
+        if not isinstance(shape, list) or not shape or not all(
+                (isinstance(d, str) and k == 0 and NAME_PATTERN.fullmatch(d)) or (isinstance(d, int) and not isinstance(
+                    d, bool) and 0 <= d <= LIMITS["num_puzzle_identifiers"]) for k, d in enumerate(shape)):
+            raise _schema(f"{where}[{i}].shape", "a non-empty list of sizes, the first of which may be an axis name",
+                          shape)
         specs.append(TensorSpec(f.str("name"), shape, f.str("dtype")))
     return specs
 

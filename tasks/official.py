@@ -103,6 +103,11 @@ _HOW = ("an official dataset folder holds test/ (and train/ for calibration), ea
         "all__{inputs,labels,puzzle_identifiers,puzzle_indices}.npy, as the official builders write them")
 
 
+def _whole(value: object) -> bool:
+    """A positive integer of a sane size (JSON true is not one; a 5000-digit one is refused above)."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 < value < 1 << 40
+
+
 class DatasetFolderError(InputError, ValueError):
     """An official dataset folder is missing a part or contradicts the model; the message names the file."""
 
@@ -130,12 +135,16 @@ class DatasetFolder:
                 continue
             try:
                 meta = json.loads(meta_path.read_text(encoding="utf-8"))
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+            except (OSError, ValueError, RecursionError) as exc:  # ValueError: bad JSON, a 5000-digit integer
                 raise DatasetFolderError(f"{meta_path}: not readable JSON ({exc})") from None
-            if not isinstance(meta, dict) or not isinstance(meta.get("seq_len"), int) \
-                    or not isinstance(meta.get("vocab_size"), int):
+            if not isinstance(meta, dict) or not _whole(meta.get("seq_len")) or not _whole(meta.get("vocab_size")):
                 raise DatasetFolderError(f"{meta_path}: needs integer seq_len and vocab_size (the official "
                                          "PuzzleDatasetMetadata fields)")
+            ignore = meta.get("ignore_label_id")
+            if ignore is not None and not (isinstance(ignore, int) and not isinstance(ignore, bool)):
+                # "0" would compare unequal to every label: every position scored, and the accuracy silently wrong
+                raise DatasetFolderError(f"{meta_path}: ignore_label_id must be an integer or null, got "
+                                         f"{json.dumps(ignore)[:40]}")
             splits[split] = meta
         if not splits:
             raise DatasetFolderError(f"{root}: no test/dataset.json or train/dataset.json; {_HOW}")
@@ -201,8 +210,9 @@ class DatasetFolder:
         if labels.shape != inputs.shape:
             raise DatasetFolderError(f"{folder / 'all__labels.npy'}: shape {labels.shape}, inputs have "
                                      f"{inputs.shape}")
+        steps = np.diff(np.asarray(indices, dtype=np.int64)) if indices.ndim == 1 else None  # unsigned would wrap
         if indices.ndim != 1 or len(indices) != len(identifiers) + 1 or len(indices) < 2 or indices[0] != 0 \
-                or indices[-1] != n or np.any(np.diff(indices) < 0):
+                or indices[-1] != n or np.any(steps < 0):
             raise DatasetFolderError(f"{folder / 'all__puzzle_indices.npy'}: must run from 0 to {n} (the inputs' "
                                      f"rows), one more entry than all__puzzle_identifiers.npy has ({len(identifiers)})")
         if n == 0:

@@ -141,6 +141,13 @@ def test_a_folder_of_a_shipped_task_gives_that_task_s_accuracy(tmp_path, sudoku_
      "identifier 7 is outside the model's table of 3 rows"),
     (lambda d: np.save(d / "test" / "all__inputs.npy", np.zeros((32, 16), np.float32)), "expected integers"),
     (lambda d: [p.unlink() for p in (d / "test").iterdir()] and (d / "test").rmdir(), "test/dataset.json: missing"),
+    # "0" would compare unequal to every label: every position scored, the accuracy silently wrong
+    (lambda d: _edit_meta(d, ignore_label_id="0"), "ignore_label_id must be an integer or null, got \"0\""),
+    (lambda d: _edit_meta(d, ignore_label_id=[0]), "ignore_label_id must be an integer or null"),
+    (lambda d: (d / "test" / "dataset.json").write_text('{"seq_len": 1' + "0" * 5000 + "}"), "not readable JSON"),
+    (lambda d: _edit_meta(d, seq_len=True), "needs integer seq_len"),
+    # unsigned indices out of order: their differences wrap around instead of going negative
+    (lambda d: _unsigned_out_of_order(d / "test" / "all__puzzle_indices.npy"), "must run from 0 to 32"),
 ])
 def test_a_bad_folder_is_one_clear_line(custom, tmp_path, damage, message):
     data = tmp_path / "data"
@@ -152,6 +159,13 @@ def test_a_bad_folder_is_one_clear_line(custom, tmp_path, damage, message):
     result = CliRunner().invoke(cli, ["evaluate", str(custom / "ck"), "--data", str(data), "--steps", "1"])
     assert result.exit_code != 0 and message in result.output, result.output
     assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output
+
+
+def _unsigned_out_of_order(path: Path) -> None:
+    indices = np.load(path).astype(np.uint32)
+    assert len(indices) >= 4 and indices[1] < indices[2]
+    indices[1], indices[2] = indices[2], indices[1]  # 0, b, a, ..., n: a row counted twice, one never
+    np.save(path, indices)
 
 
 def _edit_meta(data: Path, **changes) -> None:

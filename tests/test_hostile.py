@@ -375,6 +375,11 @@ CASES: list[tuple[str, Callable[[Path, Path], None], list[str], str]] = [
      "not a report"),
     ("report-over-a-report-without-force", _folder_beside("r", {"REPORT.md": "# earlier", "report.json": "{}"}),
      ["report", "{b}", "--puzzles", "4", "-o", "{d}/r"], "--force"),
+    # resealed: step tensor shapes a recipe or a backend would misread
+    ("input-shape-empty", _edit(lambda d: d["graphs"]["fp32"]["inputs"][0].update(shape=[])), RUN,
+     "non-empty list of sizes"),
+    ("input-shape-named-inner-axis", _edit(lambda d: d["graphs"]["fp32"]["inputs"][0]["shape"].__setitem__(1, "n")),
+     ["build", "{b}", "--print-recipe"], "first of which may be an axis name"),
     # terminal escapes in names that reach an error line (ESC [2J clears the screen, OSC 0 retitles the window)
     ("escape-in-a-missing-bundle-name", _nothing, ["verify", "{d}/\x1b[2J\x1b]0;PWNED\x07gone"], "no such folder"),
     ("escape-in-a-missing-checkpoint", _nothing, ["inspect", "{d}/\x1b[31mck\rpt"], "no such"),
@@ -563,6 +568,28 @@ def test_non_finite_weights_are_refused_at_load(tmp_path, value):
     path = _checkpoint_with(tmp_path, value)
     result = CliRunner().invoke(cli, [str(path), "--target", "cpu", "-o", str(tmp_path / "out")])
     assert result.exit_code == 1 and "NaN or infinite" in result.output and "lm_head.weight" in result.output
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("kind, words", [
+    ("complex64", "complex64"), ("bool", "bool"), ("int8", "int8"), ("sparse", "float32, sparse_coo"), ("meta", "float32, meta"),
+])
+def test_weights_that_are_not_dense_floats_are_refused_at_load(tmp_path, kind, words):
+    """A complex, bool or integer weight would be cast to float32 and exported as if it were one; sparse and meta
+    tensors cannot be read as weights: each is refused in one line naming the tensor, before anything is written."""
+    path = write_official_checkpoint(tmp_path / "ck", SUDOKU_SHAPED)
+    state = torch.load(path, weights_only=True)
+    name = COMPILED_PREFIX + "lm_head.weight"
+    weight = state[name]
+    state[name] = {"complex64": lambda: weight.to(torch.complex64), "bool": lambda: weight > 0,
+                   "int8": lambda: weight.to(torch.int8), "sparse": weight.to_sparse,
+                   "meta": lambda: torch.empty_like(weight, device="meta")}[kind]()
+    torch.save(state, path)
+    for args in ([str(path), "--target", "cpu", "-o", str(tmp_path / "out")], ["inspect", str(path)]):
+        result = CliRunner().invoke(cli, args)
+        errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+        assert result.exit_code == 1 and len(errors) == 1, result.output
+        assert "not dense floating-point weights" in errors[0] and f"lm_head.weight ({words}" in errors[0], errors
     assert not (tmp_path / "out").exists()
 
 
