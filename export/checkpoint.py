@@ -71,7 +71,10 @@ def find_checkpoint_file(path: Path) -> Path:
         return path
     if not path.exists():
         raise CheckpointError(path, "no such file or directory")
-    steps = sorted((p for p in path.iterdir() if re.fullmatch(r"step_\d+", p.name)),
+    if not path.is_dir():  # a FIFO or a device would block or never end when read
+        raise CheckpointError(path, "not a regular file or a folder")
+    # Regular files only (is_file): a FIFO named step_1 would hang the read.
+    steps = sorted((p for p in path.iterdir() if re.fullmatch(r"step_\d{1,18}", p.name) and p.is_file()),
                    key=lambda p: int(p.name.split("_")[1]))
     if steps:
         return steps[-1]
@@ -280,7 +283,7 @@ def build_config(path: Path, state: dict[str, torch.Tensor], train_config: dict 
             put("family", family_from_arch_name(config_path, str(arch["name"])), "config")
         for name in ARCH_FIELDS:
             if name in arch and arch[name] is not None:
-                put(name, arch[name], "config")
+                put(name, _typed(config_path, name, arch[name]), "config")
     # 2. dataset.json.
     if dataset is not None:
         for name in ("vocab_size", "seq_len", "num_puzzle_identifiers"):
@@ -350,6 +353,20 @@ def build_config(path: Path, state: dict[str, torch.Tensor], train_config: dict 
     except ConfigError as exc:
         raise CheckpointError(config_path or path, str(exc)) from None
     return config, sources, "; ".join(ambiguities) or None
+
+
+def _typed(config_path: Path, name: str, value: Any) -> Any:
+    """A training config's arch value, refused unless it has its field's type (a list, a string for a number, a YAML
+    alias tree would otherwise travel into the model's construction)."""
+    kind = str(ModelConfig.__dataclass_fields__[name].type) if name in ModelConfig.__dataclass_fields__ else ""
+    ok = {"int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+          "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
+          "bool": lambda v: isinstance(v, bool)}.get(kind, lambda v: isinstance(v, str))
+    if not ok(value):
+        shown = repr(value) if isinstance(value, (str, int, float)) else type(value).__name__
+        raise CheckpointError(config_path, f"arch.{name} must be {'a' if kind != 'int' else 'an'} "
+                              f"{kind or 'string'}, got {shown[:60]}")
+    return value
 
 
 def _expansion_fitting(widths: list[tuple[int, int]]) -> float | None:

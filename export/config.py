@@ -16,6 +16,9 @@ from trm_export.errors import ConfigError
 
 Family = Literal["trm", "hrm"]
 POS_ENCODINGS = ("rope", "learned", "none")
+MAX_CYCLES = 256  # H_cycles, L_cycles
+MAX_CALLS = 1024  # network calls in one step (the official TRM: 3 x 7 = 21)
+MAX_STEPS = 4096  # halt_max_steps (the manifest's limit too)
 
 
 def find_multiple(a: int, b: int) -> int:
@@ -78,6 +81,14 @@ class ModelConfig:
                      "H_cycles", "L_cycles", "halt_max_steps"):
             if int(getattr(self, name)) < 1:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        # The step graph unrolls every network call of a step, and the loop runs halt_max_steps of them: bounds
+        # far above any trained model's (paper TRM: 3 x 7 calls, 16 steps) that keep an export finite.
+        for name, most in (("H_cycles", MAX_CYCLES), ("L_cycles", MAX_CYCLES), ("halt_max_steps", MAX_STEPS)):
+            if int(getattr(self, name)) > most:
+                problems.append(f"{name} must be at most {most}, got {getattr(self, name)}")
+        if self.H_cycles <= MAX_CYCLES and self.L_cycles <= MAX_CYCLES and self.net_calls_per_step > MAX_CALLS:
+            problems.append(f"H_cycles x (L_cycles + 1) = {self.net_calls_per_step} network calls per step; at most "
+                            f"{MAX_CALLS} (each is unrolled into the step graph)")
         if self.family == "hrm" and self.H_layers < 1:
             problems.append(f"HRM needs H_layers >= 1, got {self.H_layers}")
         if self.family == "hrm" and self.mlp_t:

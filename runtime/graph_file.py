@@ -1,4 +1,4 @@
-"""A bundle's ONNX graph as untrusted input: every weight must be inside the file.
+"""A bundle's ONNX graph as untrusted input: every weight inside the file, no control flow.
 
 ONNX lets a tensor keep its bytes in another file ("external data": a path relative to the graph, in the tensor's
 `external_data` entries). An engine that follows such a path reads whatever it names: `../../secret.bin`, or a
@@ -6,6 +6,9 @@ link in the bundle that leads out. ONNX Runtime 1.17 (the oldest this runtime cl
 `onnx.load`. trm-export writes every weight inside its graphs, so a graph that refers to any external data is
 refused here, before an engine or the onnx package sees it, and engines get the bytes read here instead of a path
 they could resolve on their own.
+
+A step is a fixed sequence of network calls, so a graph with a Loop, Scan or If node (a Loop can run without end
+and hang `run` and `verify`) is refused the same way.
 
 The check walks the protobuf wire format itself (no onnx package on a device): every tensor the format can hold,
 in the graph, in node attributes, in subgraphs (If / Loop / Scan bodies, to any depth), in sparse tensors, model
@@ -32,6 +35,9 @@ _CHILDREN: dict[str, dict[int, str]] = {
 _TENSOR_EXTERNAL_DATA = 13  # repeated StringStringEntryProto: location, offset, length
 _TENSOR_DATA_LOCATION = 14  # enum: 0 DEFAULT, 1 EXTERNAL
 _MAX_DEPTH = 64  # nested subgraphs; our step graphs have none
+_NODE_OP_TYPE = 4
+# A step is a fixed sequence of network calls: control flow has no place in it, and a Loop can run without end.
+_CONTROL_FLOW = {b"Loop", b"Scan", b"If"}
 
 
 class _Malformed(Exception):
@@ -51,8 +57,9 @@ def _varint(data: memoryview, pos: int) -> tuple[int, int]:
         shift += 7
 
 
-def _external_reference(data: memoryview, kind: str, depth: int) -> str | None:
-    """The first tensor under this message that keeps its bytes elsewhere ("where" it was found), or None."""
+def _refusal(data: memoryview, kind: str, depth: int) -> str | None:
+    """What makes this message unfit for a step graph (a tensor whose bytes are elsewhere, a control-flow node),
+    or None."""
     if depth > _MAX_DEPTH:
         raise _Malformed(f"subgraphs nested deeper than {_MAX_DEPTH}")
     children = _CHILDREN.get(kind, {})
@@ -75,9 +82,11 @@ def _external_reference(data: memoryview, kind: str, depth: int) -> str | None:
                 raise _Malformed("a field runs past the end of the file")
             if kind == "tensor" and number == _TENSOR_EXTERNAL_DATA:
                 return "a tensor with external_data entries"
+            if kind == "node" and number == _NODE_OP_TYPE and bytes(data[pos:end]) in _CONTROL_FLOW:
+                return f"a {bytes(data[pos:end]).decode()} node"
             child = children.get(number)
             if child:
-                found = _external_reference(data[pos:end], child, depth + 1)
+                found = _refusal(data[pos:end], child, depth + 1)
                 if found:
                     return found
             pos = end
@@ -89,14 +98,18 @@ def _external_reference(data: memoryview, kind: str, depth: int) -> str | None:
 
 
 def check_self_contained(data: bytes, where: str | Path) -> None:
-    """Refuse (BundleError) an ONNX model whose tensors refer to external data, or that is not a protobuf."""
+    """Refuse (BundleError) an ONNX model whose tensors refer to external data, that has control flow, or that is
+    not a protobuf."""
     try:
-        found = _external_reference(memoryview(data), "model", 0)
+        found = _refusal(memoryview(data), "model", 0)
     except _Malformed as exc:
         raise BundleError(f"{where}: not an ONNX model ({exc}); re-export the bundle") from None
-    if found:
+    if found and "tensor" in found:
         raise BundleError(f"{where}: the graph refers to weights outside its file ({found}); a bundle's graphs "
                           "hold every weight themselves, so this one is refused unread; re-export the bundle")
+    if found:
+        raise BundleError(f"{where}: the graph has {found} (control flow, which can run without end); a step "
+                          "graph is a fixed sequence of network calls, so this one is refused; re-export the bundle")
 
 
 def read_graph(path: Path) -> bytes:

@@ -178,6 +178,23 @@ def _external_weights(via_link: bool) -> Callable[[Path, Path], None]:
     return mutate
 
 
+def _endless_loop(b: Path, outside: Path) -> None:  # noqa: ARG001
+    """A Loop node with no trip count whose condition stays true, added to the step graph; manifest resealed."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    path = b / "graphs" / "step_fp32.onnx"
+    model = onnx.load(path)
+    body = helper.make_graph([helper.make_node("Identity", ["cond_in"], ["cond_out"])], "forever",
+                             [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+                              helper.make_tensor_value_info("cond_in", TensorProto.BOOL, [])],
+                             [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, [])])
+    model.graph.initializer.append(helper.make_tensor("always", TensorProto.BOOL, [], [True]))
+    model.graph.node.insert(0, helper.make_node("Loop", ["", "always"], [], body=body))
+    path.write_bytes(model.SerializeToString())
+    _write(b, _manifest(b))
+
+
 def _folder_beside(name: str, files: dict[str, str]) -> Callable[[Path, Path], None]:
     """A user's folder next to the bundle (where a mistyped -o lands)."""
 
@@ -380,6 +397,9 @@ CASES: list[tuple[str, Callable[[Path, Path], None], list[str], str]] = [
      "non-empty list of sizes"),
     ("input-shape-named-inner-axis", _edit(lambda d: d["graphs"]["fp32"]["inputs"][0]["shape"].__setitem__(1, "n")),
      ["build", "{b}", "--print-recipe"], "first of which may be an axis name"),
+    # resealed: control flow in the step graph (a Loop without end would hang run and verify)
+    ("endless-loop-run", _endless_loop, RUN, "control flow"),
+    ("endless-loop-verify", _endless_loop, VERIFY, "control flow"),
     # terminal escapes in names that reach an error line (ESC [2J clears the screen, OSC 0 retitles the window)
     ("escape-in-a-missing-bundle-name", _nothing, ["verify", "{d}/\x1b[2J\x1b]0;PWNED\x07gone"], "no such folder"),
     ("escape-in-a-missing-checkpoint", _nothing, ["inspect", "{d}/\x1b[31mck\rpt"], "no such"),
@@ -572,7 +592,8 @@ def test_non_finite_weights_are_refused_at_load(tmp_path, value):
 
 
 @pytest.mark.parametrize("kind, words", [
-    ("complex64", "complex64"), ("bool", "bool"), ("int8", "int8"), ("sparse", "float32, sparse_coo"), ("meta", "float32, meta"),
+    ("complex64", "complex64"), ("bool", "bool"), ("int8", "int8"), ("sparse", "float32, sparse_coo"),
+    ("meta", "float32, meta"),
 ])
 def test_weights_that_are_not_dense_floats_are_refused_at_load(tmp_path, kind, words):
     """A complex, bool or integer weight would be cast to float32 and exported as if it were one; sparse and meta
@@ -590,6 +611,38 @@ def test_weights_that_are_not_dense_floats_are_refused_at_load(tmp_path, kind, w
         errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
         assert result.exit_code == 1 and len(errors) == 1, result.output
         assert "not dense floating-point weights" in errors[0] and f"lm_head.weight ({words}" in errors[0], errors
+    assert not (tmp_path / "out").exists()
+
+
+def _checkpoint_folder(kind: str, root: Path) -> Path:
+    """A checkpoint folder (or path) as a hostile or careless source hands it over."""
+    if kind.startswith("fifo"):
+        root.mkdir()
+        os.mkfifo(root / "step_1")  # reading it blocks until a writer comes, which never does
+        return root if kind == "fifo-in-folder" else root / "step_1"
+    write_official_checkpoint(root, SUDOKU_SHAPED)
+    config = root / "all_config.yaml"
+    text = config.read_text()
+    if kind == "yaml-alias-bomb":  # 9**9 leaves if walked: the billion laughs
+        levels = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+            f"{c}: &{c} [{', '.join(['*' + p] * 9)}]\n" for p, c in zip("abcdefgh", "bcdefghi", strict=True))
+        text = levels + text.replace("num_heads:", "num_heads: *i\n  was_num_heads:")
+    else:
+        text = text.replace("H_cycles: 2", "H_cycles: 1000000000")
+    config.write_text(text)
+    return root
+
+
+@pytest.mark.parametrize("kind, words", [
+    ("fifo-in-folder", "holds no checkpoint"), ("fifo-given", "not a regular file"),
+    ("yaml-alias-bomb", "arch.num_heads must be an int, got list"), ("h-cycles", "H_cycles must be at most 256"),
+])
+def test_a_checkpoint_that_would_hang_or_blow_up_is_refused_at_once(tmp_path, kind, words):
+    path = _checkpoint_folder(kind, tmp_path / "ck")
+    for args in (["inspect", str(path)], [str(path), "--target", "cpu", "-o", str(tmp_path / "out")]):
+        out = subprocess.run([sys.executable, "-m", "trm_export.cli", *args], capture_output=True, text=True,
+                             timeout=120)
+        assert out.returncode == 1 and words in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
     assert not (tmp_path / "out").exists()
 
 
