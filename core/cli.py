@@ -333,17 +333,50 @@ def _count_or_all(value: str | None, option: str) -> int | None:
                    "else ONNX Runtime. openvino: OpenVINO's CPU plugin in float32 (pip install openvino).")
 @click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default=None,
               help="ONNX Runtime execution provider (default: the best available).")
-def verify(bundle: Path, variant: str | None, backend: str, provider: str | None) -> None:
+@click.option("--trust", type=click.Path(path_type=Path), default=None,
+              help="Public key (PEM) of the author you trust: refuse the bundle unless its signature.json, made "
+                   "with `trm-export sign`, verifies against it (the digest detects edits, not a forger who "
+                   "reseals). Needs the sign extra.")
+def verify(bundle: Path, variant: str | None, backend: str, provider: str | None, trust: Path | None) -> None:
     """Check a bundle: manifest checksums, then its golden puzzles against the reference's values."""
     from trm_export.runtime.manifest import read_manifest
     from trm_export.runtime.selfcheck import verify_bundle
     from trm_export.targets.engines import check_build_recipes
 
+    if trust is not None:
+        from trm_export.runtime.signature import check_signature
+
+        echo(check_signature(bundle, trust))
     check_build_recipes(bundle, read_manifest(bundle))  # the script a device owner runs is the manifest's
     report = verify_bundle(bundle, variant=variant, provider=provider, backend=backend)
     echo(str(report))
     if not report:
         sys.exit(1)
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--key", type=click.Path(path_type=Path), required=True,
+              help="Your Ed25519 private key (PEM; `trm-export keygen` or `openssl genpkey -algorithm ed25519`).")
+def sign(bundle: Path, key: Path) -> None:
+    """Sign BUNDLE's manifest (every file's checksum) as its author: writes BUNDLE/signature.json.
+
+    Users check it with `trm-export verify BUNDLE --trust YOUR_KEY.pub`: a bundle someone edited and resealed
+    after you signed it is refused. Needs the sign extra (pip install 'trm-export[sign]')."""
+    from trm_export.runtime.signature import sign_bundle
+
+    echo(f"signed: {sign_bundle(bundle, key)} (publish your public key; users run trm-export verify "
+         f"{shlex.quote(str(bundle))} --trust KEY.pub)")
+
+
+@main.command()
+@click.argument("private_key", type=click.Path(path_type=Path))
+def keygen(private_key: Path) -> None:
+    """Make an Ed25519 key pair for `sign`: PRIVATE_KEY (mode 600; keep it) and PRIVATE_KEY.pub (publish it)."""
+    from trm_export.runtime.signature import make_keys
+
+    private, public = make_keys(private_key)
+    echo(f"private key: {private} (keep it secret)   public key: {public} (give it to your users)")
 
 
 @main.command()

@@ -155,8 +155,9 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 # from asking for absurd allocations before anything is read.
 LIMITS = {"vocab_size": 1 << 20, "seq_len": 1 << 16, "prefix_len": 1 << 12, "hidden_size": 1 << 14,
           "num_puzzle_identifiers": 1 << 27, "halt_max_steps": 1 << 12, "grid_side": 1 << 10}
-# Directories a bundle may hold besides listed files: the report is re-measured on any machine (not checksummed).
-UNLISTED_OK = ("report",)
+# What a bundle may hold besides listed files: the report, re-measured on any machine (not checksummed), and the
+# author's signature of the manifest (runtime/signature.py), which cannot be listed in what it signs.
+UNLISTED_OK = ("report", "signature.json")
 
 
 def canonical_digest(data: dict[str, Any]) -> str:

@@ -11,7 +11,7 @@ def test_help_lists_every_command():
     result = CliRunner().invoke(cli, ["--help"])
     assert result.exit_code == 0
     for command in ("export", "verify", "run", "quantize", "check", "report", "build", "targets", "inspect",
-                    "evaluate"):
+                    "evaluate", "sign", "keygen"):
         assert command in result.output
     assert "trm-export MODEL --target jetson -o b/" in result.output
 

@@ -872,3 +872,42 @@ def test_a_build_script_that_is_not_the_manifests_is_refused(tmp_path, edit):
     finally:
         os.chdir(cwd)
     assert not (tmp_path / "PWNED").exists()
+
+
+def test_a_signed_bundle_verifies_against_its_author_and_a_resealed_one_does_not(good, tmp_path):
+    """The digest detects edits, not a forger who reseals; a signature from the author's key does."""
+    b = Path(shutil.copytree(good[0], tmp_path / "b"))
+    runner = CliRunner()
+
+    def run(*args: str) -> tuple[int, str]:
+        result = runner.invoke(cli, [str(a) for a in args])
+        assert "Traceback" not in result.output and isinstance(result.exception, (SystemExit, type(None)))
+        return result.exit_code, result.output
+
+    for who in ("author", "stranger"):
+        assert run("keygen", tmp_path / who)[0] == 0
+    assert (tmp_path / "author").stat().st_mode & 0o777 == 0o600
+    assert "never overwritten" in run("keygen", tmp_path / "author")[1]
+    assert "not signed" in run("verify", b, "--trust", tmp_path / "author.pub")[1]
+    assert run("sign", b, "--key", tmp_path / "author")[0] == 0
+    code, out = run("verify", b, "--trust", tmp_path / "author.pub")
+    assert code == 0 and "signed by the trusted key" in out and "PASSED" in out, out
+    code, out = run("verify", b)  # the signature is no unlisted stranger to a plain verify
+    assert code == 0 and "not listed" not in out, out
+    code, out = run("verify", b, "--trust", tmp_path / "stranger.pub")
+    assert code == 1 and "signed with another key" in out, out
+    # A stranger loosens a bar and reseals: the digest check passes, the author's signature does not.
+    data = _manifest(b)
+    data["golden"]["tolerances"]["fp32"]["q_abs"] = 1e30
+    _write(b, data)
+    assert run("verify", b)[0] == 0
+    code, out = run("verify", b, "--trust", tmp_path / "author.pub")
+    assert code == 1 and "changed and resealed after it was signed" in out, out
+    assert run("sign", b, "--key", tmp_path / "stranger")[0] == 0  # and signs it with his own key
+    code, out = run("verify", b, "--trust", tmp_path / "author.pub")
+    assert code == 1 and "signed with another key" in out, out
+    (b / "signature.json").write_text("{not json")
+    code, out = run("verify", b, "--trust", tmp_path / "author.pub")
+    assert code == 1 and "not a signature record" in out, out
+    code, out = run("verify", b, "--trust", tmp_path / "author")  # a private key where the public one belongs
+    assert code == 1 and "not an unencrypted PEM public key" in out, out
