@@ -22,7 +22,7 @@ import pytest
 from trm_export.errors import BundleError
 from trm_export.export.pipeline import ExportOptions, export_bundle
 from trm_export.reference_models import reference_model_path
-from trm_export.runtime.manifest import read_manifest
+from trm_export.runtime.manifest import MANIFEST_NAME, read_manifest
 from trm_export.runtime.selfcheck import load_golden, verify_bundle
 from trm_export.runtime.solver import Solver
 from trm_export.web.bundle import APP_FILES, ORT_FILES, WEB_DIR, WebRuntimeError, find_ort_web, pinned_version
@@ -286,6 +286,46 @@ def test_the_request_log_cannot_drive_the_terminal(browser_bundle):
         server.server_close()
     assert len(lines) >= 2 and any("\\x1b[2J" in line for line in lines), lines
     assert not any(c in line for line in lines for c in "\x1b\x07\r"), lines
+
+
+@needs_ort_web
+def test_serve_keeps_serving_what_it_checked_at_start(browser_bundle, tmp_path, monkeypatch, capfd):
+    """Files swapped for a link or deleted after start change nothing; a client that hangs up early is one log
+    line, not a traceback; idle connections are closed after IDLE_SECONDS instead of holding threads."""
+    import socket
+    import time
+
+    import trm_export.web.serve as serve
+
+    bundle = Path(shutil.copytree(browser_bundle, tmp_path / "b"))
+    page = (bundle / "web" / "index.html").read_bytes()
+    monkeypatch.setattr(serve, "IDLE_SECONDS", 1.0)
+    lines: list[str] = []
+    server = make_server(bundle, port=0, log=lines.append)
+    url = start_in_thread(server).rsplit("/web/", 1)[0]
+    try:
+        (tmp_path / "secret.txt").write_text("outside")
+        (bundle / "web" / "index.html").unlink()
+        (bundle / "web" / "index.html").symlink_to(tmp_path / "secret.txt")
+        (bundle / MANIFEST_NAME).unlink()
+        with urllib.request.urlopen(f"{url}/web/index.html", timeout=10) as r:
+            assert r.read() == page
+        with urllib.request.urlopen(f"{url}/manifest.json", timeout=10) as r:
+            assert r.status == 200
+        with socket.create_connection(server.server_address[:2], timeout=10) as conn:  # hangs up at once
+            conn.sendall(b"GET /web/ort/ort-wasm-simd-threaded.wasm HTTP/1.0\r\n\r\n")
+        idle = [socket.create_connection(server.server_address[:2], timeout=10) for _ in range(20)]
+        time.sleep(2.5)
+        for conn in idle:  # the server closed each (EOF) instead of keeping a thread waiting on it
+            conn.settimeout(5)
+            assert conn.recv(1) == b""
+            conn.close()
+        with urllib.request.urlopen(f"{url}/web/index.html", timeout=10) as r:
+            assert r.read() == page
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert "Traceback" not in capfd.readouterr().err
 
 
 def test_export_without_onnxruntime_web_fails_before_any_work(tmp_path):
