@@ -157,8 +157,8 @@ def _load_json(path: Path, what: str, max_bytes: int = 1 << 30) -> object:
         raise InputError(f"{path}: {path.stat().st_size >> 20} MiB, more than a {what} can be ({max_bytes >> 20} MiB)")
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:  # nested past Python's stack
-        raise InputError(f"{path}: not a JSON {what} ({exc})") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # bad JSON, a 5000-digit number, nesting
+        raise InputError(f"{path}: not a JSON {what} ({str(exc)[:200]})") from None
 
 
 def read_challenges(path: str | os.PathLike[str]) -> dict[str, ArcTask]:

@@ -179,6 +179,8 @@ class DatasetFolder:
             raise DatasetFolderError(f"{path}: not a readable .npy array ({exc})") from None
         if arr.dtype.kind not in "iu":
             raise DatasetFolderError(f"{path}: dtype {arr.dtype}, expected integers")
+        if arr.ndim == 0:
+            raise DatasetFolderError(f"{path}: a single number, expected an array; {_HOW}")
         return arr
 
     def rows(self, role: str) -> int:

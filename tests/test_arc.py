@@ -89,6 +89,7 @@ def test_views_index_names_once():
     ('{"t": {"train": [{"input": [[1]]}], "test": [{"input": [[1]]}]}}', "train[0].output"),
     ("{", "not a JSON ARC challenge file"),
     ("[" * 100_000 + "]" * 100_000, "not a JSON ARC challenge file"),  # deeper than Python's reader recurses
+    ('{"t": {"test": [{"input": [[1' + "0" * 5000 + ']]}]}}', "not a JSON ARC challenge file"),  # past int()'s limit
 ])
 def test_malformed_challenge_files_say_where(tmp_path, content, message):
     path = tmp_path / "c.json"

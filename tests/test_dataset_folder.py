@@ -146,6 +146,7 @@ def test_a_folder_of_a_shipped_task_gives_that_task_s_accuracy(tmp_path, sudoku_
     (lambda d: _edit_meta(d, ignore_label_id=[0]), "ignore_label_id must be an integer or null"),
     (lambda d: (d / "test" / "dataset.json").write_text('{"seq_len": 1' + "0" * 5000 + "}"), "not readable JSON"),
     (lambda d: _edit_meta(d, seq_len=True), "needs integer seq_len"),
+    (lambda d: np.save(d / "test" / "all__inputs.npy", np.array(5)), "a single number, expected an array"),
     # unsigned indices out of order: their differences wrap around instead of going negative
     (lambda d: _unsigned_out_of_order(d / "test" / "all__puzzle_indices.npy"), "must run from 0 to 32"),
 ])
