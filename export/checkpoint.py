@@ -110,8 +110,31 @@ def _torch_reason(exc: BaseException) -> str:
     return first[:300]
 
 
+# torch.save stores its zip entries uncompressed, and float weights hardly compress: a checkpoint whose entries
+# would inflate far beyond the file is a decompression bomb (2 MB holding 2 GiB of zeros drove loading to 6 GB).
+MAX_INFLATION = 10
+
+
+def _refuse_inflating_zip(path: Path) -> None:
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        return  # a legacy pickle, or not a checkpoint: torch.load says which
+    try:
+        with zipfile.ZipFile(path) as archive:
+            declared = sum(info.file_size for info in archive.infolist())
+    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise CheckpointError(path, f"not a PyTorch checkpoint (a damaged zip: {exc})") from None
+    size = path.stat().st_size
+    if declared > MAX_INFLATION * size + (16 << 20):
+        raise CheckpointError(path, f"its zip entries declare {declared / 2**30:.2f} GiB in a {size / 2**20:.1f} MiB "
+                              "file: compressed far beyond what weights allow (a decompression bomb); refused "
+                              "unread. Re-save the state dict with torch.save")
+
+
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """torch.load with weights_only=True; anything that is not a plain state dict of tensors is refused."""
+    _refuse_inflating_zip(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:

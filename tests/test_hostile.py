@@ -911,3 +911,25 @@ def test_a_signed_bundle_verifies_against_its_author_and_a_resealed_one_does_not
     assert code == 1 and "not a signature record" in out, out
     code, out = run("verify", b, "--trust", tmp_path / "author")  # a private key where the public one belongs
     assert code == 1 and "not an unencrypted PEM public key" in out, out
+
+
+def test_a_checkpoint_that_inflates_far_beyond_its_size_is_refused_unread(tmp_path):
+    """A small zip holding 512 MiB of zeros (a decompression bomb) is refused from its directory, before loading."""
+    import resource
+    import zipfile
+
+    path = write_official_checkpoint(tmp_path / "ck", SUDOKU_SHAPED)
+    with zipfile.ZipFile(path) as good:
+        entries = [(info.filename, good.read(info)) for info in good.infolist()]
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as bomb:
+        for name, data in entries:
+            bomb.writestr(name, data)
+        with bomb.open(entries[-1][0].rsplit("/", 1)[0] + "/data/zeros", "w", force_zip64=True) as f:
+            block = bytes(1 << 24)
+            for _ in range(32):  # 512 MiB
+                f.write(block)
+    assert path.stat().st_size < 8 << 20
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    result = CliRunner().invoke(cli, ["inspect", str(path)])
+    assert result.exit_code == 1 and "decompression bomb" in result.output, result.output
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak < 256 << 10  # KiB: nothing inflated
