@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -229,8 +228,7 @@ def add_variants(bundle: str | Path, out: str | Path, options: QuantizeOptions =
                                "MultiHeadAttention (cpu target), whose products stay float; re-export with "
                                "--standard-ops to quantize them")
     budget = options.mixed_options.max_accuracy_drop
-    with StagedBundle(out, force=options.force) as stage, tempfile.TemporaryDirectory(prefix="trm-q.") as tmp:
-        work = Path(tmp)
+    with StagedBundle(out, force=options.force) as stage, stage.work_dir() as work:
         for rel in manifest.files:  # copied as files: a puzzle table (ARC) can be larger than memory allows
             (stage.path / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(member(bundle, rel), stage.path / rel)  # paths checked: inside, no links out

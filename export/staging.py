@@ -11,6 +11,7 @@ removes its partial directory (SIGTERM included); one left by SIGKILL is removed
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import dataclasses
 import errno
@@ -18,6 +19,8 @@ import os
 import shutil
 import signal
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -70,6 +73,23 @@ class StagedBundle:
             signal.signal(signal.SIGTERM, self._old_sigterm)
         if self.path.exists():
             shutil.rmtree(self.path, ignore_errors=True)
+
+    @contextlib.contextmanager
+    def work_dir(self) -> Iterator[Path]:
+        """A scratch folder beside the output, `.NAME.work-PID`, for the temporary files of this run (quantize's
+        graphs and calibration data). Within it, `tempfile` puts every temporary file there too, so that a run
+        killed with SIGKILL leaves nothing in TMPDIR: the next run to the same output removes what it left.
+        (`tempfile.tempdir` is process-wide: not for runs in parallel threads of one process.)"""
+        path = self.out.parent / f".{self.out.name}.work-{os.getpid()}"
+        shutil.rmtree(path, ignore_errors=True)
+        path.mkdir()
+        before = tempfile.tempdir
+        tempfile.tempdir = str(path)
+        try:
+            yield path
+        finally:
+            tempfile.tempdir = before
+            shutil.rmtree(path, ignore_errors=True)
 
     def write_bytes(self, rel: str, data: bytes) -> str:
         target = self.path / rel
@@ -155,7 +175,7 @@ def recover(out: str | Path) -> None:
             os.replace(aside, out)
         else:
             shutil.rmtree(aside, ignore_errors=True)
-    for stale in _leftovers(out, "partial") + _leftovers(out, "source", include_own=False):
+    for stale in _leftovers(out, "partial") + _leftovers(out, "work") + _leftovers(out, "source", include_own=False):
         shutil.rmtree(stale, ignore_errors=True)  # "source": the fp32 bundle of a killed one-command export
 
 

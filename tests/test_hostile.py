@@ -13,6 +13,7 @@ import dataclasses
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
@@ -933,3 +934,33 @@ def test_a_checkpoint_that_inflates_far_beyond_its_size_is_refused_unread(tmp_pa
     result = CliRunner().invoke(cli, ["inspect", str(path)])
     assert result.exit_code == 1 and "decompression bomb" in result.output, result.output
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak < 256 << 10  # KiB: nothing inflated
+
+
+def test_a_killed_quantize_leaves_nothing_in_tmpdir_and_the_next_run_tidies_up(good, tmp_path):
+    """SIGKILL in the middle of calibration: TMPDIR stays empty (every temporary file of the run lives in
+    `.OUT.work-PID` beside the output), and the next quantize to the same output removes what was left."""
+    tmp, out = tmp_path / "tmp", tmp_path / "q.bundle"
+    tmp.mkdir()
+    script = textwrap.dedent(f"""
+        import os, signal, sys
+        import trm_export.calibration.variants as variants
+        real = variants.calibrate
+        def calibrate(*args, **kwargs):
+            real(*args, **kwargs)  # its temporary files written, then the kill lands
+            os.kill(os.getpid(), signal.SIGKILL)
+        variants.calibrate = calibrate
+        from trm_export.cli import main
+        sys.argv = ["trm-export", *{[a.format(b=good[0], o=out) for a in QUANTIZE]!r}]
+        main()
+    """)
+    env = {**os.environ, "TMPDIR": str(tmp)}
+    killed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert list(tmp.iterdir()) == []
+    left = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".q.bundle."))
+    assert any(name.startswith(".q.bundle.work-") for name in left), left
+    again = subprocess.run([sys.executable, "-m", "trm_export.cli", *[a.format(b=good[0], o=out) for a in QUANTIZE]],
+                           capture_output=True, text=True, env=env, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert list(tmp.iterdir()) == [] and (out / "manifest.json").is_file()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".q.bundle.")] == []
