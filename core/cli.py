@@ -107,12 +107,17 @@ def _error(message: str) -> click.ClickException:
     return click.ClickException(_one_line(printable(message)))
 
 
+MAX_ERROR_CHARACTERS = 600  # an error quoting a 200 MB one-line puzzle file stays readable
+
+
 def _one_line(text: str) -> str:
-    """Errors are one line at the command line: the first line, and how many more there were."""
+    """Errors are one line at the command line: the first line, and how many more there were; at most
+    MAX_ERROR_CHARACTERS of it (what it quotes from a file can be any length)."""
     lines = [line for line in text.strip().splitlines() if line.strip()]
-    if len(lines) <= 1:
-        return text.strip()
-    return f"{lines[0]} (+{len(lines) - 1} more lines)"
+    line = lines[0] if lines else ""
+    if len(line) > MAX_ERROR_CHARACTERS:
+        line = f"{line[:MAX_ERROR_CHARACTERS]}... ({len(line) - MAX_ERROR_CHARACTERS} more characters)"
+    return line if len(lines) <= 1 else f"{line} (+{len(lines) - 1} more lines)"
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})

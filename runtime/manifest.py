@@ -297,6 +297,10 @@ def _parse(data: Any) -> Manifest:
         blank_id=t.int("blank_id", hi=LIMITS["vocab_size"], optional=True), prefix_len=t.int("prefix_len"),
         num_puzzle_identifiers=t.int("num_puzzle_identifiers", lo=1),
         grid_side=t.int("grid_side", lo=1, optional=True), identifiers=t.path("identifiers", True))
+    if task.grid_side is not None and task.grid_side ** 2 != task.seq_len:  # a grid's cells are its tokens
+        raise BundleError(f"{MANIFEST_NAME}: task.grid_side {task.grid_side} does not fit task.seq_len "
+                          f"{task.seq_len} (a {task.grid_side} x {task.grid_side} grid has {task.grid_side ** 2} "
+                          "cells); re-export the bundle")
     e = _Fields(root.obj("embedding"), "embedding")
     embedding = EmbeddingSpec(
         token_table=e.path("token_table"), scale=e.float("scale"), position_table=e.path("position_table", True),

@@ -349,6 +349,9 @@ CASES: list[tuple[str, Callable[[Path, Path], None], list[str], str]] = [
     ("input-folder", _puzzle_file("dir.txt", lambda p: p.mkdir()), ["run", "{b}", "--input", "{d}/dir.txt"],
      "is a folder"),
     ("input-missing", _nothing, ["run", "{b}", "--input", "{d}/none.txt"], "no such file"),
+    ("input-one-30-mb-line", _puzzle_file("long.txt", b"5" * (30 << 20) + b"\n"),
+     ["run", "{b}", "--input", "{d}/long.txt"], "more characters"),
+    ("grid-side-past-the-sequence", _set("task.grid_side", 1024), RUN, "does not fit task.seq_len"),
     ("input-binary", _puzzle_file("bin.txt", bytes(range(256)) * 4), ["run", "{b}", "--input", "{d}/bin.txt"],
      "bin.txt"),
     ("input-npy-pickle", _puzzle_file("p.npy", lambda p: np.save(p, np.array([{"a": 1}]), allow_pickle=True)),
@@ -470,6 +473,7 @@ def test_hostile_input_is_refused_in_one_line(good, tmp_path, case):
     errors = [line for line in out.splitlines() if line.startswith("Error:")]
     assert len(errors) == 1, out
     assert words.lower() in errors[0].lower(), errors[0]
+    assert len(errors[0]) < 1000, len(errors[0])  # whatever the input quotes, the line stays readable
     assert _tree(outside) == before_outside  # nothing written outside
     assert _tree(earlier) == before_earlier  # no earlier output lost or changed
     after_work = {k: v for k, v in _tree(work).items() if not k.startswith(("b.bundle", "earlier.bundle"))}
