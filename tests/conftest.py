@@ -31,6 +31,8 @@ from trm_export.export.pipeline import ExportOptions, Puzzles, export_bundle
 from trm_export.export.reference import run_reference
 from trm_export.tasks import get_task
 
+pytest_plugins = ["ci_skips"]  # in CI, a skip for a missing tool is a failure
+
 
 def pytest_configure(config):
     import tempfile

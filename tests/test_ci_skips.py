@@ -1,0 +1,46 @@
+"""tests/ci_skips.py: in CI a skip for a missing tool is a failure that names it; hardware skips stay skips."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+TESTS = Path(__file__).resolve().parent
+
+
+def _run(tmp_path: Path, ci: bool) -> subprocess.CompletedProcess:
+    (tmp_path / "pytest.ini").write_text("[pytest]\nmarkers =\n    tensorrt: needs TensorRT\n")
+    (tmp_path / "test_tools.py").write_text(textwrap.dedent("""
+        import pytest
+
+        def test_needs_a_tool():
+            pytest.skip("no tritonserver: create it with scripts/triton_env.sh")
+
+        @pytest.mark.tensorrt
+        def test_needs_hardware():
+            pytest.skip("TensorRT is not installed")
+
+        def test_runs():
+            pass
+    """))
+    env = {k: v for k, v in os.environ.items() if k not in ("CI", "PYTEST_ADDOPTS")}
+    env.update(PYTHONPATH=str(TESTS), **({"CI": "true"} if ci else {}))
+    return subprocess.run([sys.executable, "-m", "pytest", "-p", "ci_skips", "-p", "no:cacheprovider", "-q", "-rA",
+                           "-c", str(tmp_path / "pytest.ini"), str(tmp_path / "test_tools.py")],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+
+
+def test_in_ci_a_skipped_tool_fails_and_names_what_is_missing(tmp_path):
+    out = _run(tmp_path, ci=True)
+    assert out.returncode == 1, out.stdout
+    failure = out.stdout.replace("\n", " ")
+    assert "skipped in CI, which must run it: no tritonserver: create it with scripts/triton_env.sh" in failure, failure
+    assert "1 failed, 1 passed, 1 skipped" in out.stdout, out.stdout
+
+
+def test_outside_ci_skips_stay_skips(tmp_path):
+    out = _run(tmp_path, ci=False)
+    assert out.returncode == 0 and "1 passed, 2 skipped" in out.stdout, out.stdout
