@@ -200,3 +200,26 @@ def test_the_accuracy_as_trained_is_measured_at_export_and_reported(sudoku_bundl
     broken = dataclasses.replace(manifest, reference={"bfloat16": {"puzzles": 3, "rows": [{"mode": "<script>"}]}})
     rows, notes = trained_rows(broken)
     assert rows == [] and "malformed" in notes[0]
+
+
+@pytest.mark.rounding
+def test_the_bfloat16_figure_is_bfloat16s_not_float32s(sudoku_bundle, tmp_path):
+    """Labels that the bfloat16 loop meets exactly and the float32 loop does not: the export's "as trained" row must
+    say 100% at the trained limit, a float32 figure could not (float32 answers differ on some of these puzzles)."""
+    from trm_export.export.checkpoint import load_checkpoint
+    from trm_export.export.pipeline import ExportOptions, Puzzles, export_bundle
+    from trm_export.export.reference import run_reference
+
+    model = load_checkpoint(sudoku_bundle / "ckpt").model
+    data = get_task("sudoku").split("heldout", size=48)
+    bf16 = run_reference(model, data.inputs, data.puzzle_ids, mode="fixed", max_steps=8, compute_dtype="bfloat16")
+    fp32 = run_reference(model, data.inputs, data.puzzle_ids, mode="fixed", max_steps=8)
+    labels = bf16.step_predictions[7]
+    differ = ~np.all(fp32.step_predictions[7] == labels, axis=1)
+    assert differ.sum() >= 1, "no puzzle tells bfloat16 from float32 here: the test would prove nothing"
+    first = float(per_puzzle_correct(bf16.step_predictions[0], labels).mean())  # an independent figure at step 1
+    _, manifest, _ = export_bundle(sudoku_bundle / "ckpt", tmp_path / "b", ExportOptions(progress=False, batch_size=8),
+                                   puzzles=Puzzles(data.inputs, data.puzzle_ids, labels, "bf16 labels", "sudoku"))
+    rows = {(r["mode"], r["budget"]): r["exact_accuracy"] for r in manifest.reference["bfloat16"]["rows"]}
+    assert manifest.reference["bfloat16"]["puzzles"] == len(labels)
+    assert rows[("fixed", 8)] == 1.0 and rows[("fixed", 1)] == pytest.approx(first)
