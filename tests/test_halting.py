@@ -12,6 +12,7 @@ from trm_export.errors import InputError
 from trm_export.report.latency import StepTiming
 from trm_export.report.measure import settings_of
 from trm_export.report.trajectory import Trajectory, run_trajectory
+from trm_export.runtime.manifest import read_manifest
 from trm_export.runtime.solver import HaltingPolicy, Solver, halt_now, parse_halting
 from trm_export.tasks import format_sudoku, get_task, per_puzzle_correct, token_accuracy
 
@@ -29,15 +30,23 @@ def solver(sudoku_bundle):
 
 
 @pytest.fixture(scope="module")
-def answers(solver, data):
-    """[T=16, N, seq_len]: every puzzle's answer after every step of a fixed run (batch 1: nothing shared)."""
+def fixed_run(solver, data):
+    """Every puzzle's answer [T=16, N, seq_len] and Q values [T, N] (halt, continue) after every step of a fixed
+    run (batch 1: nothing shared), from which each policy's halting step follows by its definition."""
     one = Solver(solver.bundle, batch_size=1, threads=1, verify=False)
     out = np.zeros((16, len(data.inputs), solver.task.seq_len), np.int64)
+    q = np.zeros((2, 16, len(data.inputs)), np.float32)
     for i in range(len(data.inputs)):
         def on_step(slots, steps, qh, qc, i=i):
             out[steps[0] - 1, i] = one.backend.logits(np.arange(1)).argmax(-1)[0]
+            q[:, steps[0] - 1, i] = qh[0], qc[0]
         one.solve(data.inputs[i:i + 1], data.puzzle_ids[i:i + 1], mode="fixed", max_steps=16, on_step=on_step)
-    return out
+    return out, q
+
+
+@pytest.fixture(scope="module")
+def answers(fixed_run):
+    return fixed_run[0]
 
 
 def test_parse_halting():
@@ -89,20 +98,34 @@ def test_stable_halting_is_its_definition(solver, data, answers):
     assert len(seen) >= 6  # the fixture's answers settle at different steps: the test tells something
 
 
-def test_combined_policy_halts_when_either_says_so(solver, data):
-    q = solver.solve(data.inputs, data.puzzle_ids, max_steps=16, halting="q").steps_used
-    stable = solver.solve(data.inputs, data.puzzle_ids, max_steps=16, halting="stable:2").steps_used
-    both = solver.solve(data.inputs, data.puzzle_ids, max_steps=16, halting="q+stable:2").steps_used
-    assert np.array_equal(both, np.minimum(q, stable))
+def test_combined_policy_halts_when_either_says_so(solver, data, fixed_run):
+    """Each policy against its definition on the recorded per-step answers and Q values, not against the solver:
+    q halts at the first step whose Q values say halt (the bundle's rule), stable:2 by _by_definition, and
+    q+stable:2 at whichever comes first."""
+    answers, (q_halt, q_continue) = fixed_run
+    says_halt = halt_now(q_halt, q_continue, solver.manifest.loop.halting_rule)  # [T, N]
+    q = np.where(says_halt.any(0), says_halt.argmax(0) + 1, 16)
+    stable = _by_definition(answers, 2, 16, 1)
+    for policy, want in (("q", q), ("stable:2", stable), ("q+stable:2", np.minimum(q, stable))):
+        got = solver.solve(data.inputs, data.puzzle_ids, max_steps=16, halting=policy).steps_used
+        assert np.array_equal(got, want), policy
+    both = np.minimum(q, stable)
     assert (both < q).any() and (both < stable).any()  # each halts some puzzle first: the test tells something
 
 
 @pytest.mark.rounding
 @pytest.mark.parametrize("policy", ["stable:2", "q+stable:2"])
-def test_stable_halting_does_not_depend_on_batch_order_or_refill(sudoku_bundle, data, policy):
+def test_stable_halting_does_not_depend_on_batch_order_or_refill(sudoku_bundle, data, policy, fixed_run):
     bundle = sudoku_bundle / "bundle"
     want = Solver(bundle, batch_size=1, threads=1, verify=False).solve(data.inputs, data.puzzle_ids, max_steps=16,
                                                                        halting=policy)
+    answers, (q_halt, q_continue) = fixed_run  # the reference point is the definition, not the solver itself
+    by_definition = _by_definition(answers, 2, 16, 1)
+    if policy.startswith("q+"):
+        says_halt = halt_now(q_halt, q_continue, read_manifest(bundle).loop.halting_rule)
+        by_definition = np.minimum(by_definition, np.where(says_halt.any(0), says_halt.argmax(0) + 1, 16))
+    assert np.array_equal(want.steps_used, by_definition)
+    assert np.array_equal(want.predictions, answers[by_definition - 1, np.arange(len(by_definition))])
     order = np.random.default_rng(0).permutation(len(data.inputs))
     for batch in (3, 32):
         for refill in (True, False):
