@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -499,11 +500,16 @@ def test_build_script_quotes_what_it_echoes(tmp_path):
     fake = tmp_path / "bin"
     fake.mkdir()
     (fake / "trtexec").write_text("#!/bin/sh\nexit 0\n")
-    (fake / "trtexec").chmod(0o755)
+    # The script ends with `trm-export build . --record` where trm-export is on PATH (an activated venv, or not):
+    # a stand-in records the call, so the test is the same either way.
+    (fake / "trm-export").write_text(f"#!/bin/sh\necho \"$@\" > {shlex.quote(str(tmp_path / 'recorded'))}\n")
+    for tool in ("trtexec", "trm-export"):
+        (fake / tool).chmod(0o755)
     out = subprocess.run(["sh", str(script)], capture_output=True, text=True, cwd=tmp_path,
                          env={**os.environ, "PATH": f"{fake}:{os.environ['PATH']}"}, timeout=30)
     assert out.returncode == 0, out.stderr
     assert name in out.stdout
+    assert (tmp_path / "recorded").read_text().strip() == "build . --record"
     assert not list(tmp_path.rglob("PWNED*"))
 
 

@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # What the runtime commands (verify, run, build, report) and `trm_export.runtime` import without torch.
 DEVICE_SIDE = ["runtime", "tasks", "targets", "report", "core/cli.py", "core/errors.py", "core/__init__.py",
                "web/__init__.py", "web/bundle.py", "web/serve.py",  # `trm-export serve` runs on a device too
-               "triton"]  # Triton runs on Jetson (JetPack builds) too
+               "triton_serving"]  # Triton runs on Jetson (JetPack builds) too
 OLDEST = (3, 8)
 
 # Methods newer than 3.8 that vermin only sees on a literal: name -> "version (owner)".
@@ -128,3 +128,23 @@ def test_device_side_code_has_no_runtime_constructs_newer_than_3_8():
                   and _is_type_union(node.args[1])):
                 problems.append(f"{rel}:{line}: {node.func.id}(x, A | B) needs Python 3.10; use a tuple")
     assert not problems, "device-side code that fails on Python 3.8:\n" + "\n".join(problems)
+
+
+# Import names a top-level folder must never have: with the checkout on sys.path (`python -m pytest` from the
+# root, a notebook started there) the folder would be imported instead of the package. torch imports triton
+# (inductor, torch.compile) and probes for others.
+SHADOW_RISKS = {"triton", "torch", "torchvision", "onnx", "onnxruntime", "numpy", "click", "yaml", "tqdm",
+                "matplotlib", "openvino", "tritonclient", "tensorrt", "cuda", "cupy", "pytest", "hypothesis",
+                "sympy", "networkx", "jinja2", "filelock", "fsspec", "typing_extensions", "test"}
+
+
+def test_no_top_level_folder_shadows_a_package():
+    root = Path(__file__).resolve().parent.parent
+    folders = {p.name for p in root.iterdir() if p.is_dir() and p.name.isidentifier()}
+    assert not folders & SHADOW_RISKS, folders & SHADOW_RISKS
+    # Nor any package installed here: asked from outside the checkout, so that the folders themselves are not found.
+    script = ("import importlib.util, sys; names = sys.argv[1:]; "
+              "print(' '.join(n for n in names if importlib.util.find_spec(n) is not None))")
+    done = subprocess.run([sys.executable, "-c", script, *sorted(folders - {"tests"})], capture_output=True,
+                          text=True, cwd=root.parent, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == "", done.stdout + done.stderr

@@ -129,7 +129,7 @@ def test_repository_layout_and_config(bundle, tmp_path):
         LoopParameters(halting="stable:2", batch_size=32)
     Solver(out / "sudoku" / "1" / "bundle")  # verifies every checksum
     assert (out / "sudoku" / "1" / "model.py").read_bytes() == \
-        (Path(__file__).parent.parent / "triton" / "model.py").read_bytes()
+        (Path(__file__).parent.parent / "triton_serving" / "model.py").read_bytes()
     assert (out / MARKER).is_file() and "tritonserver" in (out / "README.md").read_text()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left
 
