@@ -66,6 +66,12 @@ def _as_int32_2d(name: str, value: Any) -> np.ndarray:
     return out
 
 
+# The calibration and held-out splits, per task class and spec, generated once per process: every export, report
+# and test asks for (a prefix of) the same fixed puzzles, and generating 1,000 Sudoku puzzles takes seconds. The
+# arrays are read-only (TaskData), so sharing them is safe.
+_EVALUATION_SPLITS: dict[tuple, TaskData] = {}
+
+
 @dataclass(frozen=True)
 class TaskData:
     """A batch of puzzles in the official token encoding.
@@ -283,9 +289,20 @@ class Task(ABC):
         if count < 0:
             raise ValueError(f"split size must be >= 0, got {count}")
         key = (name, count, tuple(sorted(train_difficulty.items())))
-        if key not in self._split_cache:
-            self._split_cache[key] = self._generate(count, self.split_seeds[name], split=name, **train_difficulty)
-        return self._split_cache[key]
+        if key in self._split_cache:
+            return self._split_cache[key]
+        if name == "train":
+            data = self._generate(count, self.split_seeds[name], split=name, **train_difficulty)
+        else:  # a prefix of the fixed split, generated once per process (every caller asks for the same puzzles)
+            shared = _EVALUATION_SPLITS.get((type(self), self.spec, name))
+            if shared is None or len(shared) < count:
+                shared = self._generate(count, self.split_seeds[name], split=name)
+                _EVALUATION_SPLITS[(type(self), self.spec, name)] = shared
+            data = shared if len(shared) == count else TaskData(
+                shared.inputs[:count], shared.labels[:count], shared.puzzle_ids[:count],
+                {k: v[:count] for k, v in shared.meta.items()})
+        self._split_cache[key] = data
+        return data
 
     def _generate(self, n: int, seed: int, split: str | None, **difficulty: Any) -> TaskData:
         if not isinstance(n, (int, np.integer)) or n < 0:

@@ -27,8 +27,11 @@ def arc(tmp_path_factory):
     tasks = {f"task{i}": random_task(rng, n_test=1 + i % 2) for i in range(4)}
     identifiers = write_arc_folder(root / "data", tasks, augmentations=3)
     del tasks["task3"]  # trained on, not asked: --keep-puzzles challenges.json drops its rows
+    # ARC's 900 positions, one layer and one call of each level per step: what is tested is the puzzle table, the
+    # views and the vote; the network's depth only costs time here (float64 attention over 900 positions).
     variant = dataclasses.replace(VARIANTS["trm-att-rope"], name="arc-shaped", vocab_size=12, seq_len=900,
-                                  num_puzzle_identifiers=len(identifiers), halt_max_steps=2, gain=0.5)
+                                  num_puzzle_identifiers=len(identifiers), halt_max_steps=2, gain=0.5,
+                                  L_layers=1, H_cycles=1, L_cycles=1)
     write_official_checkpoint(root / "ck", variant)
     challenges = {t: {"train": v["train"], "test": [{"input": p["input"]} for p in v["test"]]}
                   for t, v in tasks.items()}

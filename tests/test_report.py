@@ -211,14 +211,15 @@ def test_the_bfloat16_figure_is_bfloat16s_not_float32s(sudoku_bundle, tmp_path):
     from trm_export.export.reference import run_reference
 
     model = load_checkpoint(sudoku_bundle / "ckpt").model
-    data = get_task("sudoku").split("heldout", size=48)
+    data = get_task("sudoku").split("heldout", size=24)
     bf16 = run_reference(model, data.inputs, data.puzzle_ids, mode="fixed", max_steps=8, compute_dtype="bfloat16")
     fp32 = run_reference(model, data.inputs, data.puzzle_ids, mode="fixed", max_steps=8)
     labels = bf16.step_predictions[7]
     differ = ~np.all(fp32.step_predictions[7] == labels, axis=1)
     assert differ.sum() >= 1, "no puzzle tells bfloat16 from float32 here: the test would prove nothing"
     first = float(per_puzzle_correct(bf16.step_predictions[0], labels).mean())  # an independent figure at step 1
-    _, manifest, _ = export_bundle(sudoku_bundle / "ckpt", tmp_path / "b", ExportOptions(progress=False, batch_size=8),
+    options = ExportOptions(progress=False, batch_size=8, parity_puzzles=8, golden_puzzles=2)
+    _, manifest, _ = export_bundle(sudoku_bundle / "ckpt", tmp_path / "b", options,
                                    puzzles=Puzzles(data.inputs, data.puzzle_ids, labels, "bf16 labels", "sudoku"))
     rows = {(r["mode"], r["budget"]): r["exact_accuracy"] for r in manifest.reference["bfloat16"]["rows"]}
     assert manifest.reference["bfloat16"]["puzzles"] == len(labels)
