@@ -111,7 +111,13 @@ def deploy(checkpoint: LoadedCheckpoint, out: Path, options: DeployOptions, puzz
 
     source = out.parent / f".{out.name}.source-{os.getpid()}"
     try:
-        export_bundle(checkpoint, source, dataclasses.replace(options.export, force=True), puzzles=puzzles)
+        def fp32_log(message: str) -> None:  # the fp32 stage's own bundle is internal: not announced as written
+            if options.export.progress:
+                print(f"fp32 graph checked; adding the {precision} variants" if message.startswith("bundle written")
+                      else message, flush=True)
+
+        export_bundle(checkpoint, source, dataclasses.replace(options.export, force=True), puzzles=puzzles,
+                      log=fp32_log)
         times["export + parity"] = time.perf_counter() - start
         start = time.perf_counter()
         log(f"{precision} for target {options.export.target}: calibrating on every step's state, every method "

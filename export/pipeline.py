@@ -326,7 +326,7 @@ def parity_sample_note(report: ParityReport, budget: float | None) -> str:
     rate = min(100.0, 300.0 / report.puzzles)  # rule of three: 95% bound on a rate seen 0 times in n trials
     return (f"the first {report.puzzles} of {report.offered} puzzles, as many as fit {budget:g} s. Every checked step "
             "of each is compared, so a graph error that shows on any input in general is caught; an error that "
-            f"only some puzzles trigger is caught with 95% confidence if it affects at least {rate:.2g}% of puzzles "
+            f"only some puzzles trigger is caught with 95% confidence if it affects at least {rate:.3g}% of puzzles "
             "(rule of three); rarer ones can pass unseen. --parity-puzzles all checks every puzzle." + steps)
 
 

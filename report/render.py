@@ -280,6 +280,12 @@ def _accuracy_plots(data: ReportData, folder: Path, plt, colors: dict) -> list[s
     return written
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)  # read it by setting it (there is no getter), then put it back
+    os.umask(mask)
+    return mask
+
+
 def is_report_folder(folder: Path) -> bool:
     """Whether `folder` holds nothing but what write_report writes (REPORT.md, report.json, PNG plots)."""
     return all(p.is_file() and not p.is_symlink() and (p.name in ("REPORT.md", "report.json") or p.suffix == ".png")
@@ -293,6 +299,7 @@ def write_report(data: ReportData, folder: str | Path, max_drop_points: float = 
 
     folder = Path(folder)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 700; a report folder is as readable as the bundle
     try:
         try:
             plots(data, tmp)

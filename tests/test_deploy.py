@@ -111,6 +111,7 @@ def test_one_command_for_a_jetson_gives_an_int8_bundle_built_first(tmp_path):
     assert set(first) == set(manifest.graphs)
     assert Solver(out).variant == manifest.default_variant  # the runtime runs the chosen variant by default
     assert "<-" in result.output and "ms/step here" in result.output and "stage times:" in result.output
+    assert ".source-" not in result.output and "fp32 graph checked; adding the int8 variants" in result.output
     assert CliRunner().invoke(cli, ["verify", str(out)]).exit_code == 0
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".j.bundle.")]  # the fp32 source is gone
     report = (out / "report" / "REPORT.md").read_text()  # by default, from the measurements the choice used

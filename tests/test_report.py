@@ -73,6 +73,15 @@ def report_folder(sudoku_bundle, tmp_path_factory):
     return data, write_report(data, tmp_path_factory.mktemp("report") / "report")
 
 
+def test_the_report_folder_has_ordinary_permissions(report_folder):
+    """Like every other folder of a bundle (it was 700: staged through mkdtemp)."""
+    import os
+
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert report_folder[1].stat().st_mode & 0o777 == 0o777 & ~mask
+
+
 def test_report_measures_every_setting(report_folder):
     data, folder = report_folder
     settings = [(r.mode, r.budget) for r in data.measurements]
