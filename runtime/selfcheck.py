@@ -56,6 +56,16 @@ def load_golden(solver: Solver) -> dict[str, np.ndarray]:
     if golden["q_halt"].shape != golden["q_continue"].shape or not 1 <= len(golden["q_halt"]) <= MAX_STEPS:
         raise BundleError(f"{solver.bundle}: golden q_halt / q_continue shapes {golden['q_halt'].shape} / "
                           f"{golden['q_continue'].shape} do not fit; re-export the bundle")
+    # The golden puzzles are the bundle's own: out of range they are a damaged bundle, not the user's bad input.
+    limits = {"tokens": solver.task.vocab_size, "predictions": solver.task.vocab_size,
+              "adaptive_predictions": solver.task.vocab_size, "puzzle_ids": solver.task.num_puzzle_identifiers,
+              "adaptive_steps": max(len(golden["q_halt"]), solver.manifest.loop.halt_max_steps) + 1}
+    for name, limit in limits.items():
+        values = golden[name]
+        low = 1 if name == "adaptive_steps" else 0
+        if values.size and (values.min() < low or values.max() >= limit):
+            raise BundleError(f"{solver.bundle}: {folder}/{name}.npy holds {int(values.min())}..{int(values.max())}, "
+                              f"outside [{low}, {limit}): the bundle's golden vectors are damaged; re-export it")
     return golden
 
 

@@ -353,6 +353,11 @@ CASES: list[tuple[str, Callable[[Path, Path], None], list[str], str]] = [
     ("input-one-30-mb-line", _puzzle_file("long.txt", b"5" * (30 << 20) + b"\n"),
      ["run", "{b}", "--input", "{d}/long.txt"], "more characters"),
     ("grid-side-past-the-sequence", _set("task.grid_side", 1024), RUN, "does not fit task.seq_len"),
+    # resealed: golden vectors out of range are the bundle's damage, not the user's input
+    ("golden-token-outside-the-vocabulary", _rewrite_file("golden/tokens.npy", _npy(lambda a: a + 99)), VERIFY,
+     "golden vectors are damaged"),
+    ("golden-steps-zero", _rewrite_file("golden/adaptive_steps.npy", _npy(lambda a: a * 0)), VERIFY,
+     "golden vectors are damaged"),
     ("input-binary", _puzzle_file("bin.txt", bytes(range(256)) * 4), ["run", "{b}", "--input", "{d}/bin.txt"],
      "bin.txt"),
     ("input-npy-pickle", _puzzle_file("p.npy", lambda p: np.save(p, np.array([{"a": 1}]), allow_pickle=True)),

@@ -240,7 +240,7 @@ def test_load_every_request_gets_its_own_answers(server, puzzles, expected):
 
     for protocol, url in (("http", server.http_url), ("grpc", server.grpc_url)):
         load = run_load(url, "trm", protocol, 8, 20, puzzles, expected.predictions, expected.steps_used,
-                        seed=1, timeout=120)
+                        seed=1, timeout=120, expected_q=(expected.q_halt, expected.q_continue))
         assert (load.answered, load.wrong, load.failed) == (160, 0, 0), load.summary() + str(load.errors)
 
 
@@ -252,7 +252,8 @@ def test_bad_requests_get_clear_errors_and_do_not_disturb_others(server, puzzles
 
     outcome = {}
     others = threading.Thread(target=lambda: outcome.setdefault("load", run_load(
-        server.grpc_url, "trm", "grpc", 4, 15, puzzles, expected.predictions, expected.steps_used, seed=2)))
+        server.grpc_url, "trm", "grpc", 4, 15, puzzles, expected.predictions, expected.steps_used, seed=2,
+        expected_q=(expected.q_halt, expected.q_continue))))
     others.start()
     client = httpclient.InferenceServerClient(server.http_url)
     bad_token = puzzles[:2].astype(np.int64)

@@ -76,11 +76,17 @@ def infer(client, module, model: str, puzzles: np.ndarray, timeout: float | None
     return {name: result.as_numpy(name) for name in ("predictions", "steps", "q_halt", "q_continue")}
 
 
+# Q values are float32 logits; other batch neighbours may round them differently in the last bits.
+Q_TOLERANCE = 1e-4
+
+
 def run_load(url: str, model: str, protocol: str, clients: int, requests_per_client: int, pool: np.ndarray,
              expected_predictions: np.ndarray, expected_steps: np.ndarray, *, max_puzzles: int = 4, seed: int = 0,
-             timeout: float = 300.0) -> LoadResult:
+             timeout: float = 300.0, expected_q: tuple[np.ndarray, np.ndarray] | None = None) -> LoadResult:
     """`clients` threads x `requests_per_client` requests of 1..max_puzzles puzzles from `pool` (see the module
-    docstring); returns the counts, throughput and latencies."""
+    docstring); returns the counts, throughput and latencies. With `expected_q` (q_halt, q_continue at each puzzle's
+    halt) a response's Q values must match them too, within Q_TOLERANCE: a server that mixes up its outputs is
+    wrong even where answers and step counts agree."""
     module = client_module(protocol)
     rng = np.random.default_rng(seed)
     plans = [[rng.choice(len(pool), size=int(rng.integers(1, max_puzzles + 1)), replace=False)
@@ -105,7 +111,10 @@ def run_load(url: str, model: str, protocol: str, clients: int, requests_per_cli
             latency = time.perf_counter() - sent
             ok = (out["predictions"].shape == (len(picks), pool.shape[1])
                   and np.array_equal(out["predictions"], expected_predictions[picks])
-                  and np.array_equal(out["steps"], expected_steps[picks]))
+                  and np.array_equal(out["steps"], expected_steps[picks])
+                  and (expected_q is None or all(
+                      out[name].shape == (len(picks),) and np.allclose(out[name], want[picks], rtol=0, atol=Q_TOLERANCE)
+                      for name, want in (("q_halt", expected_q[0]), ("q_continue", expected_q[1])))))
             with lock:
                 result.answered += 1
                 result.wrong += not ok
