@@ -1,4 +1,5 @@
-"""tests/ci_skips.py: in CI a skip for a missing tool is a failure that names it; hardware skips stay skips."""
+"""What keeps the suite honest: in CI a skip for a missing tool fails and names it (tests/ci_skips.py), hardware
+skips stay skips; the mutation table of scripts/mutation_check.py still matches the code."""
 
 from __future__ import annotations
 
@@ -44,3 +45,19 @@ def test_in_ci_a_skipped_tool_fails_and_names_what_is_missing(tmp_path):
 def test_outside_ci_skips_stay_skips(tmp_path):
     out = _run(tmp_path, ci=False)
     assert out.returncode == 0 and "1 passed, 2 skipped" in out.stdout, out.stdout
+
+
+def test_the_mutation_table_matches_the_code():
+    """scripts/mutation_check.py (run on demand: TRM_MUTATIONS=1 .ci/run) breaks each claim's code at a snippet that
+    must occur exactly once in its file, and must be reversible: a stale table would test nothing."""
+    sys.path.insert(0, str(TESTS.parent / "scripts"))
+    try:
+        from mutation_check import MUTATIONS, ROOT
+    finally:
+        sys.path.pop(0)
+    assert len({m.name for m in MUTATIONS}) == len(MUTATIONS) >= 8
+    for m in MUTATIONS:
+        text = (ROOT / m.file).read_text()
+        assert text.count(m.old) == 1 and m.new != m.old and m.tests, m.name
+        for test in m.tests:
+            assert (ROOT / test.split(" -k ", 1)[0]).is_file(), (m.name, test)
