@@ -352,7 +352,8 @@ def verify(bundle: Path, variant: str | None, backend: str, provider: str | None
         from trm_export.runtime.signature import check_signature
 
         echo(check_signature(bundle, trust))
-    check_build_recipes(bundle, read_manifest(bundle))  # the script a device owner runs is the manifest's
+    # The script a device owner runs is the manifest's (digest checked here; the files just below, once).
+    check_build_recipes(bundle, read_manifest(bundle, verify=False))
     report = verify_bundle(bundle, variant=variant, provider=provider, backend=backend)
     echo(str(report))
     if not report:
@@ -522,7 +523,7 @@ def build(bundle: Path, variants: tuple[str, ...], dla_core: int | None, print_r
     from trm_export.targets.engines import build_bundle_engines, check_build_recipes, recipes_for, record_engines
     from trm_export.targets.registry import get_target
 
-    check_build_recipes(bundle, read_manifest(bundle))
+    check_build_recipes(bundle, read_manifest(bundle))  # files verified too: --print-recipe reads nothing else
     if print_recipe:
         manifest = read_manifest(bundle)
         target = get_target(manifest.target)
