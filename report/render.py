@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -280,12 +281,6 @@ def _accuracy_plots(data: ReportData, folder: Path, plt, colors: dict) -> list[s
     return written
 
 
-def _umask() -> int:
-    mask = os.umask(0o022)  # read it by setting it (there is no getter), then put it back
-    os.umask(mask)
-    return mask
-
-
 def is_report_folder(folder: Path) -> bool:
     """Whether `folder` holds nothing but what write_report writes (REPORT.md, report.json, PNG plots)."""
     return all(p.is_file() and not p.is_symlink() and (p.name in ("REPORT.md", "report.json") or p.suffix == ".png")
@@ -295,11 +290,11 @@ def is_report_folder(folder: Path) -> bool:
 def write_report(data: ReportData, folder: str | Path, max_drop_points: float = 0.5) -> Path:
     """Write REPORT.md, report.json and the plots into `folder` (replaced as a whole)."""
     import shutil
-    import tempfile
 
     folder = Path(folder)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
-    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 700; a report folder is as readable as the bundle
+    # mkdir, not mkdtemp (mode 700): a report folder is as readable as the rest of the bundle (the umask's mode)
+    tmp = folder.parent / f".{folder.name}.{os.getpid()}.{secrets.token_hex(4)}"
+    tmp.mkdir()
     try:
         try:
             plots(data, tmp)

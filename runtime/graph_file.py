@@ -38,6 +38,7 @@ _MAX_DEPTH = 64  # nested subgraphs; our step graphs have none
 _NODE_OP_TYPE = 4
 # A step is a fixed sequence of network calls: control flow has no place in it, and a Loop can run without end.
 _CONTROL_FLOW = {b"Loop", b"Scan", b"If"}
+_EXTERNAL, _CONTROL = "external data", "control flow"  # the two reasons a graph is refused
 
 
 class _Malformed(Exception):
@@ -57,9 +58,8 @@ def _varint(data: memoryview, pos: int) -> tuple[int, int]:
         shift += 7
 
 
-def _refusal(data: memoryview, kind: str, depth: int) -> str | None:
-    """What makes this message unfit for a step graph (a tensor whose bytes are elsewhere, a control-flow node),
-    or None."""
+def _refusal(data: memoryview, kind: str, depth: int) -> tuple[str, str] | None:
+    """What makes this message unfit for a step graph, as (_EXTERNAL or _CONTROL, where it was found), or None."""
     if depth > _MAX_DEPTH:
         raise _Malformed(f"subgraphs nested deeper than {_MAX_DEPTH}")
     children = _CHILDREN.get(kind, {})
@@ -70,7 +70,7 @@ def _refusal(data: memoryview, kind: str, depth: int) -> str | None:
         if wire == 0:
             value, pos = _varint(data, pos)
             if kind == "tensor" and number == _TENSOR_DATA_LOCATION and value == 1:
-                return "a tensor whose data_location is EXTERNAL"
+                return _EXTERNAL, "a tensor whose data_location is EXTERNAL"
         elif wire == 1:
             pos += 8
         elif wire == 5:
@@ -81,9 +81,9 @@ def _refusal(data: memoryview, kind: str, depth: int) -> str | None:
             if end > len(data):
                 raise _Malformed("a field runs past the end of the file")
             if kind == "tensor" and number == _TENSOR_EXTERNAL_DATA:
-                return "a tensor with external_data entries"
+                return _EXTERNAL, "a tensor with external_data entries"
             if kind == "node" and number == _NODE_OP_TYPE and bytes(data[pos:end]) in _CONTROL_FLOW:
-                return f"a {bytes(data[pos:end]).decode()} node"
+                return _CONTROL, f"a {bytes(data[pos:end]).decode()} node"
             child = children.get(number)
             if child:
                 found = _refusal(data[pos:end], child, depth + 1)
@@ -104,12 +104,14 @@ def check_self_contained(data: bytes, where: str | Path) -> None:
         found = _refusal(memoryview(data), "model", 0)
     except _Malformed as exc:
         raise BundleError(f"{where}: not an ONNX model ({exc}); re-export the bundle") from None
-    if found and "tensor" in found:
-        raise BundleError(f"{where}: the graph refers to weights outside its file ({found}); a bundle's graphs "
+    if found is None:
+        return
+    reason, place = found
+    if reason == _EXTERNAL:
+        raise BundleError(f"{where}: the graph refers to weights outside its file ({place}); a bundle's graphs "
                           "hold every weight themselves, so this one is refused unread; re-export the bundle")
-    if found:
-        raise BundleError(f"{where}: the graph has {found} (control flow, which can run without end); a step "
-                          "graph is a fixed sequence of network calls, so this one is refused; re-export the bundle")
+    raise BundleError(f"{where}: the graph has {place} (control flow, which can run without end); a step "
+                      "graph is a fixed sequence of network calls, so this one is refused; re-export the bundle")
 
 
 def read_graph(path: Path) -> bytes:

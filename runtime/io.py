@@ -120,6 +120,11 @@ def check_output_file(output: Path, force: bool) -> None:
         raise InputError(f"{output}: is a folder; give a file name for the solutions")
     if output.exists() and not force:
         raise InputError(f"{output} already exists; pass --force to replace it")
+    _check_parent(output)
+
+
+def _check_parent(output: Path) -> None:
+    """The folder `output` goes into exists and is writable."""
     if not output.parent.is_dir():
         raise InputError(f"{output}: folder {output.parent} does not exist; create it or choose another --output")
     if not os.access(output.parent, os.W_OK | os.X_OK):
@@ -144,10 +149,7 @@ def check_output_folder(folder: Path, force: bool, ours: Callable[[Path], bool],
                              "with --force (choose another --output)")
         if not (force or replaceable):
             raise InputError(f"{folder} already exists; pass --force to replace it")
-    if not folder.parent.is_dir():
-        raise InputError(f"{folder}: folder {folder.parent} does not exist; create it or choose another --output")
-    if not os.access(folder.parent, os.W_OK | os.X_OK):
-        raise InputError(f"{folder}: folder {folder.parent} is not writable; choose another --output")
+    _check_parent(folder)
 
 
 def write_solutions(result: SolveResult, encoding: TaskEncoding, output: str | Path | None,
