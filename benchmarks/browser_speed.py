@@ -94,7 +94,7 @@ def main() -> None:
         if not (bundle / "manifest.json").exists():
             print(f"exporting {name} --target browser to {bundle}", flush=True)
             export_bundle(reference_model_path(name), bundle, ExportOptions(
-                target="browser", force=True, progress=False, parity_seconds=1, golden_seconds=5))
+                target="browser", force=True, progress=False, parity_puzzles=16))
         server = make_server(bundle, port=0)
         url = start_in_thread(server)
         rows: dict[str, dict[str, list[float]]] = {}

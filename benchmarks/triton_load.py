@@ -61,7 +61,7 @@ def main() -> None:
     if not (bundle / "manifest.json").exists():
         print(f"exporting sudoku_mlpt to {bundle}", flush=True)
         export_bundle(reference_model_path("sudoku_mlpt"), bundle, ExportOptions(
-            force=True, progress=False, parity_seconds=5, golden_seconds=10))
+            force=True, progress=False, parity_puzzles=32))
     repository = write_repository(bundle, args.workdir / "repository", TritonOptions(
         loop=LoopParameters(batch_size=args.batch, max_puzzles=16), force=True))
     solver = Solver(bundle, batch_size=args.batch)

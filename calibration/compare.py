@@ -77,7 +77,7 @@ class Fp32Run:
 
 
 def _run(solver: Solver, puzzles: PuzzleSet, steps: int, drift_puzzles: int, on_state,
-         on_chunk: Callable[[int], None] | None = None, seconds: float | None = None) -> Trajectory:
+         on_chunk: Callable[[int], None] | None = None) -> Trajectory:
     def hook(t: int, which: np.ndarray, s: Solver) -> None:
         local = np.flatnonzero(which < drift_puzzles)
         if len(local):
@@ -85,14 +85,12 @@ def _run(solver: Solver, puzzles: PuzzleSet, steps: int, drift_puzzles: int, on_
             logits = s.backend.logits(local) if t == steps - 1 else None
             on_state(t, which[local], z_H[local], logits)
 
-    return run_trajectory(solver, puzzles.tokens, puzzles.puzzle_ids, puzzles.labels, steps, hook, on_chunk,
-                          seconds)
+    return run_trajectory(solver, puzzles.tokens, puzzles.puzzle_ids, puzzles.labels, steps, hook, on_chunk)
 
 
 def run_fp32(bundle: str | Path, puzzles: PuzzleSet, options: CompareOptions = CompareOptions(),
-             on_chunk: Callable[[int], None] | None = None, seconds: float | None = None) -> Fp32Run:
-    """The FP32 loop on `puzzles`; with `seconds`, on as many of the first ones as fit that time budget (at least
-    one): the run's `puzzles` are then those."""
+             on_chunk: Callable[[int], None] | None = None) -> Fp32Run:
+    """The FP32 loop on `puzzles`."""
     solver = make_solver(bundle, batch_size=min(options.batch_size, len(puzzles)), threads=options.threads)
     steps = int(options.steps or solver.manifest.loop.halt_max_steps)
     n_drift = min(options.drift_puzzles, len(puzzles))
@@ -106,12 +104,7 @@ def run_fp32(bundle: str | Path, puzzles: PuzzleSet, options: CompareOptions = C
         if logits is not None:
             final_logits[which] = logits
 
-    trajectory = _run(solver, puzzles, steps, n_drift, keep, on_chunk, seconds)
-    if trajectory.puzzles < len(puzzles):
-        done = trajectory.puzzles
-        puzzles = dataclasses.replace(puzzles.head(done), source=f"{puzzles.source}; the first {done}, as many as "
-                                                                 f"fit {seconds:g} s")
-        states, final_logits = states[:, :min(n_drift, done)], final_logits[:min(n_drift, done)]
+    trajectory = _run(solver, puzzles, steps, n_drift, keep, on_chunk)
     return Fp32Run(puzzles, steps, trajectory, states, final_logits)
 
 

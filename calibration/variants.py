@@ -55,7 +55,8 @@ from trm_export.calibration.quantize import (
 from trm_export.export.onnx_graph import contrib_ops
 from trm_export.export.onnxruntime_ops import MULTI_HEAD_ATTENTION
 from trm_export.export.staging import StagedBundle
-from trm_export.report.latency import StepTiming, affordable_batch, faster_beyond_noise
+from trm_export.planning.plan import SAMPLE_FIELDS, Plan, check_replay, describe, plan_quantize, step_flops_of
+from trm_export.report.latency import StepTiming, faster_beyond_noise, load_note
 from trm_export.report.measure import (
     BUDGETS,
     DriftCurve,
@@ -94,7 +95,7 @@ class QuantizeOptions:
     the first N of the calibration / evaluation puzzles (None: all). threads: ONNX Runtime threads everywhere.
     """
 
-    methods: tuple[str, ...] = METHODS
+    methods: tuple[str, ...] | None = None  # None: as many of METHODS as the plan's work budget covers, in order
     mixed: bool | None = None
     fp16: bool | None = None
     record: RecordOptions = RecordOptions()
@@ -103,17 +104,19 @@ class QuantizeOptions:
     mixed_options: MixedOptions = MixedOptions()
     fp16_options: Fp16Options = Fp16Options()
     compare: CompareOptions = CompareOptions()
+    # The first N calibration / evaluation puzzles; None: as many as the plan's work budgets cover
+    # (trm_export.planning: counted from the model's FLOPs, never timed). Every variant is measured on the same
+    # evaluation puzzles; when the plan cuts them, the screening sample is a fifth of them.
     calib_puzzles: int | None = None
     eval_puzzles: int | None = None
-    # Time budget of the FP32 reference loop on the evaluation puzzles: as many of them as fit (at least one; None:
-    # all). Every variant is measured on the same puzzles, so this sizes the whole measurement; when it cuts the
-    # set, the screening sample is a fifth of what fit. It also turns on the budgets of recording (RECORD_SECONDS),
-    # of the calibration methods (METHODS_SECONDS), of mixed precision (MIXED_SECONDS) and of the choice's
-    # measurements (CHOICE_SECONDS).
-    eval_seconds: float | None = None
-    # Every graph is first measured on this many evaluation puzzles; the best calibration method (unless its answers
-    # there already put it past the accuracy budget on all), and any variant the choice may fall back to, then on
-    # all of them (None: every graph on all).
+    # The whole plan (the one command sizes it before any work); None: this stage's part is sized here, on top of
+    # the source bundle's recorded plan, with `replay`'s fields (a recorded plan) and the fields above taking
+    # precedence.
+    plan: Plan | None = None
+    replay: dict[str, Any] | None = None
+    # Every graph is first measured on at most this many evaluation puzzles; the best calibration method (unless
+    # its answers there already put it past the accuracy budget on all), and any variant the choice may fall back
+    # to, then on all of them (None: every graph on all).
     screen_puzzles: int | None = 200
     force: bool = False
     threads: int | None = None
@@ -125,10 +128,10 @@ class QuantizeOptions:
     report: bool = False
 
     def __post_init__(self) -> None:
-        unknown = [m for m in self.methods if m not in METHODS]
+        unknown = [m for m in self.methods or () if m not in METHODS]
         if unknown:
             raise CalibrationError(f"unknown calibration method(s) {unknown}; available: {', '.join(METHODS)}")
-        if not self.methods and self.fp16 is False:
+        if self.methods == () and self.fp16 is False:
             raise CalibrationError("nothing to add: no calibration method and fp16=False")
 
 
@@ -142,7 +145,7 @@ class QuantizeResult:
     check: BundleCheck
     samples: dict[str, Any] = field(default_factory=dict)
     stage_seconds: dict[str, float] = field(default_factory=dict)
-    not_built: list[str] = field(default_factory=list)  # calibration methods left out by the time budget
+    not_built: list[str] = field(default_factory=list)  # calibration methods the plan left out
 
     def summary(self) -> str:
         lines = [f"bundle written: {self.path}"]
@@ -220,7 +223,7 @@ def add_variants(bundle: str | Path, out: str | Path, options: QuantizeOptions =
     manifest = read_manifest(bundle)  # verifies checksums before anything runs
     target = get_target(manifest.target)
     make_fp16 = options.fp16 if options.fp16 is not None else target.runtime == "tensorrt"
-    if not options.methods and not make_fp16:
+    if options.methods == () and not make_fp16:
         raise CalibrationError(f"nothing to add for target {target.name}: no calibration method, and fp16 is only "
                                "made for GPU targets unless asked (fp16=True)")
     if options.int8.quantize_attention and MULTI_HEAD_ATTENTION in manifest.graphs["fp32"].onnxruntime_ops:
@@ -235,45 +238,36 @@ def add_variants(bundle: str | Path, out: str | Path, options: QuantizeOptions =
         fp32_spec = manifest.graphs["fp32"]
         fp32_model = onnx.load_from_string(read_graph(bundle / fp32_spec.file))  # every weight inside it
         fp32_size = (bundle / fp32_spec.file).stat().st_size
-        calib_set = _calibration_puzzles(manifest, calib, options.calib_puzzles)
-        eval_set = _evaluation_puzzles(manifest, heldout, calib_set, options.eval_puzzles)
-        n_eval = len(eval_set)
-        budget_words = "" if options.eval_seconds is None else f", as many as fit {options.eval_seconds:g} s"
-        say(f"FP32 loop on {n_eval} evaluation puzzles{budget_words} ({eval_set.source}): the reference of every "
-            "variant")
+        calib_set = _calibration_puzzles(manifest, calib, None)
+        eval_set = _evaluation_puzzles(manifest, heldout, calib_set, None)
+        plan = options.plan or quantize_plan(recorded_plan(manifest), len(eval_set), len(calib_set), options,
+                                             target.batch.opt)
+        if options.plan is None:
+            for line in describe(plan)[3:]:  # the export's part was printed when it was made
+                say(line)
+        methods = plan.methods or ()
+        calib_set, eval_set = calib_set.head(plan.calib_puzzles), eval_set.head(plan.eval_puzzles)
+        n_eval, screen = len(eval_set), plan.screen_puzzles
+        say(f"FP32 loop on {n_eval} evaluation puzzles ({eval_set.source}): the reference of every variant")
         with puzzle_progress("fp32", n_eval, options.progress) as tick:
-            reference = run_fp32(bundle, eval_set, options.compare, on_chunk=tick, seconds=options.eval_seconds)
-        screen = n_eval if options.screen_puzzles is None else max(1, min(options.screen_puzzles, n_eval))
-        if len(reference.puzzles) < n_eval:
-            eval_set, n_eval = reference.puzzles, len(reference.puzzles)
-            screen = max(1, min(screen, n_eval // 5))
-            say(f"  {n_eval} puzzles fit the {options.eval_seconds:g} s budget: every variant is measured on them "
-                "(--eval-puzzles N measures N whatever the time)")
+            reference = run_fp32(bundle, eval_set, options.compare, on_chunk=tick)
         clock.lap("fp32 reference")
-        # What one puzzle-step costs here (batched, as measured): sizes the rest of a paper-size model's work.
-        step_seconds = clock.seconds["fp32 reference"] / max(1, n_eval * reference.steps)
-        if options.eval_seconds is not None and options.methods:
-            calib_set = _fit_calibration(calib_set, options, reference.steps, step_seconds, say)
         prepared = prepare_graph(fp32_model, threads=options.threads)
         graphs: dict[str, GraphSpec] = dict(manifest.graphs)
         comparisons: dict[str, VariantComparison] = {}
         paths: dict[str, Path] = {}
         quantized: dict[str, tuple[QuantizedGraph, object]] = {}
         samples: StepSamples | None = None
-        not_built: list[str] = []  # calibration methods the time budget left out
-        skipped_notes: list[str] = []  # what else the time budget left out, in words (report, choice record)
-
-        seconds_per_puzzle: dict[str, float] = {}  # each variant's comparison rate, as measured
+        not_built = [m for m in (options.methods or METHODS) if m not in methods]  # the plan left them out
+        skipped_notes: list[str] = []  # what else the plan left out, in words (report, choice record)
 
         def measure(variant: str, puzzles: int) -> VariantComparison:
             """Compare `variant` with fp32 on the first `puzzles` (extending an earlier, smaller comparison)."""
             previous = comparisons.get(variant)
             done = previous.puzzles if previous else 0
-            started = time.perf_counter()
             with puzzle_progress(variant, puzzles, options.progress, start=done) as tick:
                 cmp = compare_graph(bundle, paths[variant], reference, variant, options.compare, work,
                                     puzzles=puzzles, previous=previous, on_chunk=tick)
-            seconds_per_puzzle[variant] = (time.perf_counter() - started) / max(1, cmp.puzzles - done)
             comparisons[variant] = cmp
             size = graphs[variant].details["size_ratio_fp32"]
             say(f"  {cmp.summary()}, {100 * size:.0f}% of fp32 size")
@@ -293,7 +287,7 @@ def add_variants(bundle: str | Path, out: str | Path, options: QuantizeOptions =
                                         list(fp32_spec.outputs), details, onnxruntime_ops=contrib_ops(model))
             paths[variant] = stage.path / rel
 
-        if options.methods:
+        if methods:
             samples = record_step_inputs(bundle, calib_set, options.record)
             say(f"recorded {len(samples)} step inputs of {samples.available} (steps {sorted(samples.step_counts())}) "
                 f"from {len(calib_set)} calibration puzzles ({calib_set.source})")
@@ -301,15 +295,10 @@ def add_variants(bundle: str | Path, out: str | Path, options: QuantizeOptions =
             if screen < n_eval:
                 say(f"each calibration method measured on the first {screen} evaluation puzzles; the best then on "
                     f"all {n_eval}")
+        if not_built:
+            say(_not_built_words(not_built))
         built: list[str] = []
-        methods_started = time.perf_counter()
-        for method in options.methods:
-            if options.eval_seconds is not None and built and _past_budget(methods_started, len(built)):
-                left = [m for m in options.methods if m not in built]
-                say(f"{_not_built_words(left)} ({len(built)} took {time.perf_counter() - methods_started:.0f} s, "
-                    "another would end past the budget; --eval-puzzles N builds every method whatever the time)")
-                not_built.extend(left)
-                break
+        for method in methods:
             built.append(method)
             started = time.perf_counter()
             settings = dataclasses.replace(options.calibration, method=method,
@@ -335,13 +324,13 @@ def add_variants(bundle: str | Path, out: str | Path, options: QuantizeOptions =
                     measure(f"int8-{best}", n_eval)
             clock.lap("calibrate + quantize + measure int8")
         missed = best is not None and comparisons[f"int8-{best}"].accuracy_drop > budget
-        mixed_cost = 0.0 if best is None else _mixed_seconds(prepared, options, n_eval, reference.steps, step_seconds)
-        if options.mixed is None and missed and options.eval_seconds is not None and mixed_cost > MIXED_SECONDS:
+        mixed_work = 0 if best is None else _mixed_puzzle_steps(prepared, options, n_eval, reference.steps)
+        if options.mixed is None and missed and mixed_work > (plan.mixed_puzzle_steps or 0):
             skipped_notes.append(
                 f"int8-mixed not built: int8-{best} misses the {budget:g}-point budget, and ranking its layers by "
-                f"end-of-loop sensitivity would take about {mixed_cost / 60:.0f} min here (one loop per layer group), "
-                f"past the {MIXED_SECONDS:g} s mixed precision gets at this size; `trm-export quantize BUNDLE "
-                "--eval-puzzles N` builds it whatever the time")
+                f"end-of-loop sensitivity takes {mixed_work:,} puzzle-steps (one loop per layer group), past the "
+                f"{plan.mixed_puzzle_steps:,} the plan gives mixed precision at this model's size; `trm-export "
+                "quantize BUNDLE --mixed` builds it whatever the work")
             say(skipped_notes[-1])
         elif best is not None and (options.mixed is True or (options.mixed is None and missed)):
             graph, ranges = quantized[best]
@@ -374,15 +363,15 @@ def add_variants(bundle: str | Path, out: str | Path, options: QuantizeOptions =
         timings: dict[str, tuple[StepTiming, StepTiming]] = {}
         if options.choose is not None or options.report:
             stage.write_manifest(dataclasses.replace(new_manifest, files=stage.checksums()))
-            batch = affordable_batch(target.batch.opt, step_seconds)
+            batch = plan.timing_batch or target.batch.opt
             slow = "" if batch == target.batch.opt else (
-                f"; batch {batch}, not the target's {target.batch.opt}: a step there would take about "
-                f"{target.batch.opt * step_seconds:.0f} s on this CPU")
+                f"; batch {batch}, not the target's {target.batch.opt}: a step there is "
+                f"{target.batch.opt * plan.step_flops / 1e12:.1f} TFLOP of work")
             say(f"timing one step of each variant here (batch 1 and {batch}{slow})")
             timings = step_timings(stage.path, sorted(graphs), batch, threads=options.threads, seconds=0.5)
             clock.lap("step latency")
         if options.choose is not None:
-            extend = None if options.eval_seconds is None else _ChoiceBudget(seconds_per_puzzle, n_eval, say)
+            extend = _ChoiceBudget(plan.choice_puzzles or 0, n_eval, say)
             chosen, record = _choose(options.choose, comparisons, budget, timings, n_eval, measure, extend)
             if extend is not None and extend.skipped:
                 skipped_notes.extend(extend.skipped)
@@ -390,13 +379,16 @@ def add_variants(bundle: str | Path, out: str | Path, options: QuantizeOptions =
                 record["methods_not_built"] = {"methods": not_built, "why": _not_built_words(not_built)}
             if skipped_notes:
                 record["not_built"] = skipped_notes
+            note = load_note(t for pair in timings.values() for t in pair)
+            if note:
+                record["timing_load"] = note
             new_manifest = dataclasses.replace(new_manifest, default_variant=chosen, choice=record)
             say(f"chosen: {chosen}" + (f" ({record['fallback']})" if "fallback" in record else ""))
         # TensorRT targets: recipes for the new graphs too, engines kept; a browser bundle keeps its page entry
         build = {**manifest.build, **write_build_recipes(stage.path, new_manifest)}
         if "engines" in manifest.build:
             build["engines"] = dict(manifest.build["engines"])
-        new_manifest = dataclasses.replace(new_manifest, build=build, files=stage.checksums())
+        new_manifest = dataclasses.replace(new_manifest, build=build, files=stage.checksums(), plan=plan.to_dict())
         stage.write_manifest(new_manifest)
         parity = dict(manifest.parity)
         measured: dict[str, dict[str, float]] = {}
@@ -476,24 +468,24 @@ def _level(variant: str) -> str:
 
 
 class _ChoiceBudget:
-    """CHOICE_SECONDS for measuring screened variants on every evaluation puzzle before the choice: a variant whose
-    remaining puzzles would take longer, at its own screening rate, is not measured further and not chosen (said)."""
+    """The plan's choice_puzzles: evaluation puzzles the choice may add to screened variants, all together. A variant
+    whose remaining puzzles would pass it is not measured further and not chosen (said)."""
 
-    def __init__(self, seconds_per_puzzle: dict[str, float], n_eval: int, say: Callable[[str], None]) -> None:
-        self.rate, self.n_eval, self.say = seconds_per_puzzle, n_eval, say
-        self.spent = 0.0
+    def __init__(self, puzzles: int, n_eval: int, say: Callable[[str], None]) -> None:
+        self.puzzles, self.n_eval, self.say = puzzles, n_eval, say
+        self.spent = 0
         self.skipped: list[str] = []
 
     def allows(self, variant: str, done: int) -> bool:
-        cost = self.rate.get(variant, 0.0) * (self.n_eval - done)
-        if self.spent + cost <= CHOICE_SECONDS:
+        cost = self.n_eval - done
+        if self.spent + cost <= self.puzzles:
             self.spent += cost
             return True
         self.skipped.append(
             f"{variant} not chosen: within the budget on the first {done} evaluation puzzles, but measuring it on "
-            f"the other {self.n_eval - done} would take about {cost:.0f} s here, past the {CHOICE_SECONDS:g} s the "
-            "choice gets at this size (a variant is chosen only on every evaluation puzzle); `trm-export quantize "
-            "BUNDLE --eval-puzzles N` measures it whatever the time")
+            f"the other {self.n_eval - done} is past the {self.puzzles - self.spent} puzzles the plan gives the "
+            "choice at this model's size (a variant is chosen only on every evaluation puzzle); `trm-export "
+            "quantize BUNDLE --eval-puzzles N` with a smaller N measures it on all of them")
         self.say(self.skipped[-1])
         return False
 
@@ -504,7 +496,7 @@ def _choose(precision: str, comparisons: dict[str, VariantComparison], budget: f
             extend: _ChoiceBudget | None = None) -> tuple[str, dict[str, Any]]:
     """choose_variant on the variants measured on every evaluation puzzle; a variant measured on the screening
     puzzles only is measured on all first when it could be chosen over the current choice (and, with `extend`,
-    when that fits its time budget)."""
+    when that fits the plan's choice_puzzles)."""
     at_batch = {v: t[1] for v, t in timings.items()}
     refused: set[str] = set()
     while True:
@@ -533,27 +525,6 @@ def _choose(precision: str, comparisons: dict[str, VariantComparison], budget: f
     return chosen, record
 
 
-# Time budget of recording the calibration inputs when the evaluation is budgeted too (QuantizeOptions.eval_seconds):
-# the FP32 loop on the calibration puzzles, every step. Each recorded sample then costs each calibration method
-# about as much again (the calibrator runs the step graph unoptimised, its activations as outputs): a paper-size
-# maze records one puzzle (16 samples) in 25 s and calibrates them in 30 s per method; ours record all 256.
-RECORD_SECONDS = 30.0
-# ... and of the calibration methods (calibrate, quantize, measure each): a method starts only while the ones before
-# say it ends within it. Ours build all three in seconds; a paper-size maze took 55-60 s per method on 2 cores, and
-# at 150 s its one-command Jetson export (two methods) ended 17 s short of 10 minutes.
-METHODS_SECONDS = 100.0
-
-
-# ... and of mixed precision when the best method misses the accuracy budget (ranking: one loop per layer group on
-# the sensitivity puzzles; then at least one try on the evaluation puzzles). Ours take seconds; a paper-size maze,
-# about 20 minutes.
-MIXED_SECONDS = 120.0
-# ... and of measuring, before the choice, the screened variants that could be chosen on all evaluation puzzles. A
-# trained model's int8 is measured on all of them before (as the best method); this is the fallback's cost when
-# int8 misses: a paper-size ARC's fp16 on four more puzzles took 111 s and its Jetson export 12 minutes.
-CHOICE_SECONDS = 60.0
-
-
 def lowest_drop(cmp: VariantComparison, reference: Trajectory) -> float:
     """The smallest accuracy drop (points) `cmp`, measured on the first cmp.puzzles of the reference's, can have on
     all of them, whatever it answers on the rest: with labels, it can at most solve every puzzle fp32 fails there;
@@ -569,35 +540,47 @@ def lowest_drop(cmp: VariantComparison, reference: Trajectory) -> float:
     return 100.0 * changed / n
 
 
-def _mixed_seconds(prepared, options: QuantizeOptions, n_eval: int, steps: int, step_seconds: float) -> float:
-    """What select_float_layers would cost here, at least: a loop per ranked group, then one selection try."""
+def recorded_plan(manifest: Manifest) -> Plan:
+    """The plan a bundle's export recorded; for a bundle written before plans were, one from its shapes."""
+    recorded = dict(manifest.plan or {})
+    if "step_flops" not in recorded:
+        flops = step_flops_of(manifest)
+        if flops is None:
+            raise CalibrationError("this bundle records no plan and its model config is not one trm-export knows: "
+                                   "re-export it with this trm-export")
+        recorded = {"step_flops": flops, "trained_steps": manifest.loop.halt_max_steps}
+    return Plan.from_dict(recorded)
+
+
+def quantize_plan(base: Plan, eval_available: int, calib_available: int, options: QuantizeOptions,
+                  target_batch: int) -> Plan:
+    """This stage's plan (planning.plan_quantize) on top of `base` (the export's): the flags' fields first, then a
+    replayed plan's (options.replay), then what the work budgets cover."""
+    fixed = dict(options.replay or {})
+    if fixed:
+        check_replay(fixed, base.step_flops, base.trained_steps, "FILE")
+    set_by = {k: "--plan" for k in fixed if k in SAMPLE_FIELDS}
+    for name, value, flag in (("eval_puzzles", options.eval_puzzles, "--eval-puzzles"),
+                              ("calib_puzzles", options.calib_puzzles, "--calib-puzzles"),
+                              ("methods", options.methods, "--methods")):
+        if value is not None:
+            available = {"eval_puzzles": eval_available, "calib_puzzles": calib_available}.get(name)
+            fixed[name], set_by[name] = (value if available is None else min(value, available)), flag
+    return plan_quantize(base, eval_available, calib_available, METHODS, options.record.max_samples, target_batch,
+                         fixed=fixed, set_by=set_by, screen_most=options.screen_puzzles)
+
+
+def _mixed_puzzle_steps(prepared, options: QuantizeOptions, n_eval: int, steps: int) -> int:
+    """What select_float_layers takes, at least: a loop per ranked group on the sensitivity puzzles, then one try
+    on the evaluation puzzles."""
     groups = sum(1 for g in quantizable_groups(prepared) if options.int8.quantize_attention or g.kind == "weight")
     sensitivity = min(options.mixed_options.sensitivity_puzzles, n_eval)
-    return (groups * sensitivity + n_eval) * steps * step_seconds
+    return (groups * sensitivity + n_eval) * steps
 
 
 def _not_built_words(methods: list[str]) -> str:
-    return (f"{', '.join(f'int8-{m}' for m in methods)} not built: past the calibration methods' time budget "
-            f"({METHODS_SECONDS:g} s) on this machine; `trm-export quantize BUNDLE --methods {','.join(methods)}` "
-            "builds them")
-
-
-def _past_budget(started: float, done: int) -> bool:
-    """Would one more method, at the mean cost of the `done` so far, end past METHODS_SECONDS?"""
-    spent = time.perf_counter() - started
-    return spent + spent / done > METHODS_SECONDS
-
-
-def _fit_calibration(calib: PuzzleSet, options: QuantizeOptions, steps: int, step_seconds: float,
-                     say: Callable[[str], None]) -> PuzzleSet:
-    """The calibration puzzles whose loops fit RECORD_SECONDS at the rate just measured (at least one); all of
-    them for a small model."""
-    fit = max(1, int(RECORD_SECONDS / (steps * step_seconds)))
-    if fit >= len(calib) or options.calib_puzzles is not None:
-        return calib
-    say(f"calibration on the first {fit} of {len(calib)} calibration puzzles: as many as fit {RECORD_SECONDS:g} s at "
-        f"{1000 * step_seconds:.0f} ms per puzzle-step here (--calib-puzzles N takes N whatever the time)")
-    return calib.head(fit)
+    return (f"{', '.join(f'int8-{m}' for m in methods)} not built: past the plan's work budget for calibration "
+            f"methods at this model's size; `trm-export quantize BUNDLE --methods {','.join(methods)}` builds them")
 
 
 class _StageClock:

@@ -221,12 +221,13 @@ def evaluate(model: Path | None, split: str, limit: int | None, steps: str, adap
               help="Real puzzles for the parity check and golden vectors (.npy tokens or the task's text format); "
                    "default: the matching task's held-out split.")
 @click.option("--parity-puzzles", default=None, metavar="N|all",
-              help="Check parity on the first N puzzles, or all (default: as many as fit --parity-seconds).")
-@click.option("--parity-seconds", type=click.FloatRange(1, None), default=45.0, show_default=True,
-              help="Time budget of the default parity sample (chunks sized to it, at least one puzzle).")
+              help="Check parity on the first N puzzles, or all (default: the plan's, sized from the model's work).")
 @click.option("--check-steps", default=None, metavar="N|all",
-              help="Steps of the recursion parity and the golden vectors cover (default: the trained limit, or the "
-                   "first steps that fit their time budgets where one puzzle at that limit does not, said).")
+              help="Steps of the recursion parity and the golden vectors cover (default: all, up to the trained "
+                   "limit; a lower N is recorded as your choice).")
+@click.option("--plan", "plan_file", type=click.Path(path_type=Path), default=None, metavar="FILE",
+              help="Replay a recorded plan (a bundle's manifest.json or folder): the same samples as that export; "
+                   "the sample flags override single fields of it.")
 @click.option("--strict", is_flag=True,
               help="Refuse the export (nothing written) when more than --strict-threshold of the checked puzzles are "
                    "rounding-sensitive: float32 itself cannot reproduce the model's answers there (another rounding "
@@ -252,13 +253,10 @@ def evaluate(model: Path | None, split: str, limit: int | None, steps: str, adap
               help="Calibration puzzles (.npy tokens or the task's text format); default: the task's calibration "
                    "split, never the held-out one.")
 @click.option("--calib-puzzles", type=click.IntRange(1, None), default=None,
-              help="Calibrate on the first N calibration puzzles (default: all).")
+              help="Calibrate on the first N calibration puzzles (default: the plan's).")
 @click.option("--eval-puzzles", type=click.IntRange(1, None), default=None,
-              help="Measure each variant on the first N held-out puzzles, whatever the time (default: as many of "
-                   "the 1000 as fit --eval-seconds).")
-@click.option("--eval-seconds", type=click.FloatRange(1, None), default=120.0, show_default=True,
-              help="Time budget of the FP32 reference loop on the held-out puzzles; every variant is then measured on "
-                   "the same puzzles (a paper-size model fits tens, ours all 1000).")
+              help="Measure each variant on the first N held-out puzzles (default: the plan's; a paper-size model "
+                   "gets a few, ours all 1000).")
 @click.option("--threads", type=click.IntRange(1, 1024), default=None,
               help="torch and ONNX Runtime threads (default: all cores).")
 @click.option("--no-report", is_flag=True,
@@ -266,14 +264,19 @@ def evaluate(model: Path | None, split: str, limit: int | None, steps: str, adap
 @data_option
 @override_options
 def export(model: Path | None, target: str, output: Path | None, force: bool, puzzles: Path | None,
-           parity_puzzles: str | None, parity_seconds: float, check_steps: str | None, strict: bool,
+           parity_puzzles: str | None, check_steps: str | None, plan_file: Path | None, strict: bool,
            strict_threshold: float, puzzle_table_dtype: str, keep_puzzles: Path | None, standard_ops: bool,
            precision: str | None,
            max_accuracy_drop: float, calib: Path | None, calib_puzzles: int | None, eval_puzzles: int | None,
-           eval_seconds: float, threads: int | None, no_report: bool, data: Path | None, dataset_json: Path | None,
+           threads: int | None, no_report: bool, data: Path | None, dataset_json: Path | None,
            **overrides) -> None:
     """Export MODEL to a self-verifying bundle at the target's precision (INT8 for Jetsons: calibrated, measured,
-    chosen within the accuracy budget, fp32 and fp16 kept beside it)."""
+    chosen within the accuracy budget, fp32 and fp16 kept beside it).
+
+    What each stage covers is planned before any work, from the model's FLOPs and the data, never the clock:
+    the same command gives the same bundle on a quiet or a busy machine. Parity and the golden vectors cover
+    every trained step of at least one puzzle; the plan is printed, recorded in the manifest, and replayed by
+    --plan."""
     import torch
 
     from trm_export.deploy import DeployOptions, deploy, resolve_precision
@@ -288,17 +291,21 @@ def export(model: Path | None, target: str, output: Path | None, force: bool, pu
     steps_count = _count_or_all(check_steps, "--check-steps")
     if calib is not None and not calib.is_file():
         raise click.BadParameter(f"{calib}: no such file", param_hint="--calib")
+    replay = _replayed(plan_file)
     ck = _load(model, dataset_json, **overrides)
+    if replay is not None:
+        from trm_export.planning.plan import check_replay
+
+        check_replay(replay, ck.config.step_flops, ck.config.halt_max_steps, str(plan_file))
     out = output or Path(f"{ck.path.parent.name}-{target}.bundle")
     given = puzzles_from_file(puzzles, ck.config) if puzzles else None
     options = DeployOptions(
-        export=ExportOptions(target=target, force=force, parity_puzzles=parity_count,
-                             parity_seconds=parity_seconds, check_steps=steps_count,
+        export=ExportOptions(target=target, force=force, parity_puzzles=parity_count, check_steps=steps_count,
                              puzzle_table_dtype=puzzle_table_dtype,
                              keep_puzzles=keep_puzzles, strict=strict,
                              rounding_sensitive_threshold=strict_threshold / 100, standard_ops=standard_ops),
         precision=precision, max_accuracy_drop=max_accuracy_drop, calib=calib, calib_puzzles=calib_puzzles,
-        eval_puzzles=eval_puzzles, eval_seconds=eval_seconds, threads=threads, report=not no_report, data=data)
+        eval_puzzles=eval_puzzles, threads=threads, report=not no_report, data=data, replay=replay)
     result = deploy(ck, out, options, puzzles=given, log=lambda m: echo(m))
     echo("")
     echo(result.table())
@@ -317,6 +324,15 @@ def export(model: Path | None, target: str, output: Path | None, force: bool, pu
         return
     echo(f"copy {path} to the device ({chosen.description}) and follow its README.md; there: trm-export verify "
                f"{path.name}   |   trm-export run {path.name} --input puzzles.txt")
+
+
+def _replayed(path: Path | None) -> dict | None:
+    """The sample fields of the plan `--plan FILE` names (planning.read_plan), or None."""
+    if path is None:
+        return None
+    from trm_export.planning.plan import read_plan
+
+    return read_plan(path)
 
 
 def _count_or_all(value: str | None, option: str) -> int | None:
@@ -543,10 +559,8 @@ def build(bundle: Path, variants: tuple[str, ...], dla_core: int | None, print_r
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--quick", is_flag=True, help="Small evaluation: 100 puzzles, short latency samples.")
 @click.option("--puzzles", type=click.IntRange(1, 1000), default=None,
-              help="Held-out puzzles to evaluate (default 1000; quick: 100).")
-@click.option("--seconds", type=click.FloatRange(1, None), default=None,
-              help="Time budget of the accuracy runs, all variants together: as many puzzles as fit (printed). "
-                   "Default without --puzzles: 300 s (quick: 60 s); with --puzzles: none.")
+              help="Held-out puzzles to evaluate (default: as many of the 1000 (quick: 100) as the report's work "
+                   "budget covers, counted from the model's FLOPs: the same puzzles on any machine).")
 @click.option("--max-accuracy-drop", type=click.FloatRange(0, 100), default=0.5, show_default=True,
               help="Accuracy budget (points of exact accuracy below the best FP32 setting) for the recommendation.")
 @click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True,
@@ -558,7 +572,7 @@ def build(bundle: Path, variants: tuple[str, ...], dla_core: int | None, print_r
 @click.option("--force", is_flag=True, help="Replace an earlier report at --output (never a folder holding "
                                             "anything else).")
 @data_option
-def report(bundle: Path, quick: bool, puzzles: int | None, seconds: float | None, max_accuracy_drop: float,
+def report(bundle: Path, quick: bool, puzzles: int | None, max_accuracy_drop: float,
            backend: str, threads: int | None, output: Path | None, force: bool, data: Path | None) -> None:
     """Measure accuracy versus latency of every variant and step budget here; write Markdown, JSON and plots.
 
@@ -571,9 +585,10 @@ def report(bundle: Path, quick: bool, puzzles: int | None, seconds: float | None
     # The bundle's own report/ is re-measured in place; any other existing folder only with --force, and only if
     # it holds nothing but an earlier report.
     check_output_folder(folder, force, is_report_folder, "a report", replaceable=output is None)
-    if seconds is None and puzzles is None:  # a paper-size model's 1000 puzzles would take hours on a CPU
-        seconds = 60.0 if quick else 300.0
-    data = measure_bundle(bundle, ReportOptions(quick=quick, puzzles=puzzles, seconds=seconds, threads=threads,
+    # A paper-size model's 1000 puzzles would take hours on a CPU: by default, as many as 300 s (quick: 60 s) of
+    # work at the nominal rate cover (trm_export.planning), whatever this machine's speed or load.
+    work = None if puzzles is not None else 60.0 if quick else 300.0
+    data = measure_bundle(bundle, ReportOptions(quick=quick, puzzles=puzzles, work_seconds=work, threads=threads,
                                                 backend=backend, data=data))
     folder = write_report(data, folder, max_accuracy_drop)
     echo(f"report written: {folder / 'REPORT.md'}")
@@ -584,42 +599,45 @@ def report(bundle: Path, quick: bool, puzzles: int | None, seconds: float | None
 @click.option("--output", "-o", type=click.Path(path_type=Path), required=True,
               help="New bundle to write: the fp32 graph plus int8 / int8-mixed / fp16 variants.")
 @click.option("--force", is_flag=True, help="Replace an existing bundle at --output.")
-@click.option("--methods", default="minmax,entropy,percentile", show_default=True,
-              help="Calibration methods (comma separated); one int8-<method> graph each; '' for none.")
+@click.option("--methods", default=None,
+              help="Calibration methods (comma separated: minmax,entropy,percentile); one int8-<method> graph each; "
+                   "'' for none (default: as many of the three, in order, as the plan's work budget covers).")
 @click.option("--calib", type=click.Path(path_type=Path), default=None,
               help="Calibration puzzles (.npy tokens or the task's text format); default: the task's calibration "
                    "split, never the held-out one.")
-@click.option("--calib-puzzles", type=int, default=None, help="Use the first N calibration puzzles.")
-@click.option("--eval-puzzles", type=int, default=None,
-              help="Evaluate on the first N held-out puzzles, whatever the time (default: as many as fit "
-                   "--eval-seconds).")
-@click.option("--eval-seconds", type=click.FloatRange(1, None), default=120.0, show_default=True,
-              help="Time budget of the FP32 reference loop on the held-out puzzles; every variant is measured on the "
-                   "same ones.")
+@click.option("--calib-puzzles", type=click.IntRange(1, None), default=None,
+              help="Use the first N calibration puzzles (default: the plan's).")
+@click.option("--eval-puzzles", type=click.IntRange(1, None), default=None,
+              help="Evaluate on the first N held-out puzzles (default: the plan's, sized from the model's work; "
+                   "every variant is measured on the same ones).")
+@click.option("--plan", "plan_file", type=click.Path(path_type=Path), default=None, metavar="FILE",
+              help="Replay a recorded plan (a bundle's manifest.json or folder); the flags above override it.")
 @click.option("--max-samples", type=int, default=512, show_default=True,
               help="Step-input samples kept for calibration, spread over every step of the loop.")
 @click.option("--max-accuracy-drop", type=float, default=0.5, show_default=True,
               help="int8-mixed: return the most sensitive layers to float until the exact-accuracy drop (points) "
                    "is within this.")
-@click.option("--no-mixed", is_flag=True,
-              help="Do not build int8-mixed (by default it is built when the best method misses the budget).")
+@click.option("--mixed/--no-mixed", default=None,
+              help="Build int8-mixed always / never (default: when the best method misses the budget and the plan's "
+                   "work budget covers its search).")
 @click.option("--fp16/--no-fp16", default=None, help="Build an fp16 graph (default: for TensorRT targets only).")
 @click.option("--keep-float", multiple=True, help="Layer label or node name to leave in float (repeatable).")
 @click.option("--quantize-attention", is_flag=True, help="Also quantize the attention products (q k^T, softmax v).")
 @click.option("--threads", type=int, default=None, help="ONNX Runtime threads.")
 @data_option
-def quantize(bundle: Path, output: Path, force: bool, methods: str, calib: Path | None, calib_puzzles: int | None,
-             eval_puzzles: int | None, max_samples: int, max_accuracy_drop: float, no_mixed: bool,
-             fp16: bool | None, keep_float: tuple[str, ...], quantize_attention: bool, threads: int | None,
-             eval_seconds: float, data: Path | None) -> None:
+def quantize(bundle: Path, output: Path, force: bool, methods: str | None, calib: Path | None,
+             calib_puzzles: int | None, eval_puzzles: int | None, plan_file: Path | None, max_samples: int,
+             max_accuracy_drop: float, mixed: bool | None, fp16: bool | None, keep_float: tuple[str, ...],
+             quantize_attention: bool, threads: int | None, data: Path | None) -> None:
     """Add recursion-aware INT8 (calibrated on every step's state) and FP16 variants to a bundle, measured."""
     from trm_export.calibration import Int8Options, MixedOptions, QuantizeOptions, RecordOptions, add_variants
 
     options = QuantizeOptions(
-        methods=tuple(m.strip() for m in methods.split(",") if m.strip()), mixed=False if no_mixed else None, fp16=fp16,
-        record=RecordOptions(max_samples=max_samples), int8=Int8Options(tuple(keep_float), quantize_attention),
+        methods=None if methods is None else tuple(m.strip() for m in methods.split(",") if m.strip()), mixed=mixed,
+        fp16=fp16, record=RecordOptions(max_samples=max_samples),
+        int8=Int8Options(tuple(keep_float), quantize_attention),
         mixed_options=MixedOptions(max_accuracy_drop=max_accuracy_drop), calib_puzzles=calib_puzzles,
-        eval_puzzles=eval_puzzles, eval_seconds=None if eval_puzzles else eval_seconds, force=force, threads=threads)
+        eval_puzzles=eval_puzzles, replay=_replayed(plan_file), force=force, threads=threads)
     heldout = None
     if data is not None:  # checked against the bundle before any work
         from trm_export.calibration.data import folder_split

@@ -1,10 +1,12 @@
 """The headline job, `trm-export MODEL --target T`: export, then the target's precision, in one call.
 
-Stages, each timed: export (fp32 step graph, parity against PyTorch on a time-budgeted sample) -> for a target
-whose precision is not fp32: recursion-aware calibration, every method measured, mixed precision, fp16, the
-variant chosen within the accuracy budget (calibration.choice), fp32 and the others kept as fallbacks. The fp32
-bundle of the first stage is a hidden sibling of the output that is removed afterwards; the output itself is
-written atomically by the last stage, so a failure leaves any earlier bundle at the output untouched.
+Before any work the plan is made and printed (trm_export.planning: every stage's sample sized from the model's
+FLOPs and the data, never the clock, so a busy machine writes the same bundle as a quiet one), then the stages,
+each timed: export (fp32 step graph, parity against PyTorch) -> for a target whose precision is not fp32:
+recursion-aware calibration, every planned method measured, mixed precision, fp16, the variant chosen within the
+accuracy budget (calibration.choice), fp32 and the others kept as fallbacks. The fp32 bundle of the first stage
+is a hidden sibling of the output that is removed afterwards; the output itself is written atomically by the last
+stage, so a failure leaves any earlier bundle at the output untouched.
 """
 
 from __future__ import annotations
@@ -19,8 +21,17 @@ from pathlib import Path
 
 from trm_export.errors import TrmExportError
 from trm_export.export.checkpoint import LoadedCheckpoint
-from trm_export.export.pipeline import ExportOptions, Puzzles, export_bundle, puzzles_from_folder
+from trm_export.export.pipeline import (
+    ExportOptions,
+    Puzzles,
+    export_bundle,
+    export_plan,
+    parity_puzzles,
+    puzzles_from_file,
+    puzzles_from_folder,
+)
 from trm_export.export.staging import check_writable
+from trm_export.planning.plan import NOMINAL_FLOPS, Plan, describe, plan_report, timing_batch
 from trm_export.runtime.manifest import Manifest, TaskEncoding, read_manifest
 from trm_export.targets.registry import get_target
 from trm_export.tasks.official import HELDOUT_PUZZLES
@@ -33,12 +44,12 @@ class DeployOptions:
     max_accuracy_drop: float = 0.5  # points of exact accuracy below fp32
     calib: Path | None = None  # calibration puzzles file; None: the dataset folder's train split, or the task's
     data: Path | None = None  # an official dataset folder: held-out puzzles from test/, calibration from train/
-    calib_puzzles: int | None = None  # the first N calibration puzzles (None: all)
-    eval_puzzles: int | None = None  # the first N held-out puzzles each variant is measured on (None: eval_seconds)
-    eval_seconds: float = 120.0  # without eval_puzzles: the FP32 reference on as many as fit (variants: the same)
+    calib_puzzles: int | None = None  # the first N calibration puzzles (None: as the plan sizes it)
+    eval_puzzles: int | None = None  # the first N held-out puzzles each variant is measured on (None: the plan's)
     threads: int | None = None
     report: bool = True  # write report/ (accuracy versus latency of every variant, measured here) into the bundle
-    report_seconds: float = 30.0  # fp32 bundles: time budget of the report's accuracy run (variants reuse theirs)
+    # A recorded plan's fields (planning.read_plan: `--plan FILE`), replayed; the count fields above override them.
+    replay: dict | None = None
 
 
 @dataclass
@@ -71,6 +82,8 @@ class DeployResult:
             lines.append(f"{name:<16}{f'{100 * acc:.1f}%' if acc is not None else '-':>11}{n or '-':>9}{change:>9}"
                          f"{f'{100 * size / fp32_size:.0f}%':>7}{f'{ms[name]:.2f}' if name in ms else '-':>14}  "
                          f"{'<-' if name == m.default_variant else ''}".rstrip())
+        if choice.get("timing_load"):
+            lines.append(choice["timing_load"])
         return "\n".join(lines)
 
 
@@ -96,14 +109,25 @@ def deploy(checkpoint: LoadedCheckpoint, out: Path, options: DeployOptions, puzz
         options, puzzles, calib, heldout = _from_folder(checkpoint, options, puzzles, precision)
     elif precision != "fp32" and calib is None:
         _check_calibration_split(checkpoint)
+    if isinstance(calib, Path):  # read once, before any work: its count sizes the plan
+        from trm_export.calibration.data import PuzzleSet
+
+        given = puzzles_from_file(calib, checkpoint.config)
+        calib = PuzzleSet(given.tokens, given.puzzle_ids, None, given.source)
+    export_options = dataclasses.replace(options.export, replay=options.replay)
+    puzzles = parity_puzzles(checkpoint, puzzles, export_options)[0]
+    plan = _plan(checkpoint, puzzles, precision, options, export_options, calib, heldout)
+    for line in describe(plan, _seconds_here(checkpoint, puzzles, plan)):
+        log(line)
+    export_options = dataclasses.replace(export_options, plan=plan)
     times: dict[str, float] = {}
     start = time.perf_counter()
     if precision == "fp32":
-        path, manifest, _ = export_bundle(checkpoint, out, options.export, puzzles=puzzles)
+        path, manifest, _ = export_bundle(checkpoint, out, export_options, puzzles=puzzles)
         times["export + parity"] = time.perf_counter() - start
         if options.report:
             start = time.perf_counter()
-            _fp32_report(path, options, log)
+            _fp32_report(path, options, plan, log)
             times["report"] = time.perf_counter() - start
         return DeployResult(path, manifest, times)
 
@@ -116,7 +140,7 @@ def deploy(checkpoint: LoadedCheckpoint, out: Path, options: DeployOptions, puzz
                 print(f"fp32 graph checked; adding the {precision} variants" if message.startswith("bundle written")
                       else message, flush=True)
 
-        export_bundle(checkpoint, source, dataclasses.replace(options.export, force=True), puzzles=puzzles,
+        export_bundle(checkpoint, source, dataclasses.replace(export_options, force=True), puzzles=puzzles,
                       log=fp32_log)
         times["export + parity"] = time.perf_counter() - start
         start = time.perf_counter()
@@ -125,8 +149,7 @@ def deploy(checkpoint: LoadedCheckpoint, out: Path, options: DeployOptions, puzz
         result = add_variants(source, out, QuantizeOptions(
             fp16=True, mixed_options=MixedOptions(max_accuracy_drop=options.max_accuracy_drop), choose=precision,
             force=options.export.force, threads=options.threads, progress=options.export.progress,
-            calib_puzzles=options.calib_puzzles, eval_puzzles=options.eval_puzzles, report=options.report,
-            eval_seconds=None if options.eval_puzzles else options.eval_seconds),
+            report=options.report, plan=plan),
             calib=calib, heldout=heldout, log=log)
         times.update(result.stage_seconds)
     finally:
@@ -134,8 +157,53 @@ def deploy(checkpoint: LoadedCheckpoint, out: Path, options: DeployOptions, puzz
     return DeployResult(result.path, read_manifest(result.path), times)
 
 
-def _fp32_report(path: Path, options: DeployOptions, log: Callable[[str], None]) -> None:
-    """The report of an fp32 bundle: its own accuracy run, time-budgeted (the export measured no variant)."""
+def _plan(checkpoint: LoadedCheckpoint, puzzles: Puzzles, precision: str, options: DeployOptions,
+          export_options: ExportOptions, calib, heldout) -> Plan:
+    """The whole run's plan, before any work: the export's part, then the variants' (or an fp32 report's)."""
+    plan = export_plan(checkpoint, puzzles, export_options)
+    cfg, target = checkpoint.config, get_target(options.export.target)
+    if precision == "fp32":
+        if not options.report:
+            return plan
+        available = len(heldout) if heldout is not None else _split_size(checkpoint, "heldout")
+        batch = timing_batch(cfg.step_flops, target.batch.opt)
+        fixed = (options.replay or {}).get("report_puzzles") or options.eval_puzzles
+        return plan.replace(timing_batch=batch, report_puzzles=min(available, fixed or plan_report(
+            cfg.step_flops, cfg.halt_max_steps, available, 1, batch)))
+    from trm_export.calibration.variants import QuantizeOptions, quantize_plan
+
+    n_calib = len(calib) if calib is not None else _split_size(checkpoint, "calibration")
+    n_eval = len(heldout) if heldout is not None else _split_size(checkpoint, "heldout") or n_calib
+    return quantize_plan(plan, n_eval, n_calib, QuantizeOptions(
+        calib_puzzles=options.calib_puzzles, eval_puzzles=options.eval_puzzles, replay=options.replay),
+        target.batch.opt)
+
+
+def _split_size(checkpoint: LoadedCheckpoint, split: str) -> int:
+    """Puzzles in the shipped task's fixed split (0 when the model's task has none)."""
+    from trm_export.export.accuracy import task_for_config
+
+    try:
+        return int(task_for_config(checkpoint.config).split_sizes.get(split, 0))
+    except ValueError:
+        return 0
+
+
+def _seconds_here(checkpoint: LoadedCheckpoint, puzzles: Puzzles, plan: Plan) -> float:
+    """The plan's work at this machine's rate, from one timed reference step (a second call: the first warms up).
+    Printed only: it decides nothing."""
+    from trm_export.export.reference import run_reference
+
+    for _ in range(2):
+        start = time.perf_counter()
+        run_reference(checkpoint.model, puzzles.tokens[:1], puzzles.puzzle_ids[:1], max_steps=1)
+        seconds = time.perf_counter() - start
+    rate_here = plan.step_flops / max(seconds, 1e-9)  # FLOP/s of one batch-1 step, a pessimistic rate
+    return plan.nominal_seconds() * NOMINAL_FLOPS / rate_here
+
+
+def _fp32_report(path: Path, options: DeployOptions, plan: Plan, log: Callable[[str], None]) -> None:
+    """The report of an fp32 bundle: its own accuracy run on the plan's puzzles (the export measured no variant)."""
     from trm_export.report import ReportOptions, measure_bundle, write_report
     from trm_export.runtime.io import task_for_encoding
 
@@ -144,10 +212,10 @@ def _fp32_report(path: Path, options: DeployOptions, log: Callable[[str], None])
         log("report skipped: it needs labelled puzzles (run `trm-export report BUNDLE --data DIR` with the official "
             "dataset folder)")
         return
-    log(f"report: accuracy versus latency here, as many held-out puzzles as fit {options.report_seconds:g} s")
-    data = measure_bundle(path, ReportOptions(seconds=options.report_seconds, threads=options.threads,
-                                              puzzles=options.eval_puzzles, progress=options.export.progress,
-                                              latency_seconds=0.5, data=options.data))
+    log(f"report: accuracy versus latency here, on {plan.report_puzzles} held-out puzzles (the plan's)")
+    data = measure_bundle(path, ReportOptions(threads=options.threads, puzzles=plan.report_puzzles,
+                                              progress=options.export.progress, latency_seconds=0.5,
+                                              data=options.data))
     write_report(data, path / "report", options.max_accuracy_drop)
 
 

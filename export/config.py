@@ -158,6 +158,24 @@ class ModelConfig:
         """Network applications in one ACT step."""
         return self.H_cycles * (self.L_cycles + 1)
 
+    @property
+    def step_flops(self) -> int:
+        """Floating-point operations (a multiply-add is two) of one recursion step of one puzzle: every matmul of
+        every network call, the attention scores and the output head. Counted from the shapes, never timed: it
+        sizes each export stage's sample (trm_export.planning). Matmuls are over 99% of the step; norms, rope and
+        activations are left out."""
+        s, d, a = self.total_seq_len, self.hidden_size, self.attention_width
+        mlp = 2 * s * d * 3 * self.mlp_intermediate  # SwiGLU: gate and up projections, then down
+        if self.mlp_t:
+            mixer = 2 * d * s * 3 * self.mlp_t_intermediate  # the same SwiGLU across positions
+        else:
+            mixer = 2 * s * d * 3 * a + 2 * 2 * s * s * a + 2 * s * a * d  # q, k, v; scores and values; o
+        if self.family == "hrm":
+            layers = self.H_cycles * (self.L_cycles * self.L_layers + self.H_layers)
+        else:
+            layers = self.net_calls_per_step * self.L_layers
+        return layers * (mixer + mlp) + 2 * s * d * self.vocab_size + 2 * d * 2  # lm head on every position; q head
+
     def replace(self, **changes: object) -> ModelConfig:
         return dataclasses.replace(self, **changes)
 

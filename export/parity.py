@@ -39,7 +39,6 @@ import torch
 
 from trm_export.export.model import RecursiveModel
 from trm_export.export.reference import run_reference
-from trm_export.report.latency import budget_chunks
 from trm_export.runtime.solver import Solver
 from trm_export.tasks.metrics import per_puzzle_correct
 from trm_export.tasks.official import IGNORE_LABEL
@@ -90,7 +89,7 @@ class ParityReport:
     step_graph_violations: list[dict] = field(default_factory=list)
     # Puzzle-steps where the graph or the reference produced NaN or inf (NaN compares false with every bar).
     non_finite: int = 0
-    offered: int | None = None  # puzzles offered when a time budget chose the first `puzzles` of them
+    offered: int | None = None  # puzzles offered when the export's plan took the first `puzzles` of them
     trained_steps: int | None = None  # the model's step limit, when only the first `steps` of it were checked
 
     @property
@@ -142,7 +141,7 @@ class ParityReport:
         return out
 
     def summary(self) -> str:
-        sample = f" (the first {self.puzzles} of {self.offered}, by time budget)" if self.offered else ""
+        sample = f" (the first {self.puzzles} of {self.offered}, as planned)" if self.offered else ""
         of = f" of {self.trained_steps}" if self.trained_steps else ""
         text = (f"{self.puzzles} puzzles{sample} x {self.steps}{of} steps: step graph max |z_H - ref| "
                 f"{max(self.max_abs_z_H):.1e}, max |logits - ref| {max(self.max_abs_logits):.1e}, "
@@ -179,18 +178,16 @@ def _percent(fraction: float) -> str:
 
 def check_parity(model: RecursiveModel, solver: Solver, tokens: np.ndarray, puzzle_ids: np.ndarray,
                  labels: np.ndarray | None = None, steps: int | None = None, tolerance: float = 1e-4,
-                 progress: bool = False, time_budget: float | None = None) -> ParityReport:
+                 progress: bool = False, offered: int | None = None) -> ParityReport:
     """Compare `solver` (any backend) with `model` on the given puzzles, chunk by chunk to bound memory.
 
-    With `time_budget` (seconds), the puzzles are checked in order while it lasts, in chunks sized to it
-    (report.latency.budget_chunks: the first is one puzzle, so a paper-size model, where a chunk of 64 takes an hour
-    on a CPU, stays within it too): the report then covers the first `report.puzzles` puzzles and says of how many
-    (`report.offered`)."""
+    `offered`: how many puzzles the given ones were taken from (the export's plan took the first of them); the
+    report says so."""
     steps = int(steps or model.config.halt_max_steps)
     n = len(tokens)
     zeros = [0.0] * steps
     trained = model.config.halt_max_steps
-    report = ParityReport(puzzles=n, steps=steps, trained_steps=trained if steps < trained else None,
+    report = ParityReport(puzzles=n, offered=offered, steps=steps, trained_steps=trained if steps < trained else None,
                           tolerance=tolerance, max_abs_z_H=list(zeros),
                           max_abs_z_L=list(zeros), max_abs_logits=list(zeros), free_running_max_abs_z_H=list(zeros),
                           free_running_max_abs_logits=list(zeros))
@@ -200,15 +197,13 @@ def check_parity(model: RecursiveModel, solver: Solver, tokens: np.ndarray, puzz
     bundle_preds = np.zeros((n, model.config.seq_len), np.int64)
     ref_preds = np.zeros((n, model.config.seq_len), np.int64)
     exact = _ExactStep(model)
-    starts = budget_chunks(n, chunk, time_budget)
+    starts = [slice(i, min(i + chunk, n)) for i in range(0, n, chunk)]
     if progress:
         from tqdm import tqdm
 
         starts = tqdm(starts, desc="parity vs PyTorch", unit="chunk")
-    checked = 0
     for sl in starts:
         start = sl.start
-        checked = sl.stop
         ref = run_reference(model, tokens[sl], puzzle_ids[sl], mode="adaptive", max_steps=steps, record_states=True)
         _step_graph_errors(report, solver, ref, tokens[sl], puzzle_ids[sl], exact, first=start)
 
@@ -234,12 +229,6 @@ def check_parity(model: RecursiveModel, solver: Solver, tokens: np.ndarray, puzz
         flipped = sign_flips[sl] > 0
         report.differing += [start + int(i) for i in np.flatnonzero(~(fixed_same & adaptive_same) | flipped)]
         bundle_preds[sl], ref_preds[sl] = fixed.predictions, final_ref
-    if checked < n:  # the time budget ended the check: the report covers the first `checked` puzzles
-        if progress:
-            starts.close()
-        report.puzzles, report.offered, n = checked, n, checked
-        sign_flips, bundle_preds, ref_preds = sign_flips[:n], bundle_preds[:n], ref_preds[:n]
-        labels = None if labels is None else labels[:n]
     if report.differing:
         report.rounding_sensitive = _rounding_sensitive(model, tokens, puzzle_ids, report.differing, steps)
     report.q_halt_sign_agreement = 1.0 - sign_flips.sum() / (n * steps)
@@ -271,15 +260,16 @@ def _rounding_sensitive(model: RecursiveModel, tokens: np.ndarray, puzzle_ids: n
 
 
 def rounding_sensitive(model: RecursiveModel, tokens: np.ndarray, puzzle_ids: np.ndarray,
-                       steps: int | None = None) -> np.ndarray:
+                       steps: int | None = None, traces: list | None = None) -> np.ndarray:
     """Per puzzle: can float32 rounding change its loop? Yes when another rounding of the reference (float64, and
     float32 in the export form) changes its outcome or q_halt signs or drifts beyond CHAOS_DRIFT, or when a
     decision is closer than ROUNDING_FACTOR x the drift seen: an argmax margin (top two logits) at the fixed or
-    the adaptive answer's step, or the halting margin at any step."""
+    the adaptive answer's step, or the halting margin at any step. `traces`: where given, the float32 reference
+    trace of each chunk is appended to it (a caller that needs it need not run it again)."""
     steps = int(steps or model.config.halt_max_steps)
     chunk = _puzzles_per_chunk(model, steps, traces=3)  # three traces with every step's states: bound the memory
     if len(tokens) > chunk:
-        return np.concatenate([rounding_sensitive(model, tokens[i:i + chunk], puzzle_ids[i:i + chunk], steps)
+        return np.concatenate([rounding_sensitive(model, tokens[i:i + chunk], puzzle_ids[i:i + chunk], steps, traces)
                                for i in range(0, len(tokens), chunk)])
     n = len(tokens)
 
@@ -287,6 +277,8 @@ def rounding_sensitive(model: RecursiveModel, tokens: np.ndarray, puzzle_ids: np
         return run_reference(m, tokens, puzzle_ids, mode="adaptive", max_steps=steps, record_states=True)
 
     f32 = trace(model)
+    if traces is not None:
+        traces.append(f32)
     with model.exporting() as form:
         form32 = trace(form)
     rule = model.config.halting_rule

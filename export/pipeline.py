@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import json
 import platform
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -23,14 +22,14 @@ import torch
 
 from trm_export import __version__
 from trm_export.errors import TrmExportError
-from trm_export.export.accuracy import TrainedDtypeSkipped, trained_dtype_accuracy
+from trm_export.export.accuracy import trained_dtype_accuracy
 from trm_export.export.checkpoint import LoadedCheckpoint, load_checkpoint
 from trm_export.export.onnx_graph import check_graph, export_step_graph
 from trm_export.export.parity import ROUNDING_SENSITIVE_THRESHOLD, ParityReport, check_parity, rounding_sensitive
 from trm_export.export.puzzle_rows import only_kept, select_rows
 from trm_export.export.reference import run_reference
 from trm_export.export.staging import StagedBundle
-from trm_export.report.latency import budget_chunks
+from trm_export.planning.plan import SAMPLE_FIELDS, Plan, describe, plan_export
 from trm_export.runtime.manifest import (
     FORMAT_VERSION,
     EmbeddingSpec,
@@ -65,18 +64,15 @@ class RoundingSensitiveError(TrmExportError):
 class ExportOptions:
     target: str = "cpu"
     force: bool = False
-    parity_puzzles: int | None = None  # None: as many as fit parity_seconds; an int: the first N ("all": len)
-    parity_seconds: float = 45.0  # the default parity sample's time budget (whole chunks of batch_size, at least one)
-    golden_puzzles: int = 8
-    # Time budget of choosing them among rounding-stable candidates (three reference loops each, one in float64):
-    # candidates are checked while it lasts (at least one), and at most that many puzzles become golden.
-    golden_seconds: float = 60.0
-    # Steps of the recursion that parity and the golden vectors cover. None: the trained limit, unless one puzzle at
-    # that limit would not fit parity_seconds or golden_seconds (a paper-size maze on a CPU: 16 steps of one puzzle
-    # cost minutes per check); then the first steps that fit, at least one, said on the console and in the
-    # manifest. Each step is the same graph, fed the state the previous step produced, so the first steps check
-    # the graph; they do not see what later states do. An int: that many (at most the trained limit), whatever the
-    # time; so does an explicit parity_puzzles.
+    # The samples of parity, golden vectors and the accuracy as trained (trm_export.planning: sized from the
+    # model's FLOPs and the puzzles, never the clock). None: sized here from the fields below and `replay`.
+    plan: Plan | None = None
+    replay: dict[str, Any] | None = None  # fields of a recorded plan (planning.read_plan), taken as they are
+    parity_puzzles: int | None = None  # the first N puzzles (None: as the plan sizes it)
+    golden_puzzles: int = 8  # golden vectors, chosen among rounding-stable candidates (the plan says how many)
+    # Steps parity and the golden vectors cover: None, every step up to the trained limit; an int lowers it (the
+    # user's explicit choice, recorded). Each step is the same graph, fed the state the previous step produced, so
+    # the first steps check the graph; they do not see what later states do.
     check_steps: int | None = None
     puzzle_table_dtype: str = "float32"  # or "float16": halves a large (ARC) puzzle table
     # identifiers.json of the official dataset folder (the names of the puzzle table's rows), copied into the
@@ -86,9 +82,9 @@ class ExportOptions:
     # list of identifiers); None keeps every row.
     keep_puzzles: Path | None = None
     # A model trained in bfloat16 (forward_dtype, the official default): its accuracy computed as the official code
-    # computes (export.bfloat16) on the labelled puzzles, at most this many seconds (None: not measured), recorded
-    # in manifest.reference for the report: the number the user's training printed, beside every variant's.
-    trained_dtype_seconds: float | None = 20.0
+    # computes (export.bfloat16) on the labelled puzzles the plan sizes, recorded in manifest.reference for the
+    # report: the number the user's training printed, beside every variant's. False: not measured.
+    trained_dtype: bool = True
     tolerance: float = 1e-4
     batch_size: int = 64
     progress: bool = True
@@ -205,7 +201,11 @@ def export_bundle(checkpoint: str | Path | LoadedCheckpoint, out: str | Path, op
             model.puzzle_emb.weights.copy_(model.puzzle_emb.weights.half().float())
         say(f"loaded {ck.path} ({cfg.family.upper()}{' mlp_t' if cfg.mlp_t else ''}, "
             f"{sum(p.numel() for p in model.parameters()):,} parameters)")
-        puzzles = puzzles or default_puzzles(ck)
+        puzzles, keep, names = parity_puzzles(ck, puzzles, options)
+        plan = options.plan or export_plan(ck, puzzles, options)
+        if options.plan is None:
+            for line in describe(plan):
+                say(line)
 
         opset = opset_for(target)
         graph = export_step_graph(model, opset, onnxruntime_ops=uses_onnxruntime_ops(target, options))
@@ -215,17 +215,13 @@ def export_bundle(checkpoint: str | Path | LoadedCheckpoint, out: str | Path, op
             f"{len(graph.data) / 1e6:.2f} MB ({cfg.net_calls_per_step} network calls unrolled"
             + (f"; ONNX Runtime's {', '.join(graph.onnxruntime_ops)}" if graph.onnxruntime_ops else "") + ")")
 
-        names = None if options.identifiers is None else _read_identifiers(options.identifiers, cfg)
-        keep = None
-        if options.keep_puzzles is not None and cfg.puzzle_emb_ndim > 0:
-            keep = select_rows(options.keep_puzzles, cfg.num_puzzle_identifiers, names)
-            puzzles = only_kept(puzzles, keep, "parity")
+        if keep is not None:
             row_bytes = cfg.puzzle_emb_ndim * np.dtype(options.puzzle_table_dtype).itemsize
             say(f"puzzle table: {len(keep):,} of {cfg.num_puzzle_identifiers:,} rows kept ({options.keep_puzzles}), "
                 f"{row_bytes * cfg.num_puzzle_identifiers / 1e6:,.1f} MB -> {row_bytes * len(keep) / 1e6:,.1f} MB")
         embedding = _write_tables(stage, model, options.puzzle_table_dtype, keep)
-        steps = _check_steps(model, puzzles, options, say)
-        golden = _write_golden(stage, model, puzzles, options.golden_puzzles, options.golden_seconds, steps)
+        steps = plan.check_steps
+        golden = _write_golden(stage, model, puzzles, options.golden_puzzles, plan.golden_candidates, steps)
         identifiers = None if names is None else _write_identifiers(stage, names, keep)
         arc = names is not None and (cfg.vocab_size, cfg.seq_len) == (ARC_VOCAB, ARC_SEQ_LEN)
         task = TaskEncoding(name="arc" if arc else puzzles.task_name, vocab_size=cfg.vocab_size, seq_len=cfg.seq_len,
@@ -249,21 +245,20 @@ def export_bundle(checkpoint: str | Path | LoadedCheckpoint, out: str | Path, op
                         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                         "host": platform.machine()},
             golden=golden,
+            plan=plan.to_dict(),
         )
         build = {**write_build_recipes(stage.path, manifest), **write_web_app(stage.path, target.runtime)}
         manifest = _with_files(manifest, stage, build=build)
         stage.write_manifest(manifest)
 
-        limit = len(puzzles.tokens) if options.parity_puzzles is None else min(options.parity_puzzles,
-                                                                                 len(puzzles.tokens))
+        limit = plan.parity_puzzles
         solver = Solver(stage.path, batch_size=min(options.batch_size, max(limit, 1)), provider="cpu")
-        budget = options.parity_seconds if options.parity_puzzles is None else None
-        say(f"verifying parity against the PyTorch reference on {limit} puzzles ({puzzles.source}"
-            f"{f', as many as fit {budget:g} s: --parity-puzzles all checks every one' if budget else ''}), "
-            f"{_steps_words(steps, cfg.halt_max_steps)}, backend {solver.backend.name}")
+        say(f"verifying parity against the PyTorch reference on {limit} of {len(puzzles.tokens)} puzzles "
+            f"({puzzles.source}), {_steps_words(steps, cfg.halt_max_steps)}, backend {solver.backend.name}")
         report = check_parity(model, solver, puzzles.tokens[:limit], puzzles.puzzle_ids[:limit],
                               None if puzzles.labels is None else puzzles.labels[:limit], steps=steps,
-                              tolerance=options.tolerance, progress=options.progress, time_budget=budget)
+                              tolerance=options.tolerance, progress=options.progress,
+                              offered=len(puzzles.tokens) if limit < len(puzzles.tokens) else None)
         say(f"parity: {report.summary()}")
         if not report.passed:
             raise ParityError("export failed parity against the PyTorch reference: " + "; ".join(report.failures()))
@@ -278,23 +273,24 @@ def export_bundle(checkpoint: str | Path | LoadedCheckpoint, out: str | Path, op
         q_abs = max(FP32_TOLERANCES["q_abs"], 2 * max(figures["q_halt_abs"], figures["q_continue_abs"]))
         tolerances = {"fp32": {**manifest.golden["tolerances"]["fp32"], "q_abs": q_abs}}
         parity = {"fp32": {**report.to_dict(), "puzzles_source": puzzles.source, "golden": figures,
-                           "sample": parity_sample_note(report, budget),
+                           "sample": parity_sample_note(report, plan),
                            "rounding_sensitive_threshold": options.rounding_sensitive_threshold}}
         reference = {}
-        if options.trained_dtype_seconds and puzzles.labels is not None and cfg.forward_dtype == "bfloat16":
-            say(f"accuracy as trained ({cfg.forward_dtype}, PyTorch as the official code computes), as many puzzles "
-                f"as fit {options.trained_dtype_seconds:g} s")
-            try:
-                trained = trained_dtype_accuracy(model, puzzles.tokens, puzzles.puzzle_ids, puzzles.labels,
-                                                 puzzles.source, seconds=options.trained_dtype_seconds)
-            except TrainedDtypeSkipped as skipped:
-                say(f"  {cfg.forward_dtype}: not measured: {skipped}; `trm-export evaluate MODEL --compute-dtype "
-                    f"{cfg.forward_dtype} --limit N` measures it on N puzzles whatever the time")
-            else:
+        if _trained_dtype_applies(ck, puzzles, options):
+            n = plan.trained_dtype_puzzles
+            if n:
+                say(f"accuracy as trained ({cfg.forward_dtype}, PyTorch as the official code computes) on {n} "
+                    "puzzles")
+                trained = trained_dtype_accuracy(model, puzzles.tokens[:n], puzzles.puzzle_ids[:n],
+                                                 puzzles.labels[:n], puzzles.source)
                 reference = {cfg.forward_dtype: trained}
                 last = trained["rows"][-2]  # fixed, the trained step limit
                 say(f"  {cfg.forward_dtype}: {100 * last['exact_accuracy']:.1f}% exact at {last['budget']} fixed "
                     f"steps on {trained['puzzles']} puzzles")
+            else:
+                say(f"accuracy as trained ({cfg.forward_dtype}): not measured: one puzzle's loop is past the plan's "
+                    f"budget for it at this model's size; `trm-export evaluate MODEL --compute-dtype "
+                    f"{cfg.forward_dtype} --limit N` measures it on N puzzles")
         manifest = _with_files(manifest, stage, parity=parity, golden={**manifest.golden, "tolerances": tolerances},
                                reference=reference)
         path = stage.commit(manifest)
@@ -315,50 +311,53 @@ def _strict_refusal(report: ParityReport, threshold: float) -> str:
             "any)")
 
 
-def parity_sample_note(report: ParityReport, budget: float | None) -> str:
+def parity_sample_note(report: ParityReport, plan: Plan) -> str:
     """What the parity sample can and cannot tell, in words (manifest and console)."""
     steps = "" if not report.trained_steps else (
-        f" Only the first {report.steps} of the {report.trained_steps} trained steps were checked: each step is the "
-        "same graph, so a graph error shows in them, but what the later states do is not seen; --check-steps all "
-        "checks every step.")
+        f" Only the first {report.steps} of the {report.trained_steps} trained steps were checked "
+        f"(set by {plan.set_by.get('check_steps', 'the user')}): each step is the same graph, so a graph error "
+        "shows in them, but what the later states do is not seen.")
     if not report.offered:
         return f"every offered puzzle ({report.puzzles}) checked." + steps
     rate = min(100.0, 300.0 / report.puzzles)  # rule of three: 95% bound on a rate seen 0 times in n trials
-    return (f"the first {report.puzzles} of {report.offered} puzzles, as many as fit {budget:g} s. Every checked step "
-            "of each is compared, so a graph error that shows on any input in general is caught; an error that "
-            f"only some puzzles trigger is caught with 95% confidence if it affects at least {rate:.3g}% of puzzles "
-            "(rule of three); rarer ones can pass unseen. --parity-puzzles all checks every puzzle." + steps)
+    why = plan.set_by.get("parity_puzzles", "the plan, sized from the model's work")
+    return (f"the first {report.puzzles} of {report.offered} puzzles ({why}). Every checked step of each is "
+            "compared, so a graph error that shows on any input in general is caught; an error that only some "
+            f"puzzles trigger is caught with 95% confidence if it affects at least {rate:.3g}% of puzzles (rule of "
+            "three); rarer ones can pass unseen. --parity-puzzles all checks every puzzle." + steps)
 
 
-# What one puzzle-step of each check costs, in reference steps (torch float32, batch 1): parity records the
-# reference (1) and runs the graph three times (fed the reference's states, fixed, adaptive; ONNX Runtime's step
-# took up to 1.7 reference steps: the paper-size maze, 2 threads); the golden vectors' candidate check traces
-# float32, the export form and float64 (~2), then the chosen puzzle once more, and the golden figures run the graph
-# twice on it.
-PARITY_STEP_COST = 1.0 + 3 * 1.7
-GOLDEN_STEP_COST = 5.0 + 2 * 1.7
+def parity_puzzles(ck: LoadedCheckpoint, puzzles: Puzzles | None,
+                   options: ExportOptions) -> tuple[Puzzles, np.ndarray | None, list[str] | None]:
+    """(parity puzzles, kept puzzle-table rows or None, row names or None): the given puzzles or the task's
+    held-out split, only those of the kept rows with --keep-puzzles."""
+    cfg = ck.config
+    puzzles = puzzles or default_puzzles(ck)
+    names = None if options.identifiers is None else _read_identifiers(options.identifiers, cfg)
+    keep = None
+    if options.keep_puzzles is not None and cfg.puzzle_emb_ndim > 0:
+        keep = select_rows(options.keep_puzzles, cfg.num_puzzle_identifiers, names)
+        puzzles = only_kept(puzzles, keep, "parity")
+    return puzzles, keep, names
 
 
-def _check_steps(model, puzzles: Puzzles, options: ExportOptions, say: Callable[[str], None]) -> int:
-    """The steps parity and the golden vectors cover (ExportOptions.check_steps), from one timed reference step."""
-    trained = model.config.halt_max_steps
-    if options.check_steps is not None:
-        return max(1, min(options.check_steps, trained))
-    if options.parity_puzzles is not None:
-        return trained
-    started = time.perf_counter()
-    run_reference(model, puzzles.tokens[:1], puzzles.puzzle_ids[:1], max_steps=1)
-    step = time.perf_counter() - started  # includes the first call's warm-up: errs towards fewer steps
-    fit = int(min(options.parity_seconds / (PARITY_STEP_COST * step),
-                  options.golden_seconds / (GOLDEN_STEP_COST * step)))
-    if fit >= trained:
-        return trained
-    steps = max(1, fit)
-    say(f"one reference step of one puzzle takes {step:.1f} s here: parity and the golden vectors cover the first "
-        f"{steps} of {trained} steps, as fit --parity-seconds {options.parity_seconds:g} and the golden vectors' "
-        f"{options.golden_seconds:g} s (--check-steps all checks every step, at about "
-        f"{trained * (PARITY_STEP_COST + GOLDEN_STEP_COST) * step / 60:.0f} min per puzzle)")
-    return steps
+def export_plan(ck: LoadedCheckpoint, puzzles: Puzzles, options: ExportOptions) -> Plan:
+    """The export stage's plan (planning.plan_export): from the model's FLOPs and the puzzles, a replayed plan's
+    fields (options.replay) and the flags, in that order of precedence from last to first."""
+    cfg = ck.config
+    fixed = dict(options.replay or {})
+    set_by = {k: "--plan" for k in fixed if k in SAMPLE_FIELDS}
+    for name, value, flag in (("parity_puzzles", options.parity_puzzles, "--parity-puzzles"),
+                              ("check_steps", options.check_steps, "--check-steps")):
+        if value is not None:
+            fixed[name], set_by[name] = min(value, len(puzzles.tokens) if name == "parity_puzzles" else
+                                            cfg.halt_max_steps), flag
+    return plan_export(cfg.step_flops, cfg.halt_max_steps, len(puzzles.tokens), options.golden_puzzles,
+                       _trained_dtype_applies(ck, puzzles, options), fixed=fixed, set_by=set_by)
+
+
+def _trained_dtype_applies(ck: LoadedCheckpoint, puzzles: Puzzles, options: ExportOptions) -> bool:
+    return options.trained_dtype and puzzles.labels is not None and ck.config.forward_dtype == "bfloat16"
 
 
 def _steps_words(steps: int, trained: int) -> str:
@@ -411,23 +410,29 @@ def _write_identifiers(stage: StagedBundle, names: list[str], keep: np.ndarray |
     return stage.write_bytes("tables/identifiers.json", json.dumps(names).encode())
 
 
-def _write_golden(stage: StagedBundle, model, puzzles: Puzzles, count: int, seconds: float | None = None,
+def _write_golden(stage: StagedBundle, model, puzzles: Puzzles, count: int, candidates: int | None = None,
                   steps: int | None = None) -> dict[str, Any]:
     """Golden vectors: the reference's loop on `count` puzzles, for the bundle's self-check on a device.
 
-    They are taken among the rounding-stable puzzles (parity.rounding_sensitive) of the first 4 x count: a puzzle
+    They are taken among the rounding-stable puzzles (parity.rounding_sensitive) of the first `candidates` (the
+    plan's; default 4 x count): a puzzle
     whose outcome another float32 rounding can change would fail a correct engine's self-check. A chaotic model
     may leave fewer stable puzzles than asked for; the rest are filled in order, and the self-check's
     predictions and q-sign bars are then the stable fraction. `steps`: the first steps of the loop (default: the
     trained limit); the self-check runs as many."""
-    candidates = min(4 * count, len(puzzles.tokens))
-    sensitive = np.concatenate([rounding_sensitive(model, puzzles.tokens[part], puzzles.puzzle_ids[part], steps)
-                                for part in budget_chunks(candidates, count, seconds)])
+    candidates = min(candidates or 4 * count, len(puzzles.tokens))
+    parts = [slice(i, min(i + count, candidates)) for i in range(0, candidates, count)]
+    traces: list = []
+    sensitive = np.concatenate([rounding_sensitive(model, puzzles.tokens[part], puzzles.puzzle_ids[part], steps,
+                                                   traces) for part in parts])
     order = np.concatenate([np.flatnonzero(~sensitive), np.flatnonzero(sensitive)])
     chosen = np.sort(order[: min(count, len(sensitive))])
     n, stable = len(chosen), int(np.sum(~sensitive[chosen]))
     tokens, ids = puzzles.tokens[chosen], puzzles.puzzle_ids[chosen]
-    trace = run_reference(model, tokens, ids, mode="adaptive", max_steps=steps)
+    # Every candidate chosen, checked in one batch (a paper-size model's one puzzle): that check's float32 trace is
+    # this very loop, the same batch; otherwise the chosen puzzles' own.
+    trace = (traces[0] if len(traces) == 1 and n == candidates else
+             run_reference(model, tokens, ids, mode="adaptive", max_steps=steps))
     arrays = {"tokens": tokens.astype(np.int64), "puzzle_ids": ids.astype(np.int64), "q_halt": trace.q_halt,
               "q_continue": trace.q_continue, "predictions": trace.step_predictions[-1].astype(np.int64),
               "adaptive_steps": trace.steps_used, "adaptive_predictions": trace.predictions.astype(np.int64)}

@@ -3,14 +3,17 @@
 A step is timed many times on a warm backend (a time budget, at least a few samples); the quartiles say how
 much the machine moved while it was measured. A decision between two settings uses them: one is faster only
 when its upper quartile is below the other's lower quartile (a shared, noisy machine flips a ranking decided
-on medians alone; seen: int8 at 205 ms under load, fp32 at 78 ms when quieter).
+on medians alone; seen: int8 at 205 ms under load, fp32 at 78 ms when quieter). Each timing also records how
+loaded the machine was (load average, and the cores this process kept busy), so a table measured on a busy
+machine says so (`load_note`).
 """
 
 from __future__ import annotations
 
+import os
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -27,11 +30,38 @@ class StepTiming:
     p50: float
     p75: float
     p95: float
+    load_average: float | None = None  # the machine's 1-minute load average when the timing ended
+    own_cores: float | None = None  # this process's CPU time over the wall time of the timed steps
+    cpus: int | None = None
 
     def scaled(self, factor: float) -> StepTiming:
         """The same spread for `factor` steps (a loop of k steps costs k steps)."""
-        return StepTiming(self.batch, self.samples, self.p25 * factor, self.p50 * factor, self.p75 * factor,
-                          self.p95 * factor)
+        return replace(self, p25=self.p25 * factor, p50=self.p50 * factor, p75=self.p75 * factor,
+                       p95=self.p95 * factor)
+
+    @property
+    def other_load(self) -> float | None:
+        """Runnable work that was not this process: load average less the cores this process used."""
+        if self.load_average is None or self.own_cores is None:
+            return None
+        return max(0.0, self.load_average - self.own_cores)
+
+    @property
+    def busy(self) -> bool:
+        """Other work kept at least half the cores busy while this was timed: slower than this CPU runs quiet."""
+        other = self.other_load
+        return other is not None and bool(self.cpus) and other >= 0.5 * self.cpus
+
+
+def load_note(timings: Iterable[StepTiming]) -> str | None:
+    """One line for a table of timings taken while the machine was busy (None when it was quiet)."""
+    busy = [t for t in timings if t.busy]
+    if not busy:
+        return None
+    worst = max(busy, key=lambda t: t.other_load or 0.0)
+    return (f"WARNING: timed while the machine was busy (load average {worst.load_average:.1f} on {worst.cpus} "
+            f"cores, {worst.other_load:.1f} of it other work): these times are slower than this CPU runs when "
+            "quiet; re-measure on a quiet machine (`trm-export report BUNDLE`) before comparing them")
 
 
 def faster_beyond_noise(a: StepTiming, b: StepTiming) -> bool:
@@ -64,40 +94,19 @@ def time_steps(solver: Solver, seconds: float = 1.0, min_samples: int = 5, max_s
         return not times or (len(times) < max_samples and (now < deadline or (len(times) < min_samples and
                                                                              now < hard)))
 
+    wall_start, cpu_start = start, time.process_time()
     while more():
         start = time.perf_counter()
         backend.step(n)
         times.append(1000.0 * (time.perf_counter() - start))
+    own = (time.process_time() - cpu_start) / max(1e-9, time.perf_counter() - wall_start)
     p25, p50, p75, p95 = np.percentile(times, [25, 50, 75, 95])
-    return StepTiming(n, len(times), float(p25), float(p50), float(p75), float(p95))
+    return StepTiming(n, len(times), float(p25), float(p50), float(p75), float(p95), _load_average(), own,
+                      os.cpu_count())
 
 
-def budget_chunks(total: int, capacity: int, seconds: float | None) -> Iterator[slice]:
-    """Consecutive slices of `total` items to process within `seconds` (None: all of them, `capacity` at a time).
-
-    With a budget the first slice is one item, each next one as many as the rate so far says still fit (at most
-    `capacity`), and none starts unless one more item does: a paper-size model, where one item can take a minute,
-    stays within it too (one item at least). The caller times nothing; the slices it was given cover what was done."""
-    started, start = time.perf_counter(), 0
-    while start < total:
-        size = capacity
-        if seconds is not None:
-            spent = time.perf_counter() - started
-            fit = 1 if not start else int(min(capacity, (seconds - spent) / (spent / start)))
-            if fit < 1:
-                return
-            size = fit
-        stop = min(start + size, total)
-        yield slice(start, stop)
-        start = stop
-
-
-TIMING_STEP_SECONDS = 0.5  # the largest batch timed: the target's, or what one step does in about this long here
-
-
-def affordable_batch(target_batch: int, seconds_per_puzzle_step: float) -> int:
-    """The target's batch, or the largest power of two whose step takes about TIMING_STEP_SECONDS here: timing a
-    paper-size model at batch 64 on a CPU would take minutes per sample."""
-    if target_batch * seconds_per_puzzle_step <= TIMING_STEP_SECONDS:
-        return target_batch
-    return max(1, 1 << int(np.log2(max(1.0, TIMING_STEP_SECONDS / seconds_per_puzzle_step))))
+def _load_average() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):  # not on every platform
+        return None

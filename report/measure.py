@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from trm_export.errors import InputError
-from trm_export.report.latency import StepTiming, affordable_batch, time_steps
+from trm_export.planning.plan import plan_report, step_flops_of, timing_batch
+from trm_export.report.latency import StepTiming, load_note, time_steps
 from trm_export.report.trajectory import Trajectory, puzzle_progress, run_trajectory, wilson_interval
 from trm_export.runtime.backend import importable
 from trm_export.runtime.cpu_engines import cpu_model
@@ -41,7 +42,9 @@ DRIFT_BYTES = 64 << 20  # fp32's z_H at every step of the drift puzzles is held 
 class ReportOptions:
     quick: bool = False  # a small evaluation (100 puzzles, short latency samples)
     puzzles: int | None = None  # held-out puzzles; default: 1000 (the held-out split), 100 with quick
-    seconds: float | None = None  # time budget of the accuracy runs, all variants together (None: no limit)
+    # Work budget of the accuracy runs, all variants together, in seconds at planning.NOMINAL_FLOPS (the same
+    # number of puzzles on any machine: counted from the model's FLOPs, never timed). None: every puzzle.
+    work_seconds: float | None = None
     latency_seconds: float | None = None  # per variant and batch size; default 1 s, 0.25 s with quick
     budgets: tuple[int, ...] = BUDGETS
     threads: int | None = None
@@ -248,29 +251,32 @@ def measure_bundle(bundle: str | Path, options: ReportOptions = ReportOptions())
     variants = sorted(manifest.graphs, key=lambda v: (v != "fp32", v))  # fp32 first: the drift reference
     jobs = [(v, b) for v in variants for b in _backends(manifest, v, options.backend)]
     fp32_states: dict[int, np.ndarray] = {}
+    flops = step_flops_of(manifest)
+    timings: list[StepTiming] = []
     for i, (variant, backend) in enumerate(jobs):
         _peak_rss_reset()
         single = Solver(bundle, variant=variant, backend=backend, batch_size=1, threads=options.threads,
                         verify=False)
         timing_1 = time_steps(single, latency_seconds)
-        if i == 0:  # the target's batch, or a smaller one where a step there takes too long here (paper size)
-            batch = affordable_batch(target.batch.opt, timing_1.p50 / 1000.0)
+        if i == 0:  # the target's batch, or a smaller one where a step there is too much work (paper size)
+            batch = timing_batch(flops, target.batch.opt) if flops else target.batch.opt
             if batch < target.batch.opt:
                 report.notes.append(f"throughput and accuracy runs at batch {batch}, not the target's "
-                                    f"{target.batch.opt}: one step at batch {target.batch.opt} would take about "
-                                    f"{target.batch.opt * timing_1.p50 / 1000:.0f} s here")
+                                    f"{target.batch.opt}: one step at batch {target.batch.opt} is "
+                                    f"{target.batch.opt * flops / 1e12:.1f} TFLOP of work")
+            if options.work_seconds is not None and flops:  # whole batches, sized from the work: all variants
+                fit = plan_report(flops, steps, len(data), len(jobs), batch, options.work_seconds)
+                if fit < len(data):
+                    data = data.select(np.arange(fit))
+                    report.puzzles, report.source = len(data), f"{source}; the first {len(data)} of them"
+                    report.notes.append(
+                        f"accuracy on the first {len(data)} held-out puzzles: as many as the report's work budget "
+                        f"covers ({options.work_seconds:g} s at the nominal rate, counted from the model's FLOPs: the "
+                        "same puzzles on any machine; `--puzzles N` measures N)")
         batched = Solver(bundle, variant=variant, backend=backend, batch_size=batch, threads=options.threads,
                          verify=False)
         timing_b = time_steps(batched, latency_seconds)
-        if options.seconds is not None and i == 0:  # as many whole batches as the budget allows, all variants
-            per_puzzle_s = steps * timing_b.p75 / 1000.0 / timing_b.batch
-            fit = int(options.seconds / len(jobs) / per_puzzle_s) // timing_b.batch * timing_b.batch
-            if fit < len(data):
-                data = data.select(np.arange(max(fit, min(timing_b.batch, len(data)))))
-                report.puzzles, report.source = len(data), f"{source}; the first {len(data)} of them (time budget)"
-                report.notes.append(f"accuracy on the first {len(data)} held-out puzzles: as many as fit the "
-                                    f"report's time budget of {options.seconds:g} s (`--puzzles N` measures N "
-                                    "whatever the time)")
+        timings += [timing_1, timing_b]
         s, d = batched.embedder.state_shape
         n_drift = max(1, min(DRIFT_PUZZLES, len(data), DRIFT_BYTES // (4 * steps * s * d)))
         drift = _DriftProbe(fp32_states, variant, n_drift)
@@ -282,6 +288,9 @@ def measure_bundle(bundle: str | Path, options: ReportOptions = ReportOptions())
         report.measurements += settings_of(variant, manifest.graphs[variant].precision, batched.backend.name,
                                            trajectory, options.budgets, timing_1, timing_b, size_mb, _peak_rss_mb(),
                                            options.halting)
+    note = load_note(timings)
+    if note:
+        report.notes.append(note)
     return report
 
 

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from trm_export.report.latency import budget_chunks
 from trm_export.runtime.solver import HaltingPolicy, Solver, halt_now, parse_halting
 from trm_export.runtime.validate import validate_puzzles
 from trm_export.tasks.official import IGNORE_LABEL
@@ -128,14 +127,11 @@ class Trajectory:
 
 def run_trajectory(solver: Solver, tokens: np.ndarray, puzzle_ids: np.ndarray | None, labels: np.ndarray | None,
                    steps: int, on_state: Callable[[int, np.ndarray, Solver], None] | None = None,
-                   on_chunk: Callable[[int], None] | None = None, seconds: float | None = None) -> Trajectory:
+                   on_chunk: Callable[[int], None] | None = None) -> Trajectory:
     """Run every puzzle `steps` fixed steps through `solver`, in chunks of its batch, and record the trajectory.
 
     `on_state(t, puzzles, solver)` is called after each step with the indices of the puzzles in slots [0, n)
     (the backend's state and logits can be read there); `on_chunk(done)` after each chunk, for progress.
-
-    `seconds`: a time budget; the puzzles are then taken in order, in chunks sized to it (report.latency.
-    budget_chunks). The trajectory covers the first `puzzles` done (at least one).
     """
     tokens, ids = validate_puzzles(tokens, puzzle_ids, solver.task)
     n = len(tokens)
@@ -146,10 +142,9 @@ def run_trajectory(solver: Solver, tokens: np.ndarray, puzzle_ids: np.ndarray | 
     token = None if labels is None else np.zeros((steps, n), np.float32)
     final = np.zeros((n, solver.task.seq_len), np.int64)
     changed = np.zeros((steps, n), bool)
-    start = 0
-    for part in budget_chunks(n, solver.backend.capacity, seconds):
-        idx = np.arange(part.start, part.stop)
-        start = part.stop
+    capacity = solver.backend.capacity
+    for start in range(0, n, capacity):
+        idx = np.arange(start, min(start + capacity, n))
         previous = np.zeros((len(idx), solver.task.seq_len), np.int64)  # the chunk's answers after the last step
 
         def on_step(slots: np.ndarray, steps_done: np.ndarray, qh: np.ndarray, qc: np.ndarray, idx=idx,
@@ -172,11 +167,8 @@ def run_trajectory(solver: Solver, tokens: np.ndarray, puzzle_ids: np.ndarray | 
         result = solver.solve(tokens[idx], ids[idx], mode="fixed", max_steps=steps, on_step=on_step)
         final[idx] = result.predictions
         if on_chunk is not None:
-            on_chunk(start)
-    done = start
-    return Trajectory(steps, solver.manifest.loop.halting_rule, q[0][:, :done], q[1][:, :done],
-                      None if exact is None else exact[:, :done], None if token is None else token[:, :done],
-                      final[:done], changed[:, :done])
+            on_chunk(int(idx[-1]) + 1)
+    return Trajectory(steps, solver.manifest.loop.halting_rule, q[0], q[1], exact, token, final, changed)
 
 
 @contextlib.contextmanager

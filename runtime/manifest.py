@@ -114,6 +114,9 @@ class Manifest:
     # What the PyTorch reference measured at export that a device cannot recompute (it has no torch): the accuracy
     # in the arithmetic the model was trained in, {"bfloat16": {"puzzles", "source", "rows": [...]}}.
     reference: dict[str, Any] = field(default_factory=dict)
+    # What each stage of the export covered and why (trm_export.planning): sample sizes sized from the model's work,
+    # never the clock; `--plan` replays it.
+    plan: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> str:
         """The manifest as written: its fields plus `digest`, the sha256 of their canonical form."""
@@ -353,7 +356,8 @@ def _parse(data: Any) -> Manifest:
                         graphs=graphs, target=root.str("target", pattern=NAME_PATTERN), files=files,
                         provenance=root.obj("provenance"), golden=golden, parity=root.obj("parity", optional=True),
                         build=build, default_variant=root.str("default_variant", pattern=NAME_PATTERN),
-                        choice=root.obj("choice", optional=True), reference=root.obj("reference", optional=True))
+                        choice=root.obj("choice", optional=True), reference=root.obj("reference", optional=True),
+                        plan=root.obj("plan", optional=True))
     if manifest.default_variant not in graphs:
         raise BundleError(f"{MANIFEST_NAME}: default_variant {manifest.default_variant!r} has no graph")
     unlisted = sorted(rel for rel in manifest.referenced_files() if rel not in files)

@@ -29,7 +29,6 @@ import pytest
 import torch
 
 from trm_export.export.accuracy import (
-    TrainedDtypeSkipped,
     accuracy_by_budget_and_dtype,
     format_table,
     trained_dtype_accuracy,
@@ -208,15 +207,18 @@ def test_accuracy_table_shows_bfloat16_beside_float32():
     assert float32_only.startswith("| loop | steps | exact accuracy |")  # one dtype: the table as before
 
 
-def test_the_accuracy_as_trained_is_skipped_when_one_puzzle_would_overrun_its_budget():
-    """The export's bfloat16 accuracy is time-budgeted, and one puzzle is the least a budget gives: on a CPU that
-    emulates bfloat16 GEMMs one paper-size puzzle took 117 s against 20 s. One step is timed first; when a puzzle
-    would take over 3 budgets nothing runs and the reason is said (the export prints it with the command that
-    measures it anyway)."""
+def test_the_accuracy_as_trained_is_sized_by_the_work_and_skipped_past_its_budget():
+    """The export's bfloat16 accuracy runs on the puzzles the plan sizes from the model's FLOPs (on a CPU that
+    emulates bfloat16 GEMMs one paper-size puzzle took 117 s): a small model gets its puzzles, a paper-size one
+    none (said at export), whatever the clock; trained_dtype_accuracy measures every puzzle it is given."""
+    from trm_export.planning.plan import plan_export
+
     model, rec = _case("bf16-trm-mlpt-learned")
+    small = plan_export(model.config.step_flops, 16, 1000, 8, trained_dtype=True)
+    assert small.trained_dtype_puzzles == 200  # its cap: the first 200
+    paper = plan_export(25_632_486_400, 16, 1000, 8, trained_dtype=True)  # the paper-size Sudoku's step
+    assert paper.trained_dtype_puzzles == 0
+    assert plan_export(model.config.step_flops, 16, 1000, 8, trained_dtype=False).trained_dtype_puzzles == 0
     labels = np.zeros_like(rec["tokens"])
-    with pytest.raises(TrainedDtypeSkipped, match=r"one puzzle would take about \d+ s in bfloat16 on this CPU "
-                                                  r"\(one step timed\), over 3x the 1e-09 s budget"):
-        trained_dtype_accuracy(model, rec["tokens"], rec["puzzle_ids"], labels, "recorded", seconds=1e-9)
-    measured = trained_dtype_accuracy(model, rec["tokens"], rec["puzzle_ids"], labels, "recorded", seconds=60)
+    measured = trained_dtype_accuracy(model, rec["tokens"], rec["puzzle_ids"], labels, "recorded", batch=2)
     assert measured["puzzles"] == len(rec["tokens"])

@@ -50,12 +50,12 @@ needs_chromium = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def browser_bundle(tmp_path_factory) -> Path:
-    """reference_models/sudoku_mlpt exported with --target browser (smaller parity and golden budgets)."""
+    """reference_models/sudoku_mlpt exported with --target browser (a smaller parity sample)."""
     if _ort_web_missing():
         pytest.skip(_ort_web_missing())
     out = tmp_path_factory.mktemp("browser") / "sudoku.bundle"
     export_bundle(reference_model_path("sudoku_mlpt"), out,
-                  ExportOptions(target="browser", progress=False, parity_seconds=5, golden_seconds=45))
+                  ExportOptions(target="browser", progress=False, parity_puzzles=32))
     return out
 
 

@@ -541,29 +541,34 @@ def test_options_are_checked_up_front():
         QuantizeOptions(methods=("kl",))
 
 
-def test_a_time_budget_sizes_the_evaluation_and_calibration(bundle, tmp_path, monkeypatch):
-    """eval_seconds (the one command's default): the FP32 reference on the puzzles that fit, every variant measured
-    on the same ones, the calibration puzzles sized to the same rate, the methods that fit theirs (at least one);
-    each said in the log."""
-    import trm_export.calibration.variants as variants
+def test_the_plan_sizes_the_evaluation_calibration_and_methods_from_the_work(bundle, tmp_path, monkeypatch):
+    """Without --eval-puzzles / --calib-puzzles the plan sizes them from the model's FLOPs (budgets shrunk here, as
+    for a paper-size model): the FP32 reference and every variant on the same first puzzles, the calibration
+    puzzles, the methods the budget covers (at least one); mixed precision not built past its budget; each said."""
+    import trm_export.planning.plan as planning
 
-    monkeypatch.setattr(variants, "RECORD_SECONDS", 1e-9)  # one calibration puzzle fits
-    monkeypatch.setattr(variants, "METHODS_SECONDS", 1e-9)  # the first method only
-    monkeypatch.setattr(variants, "MIXED_SECONDS", 1e-9)  # no time to rank layers
+    for stage in ("evaluation", "calibration", "methods", "mixed"):
+        monkeypatch.setitem(planning.BUDGET, stage, 1e-9)
     lines: list[str] = []
-    options = dataclasses.replace(FAST, eval_puzzles=None, calib_puzzles=None, eval_seconds=1e-9,
-                                  methods=("minmax", "percentile"), fp16=False, mixed=None,
+    options = dataclasses.replace(FAST, eval_puzzles=None, calib_puzzles=None, fp16=False, mixed=None,
                                   mixed_options=dataclasses.replace(FAST.mixed_options, max_accuracy_drop=-1.0))
     result = add_variants(bundle, tmp_path / "q", options, log=lines.append)
-    assert result.manifest.parity["int8-minmax"]["puzzles"] == 1
-    assert any("1 puzzles fit the 1e-09 s budget" in line for line in lines)
-    assert result.samples["puzzles"] == 1 and any("calibration on the first 1 of 256" in line for line in lines)
-    assert result.not_built == ["percentile"] and "int8-percentile" not in result.manifest.graphs
-    assert any(line.startswith("int8-percentile not built: past the calibration methods' time budget")
-               and "--methods percentile" in line for line in lines)
-    # int8-minmax misses the (impossible) accuracy budget, and mixed precision would not fit its time
+    plan = result.manifest.plan
+    assert (plan["eval_puzzles"], plan["screen_puzzles"], plan["calib_puzzles"], plan["methods"]) == (
+        1, 1, 1, ["minmax"])
+    assert result.manifest.parity["int8-minmax"]["puzzles"] == 1 and result.samples["puzzles"] == 1
+    assert any(line.startswith("  evaluation: 1 of ") for line in lines)
+    assert result.not_built == ["entropy", "percentile"] and "int8-percentile" not in result.manifest.graphs
+    assert any(line.startswith("int8-entropy, int8-percentile not built: past the plan's work budget")
+               and "--methods entropy,percentile" in line for line in lines)
+    # int8-minmax misses the (impossible) accuracy budget, and mixed precision is past its budget
     assert "int8-mixed" not in result.manifest.graphs
     assert any(line.startswith("int8-mixed not built: int8-minmax misses the -1-point budget") for line in lines)
+    # flags override the plan, and the record says so
+    again = add_variants(bundle, tmp_path / "r", dataclasses.replace(options, eval_puzzles=3, methods=("entropy",)),
+                         log=lines.append)
+    assert (again.manifest.plan["eval_puzzles"], again.manifest.plan["methods"]) == (3, ["entropy"])
+    assert again.manifest.plan["set_by"] == {"eval_puzzles": "--eval-puzzles", "methods": "--methods"}
 
 
 def _trajectory(exact: list[bool] | None, answers: list[int]) -> Trajectory:
@@ -594,9 +599,9 @@ def test_the_lowest_possible_drop_bounds_what_the_other_puzzles_can_change():
     assert lowest_drop(same, unlabelled) == 0.0
 
 
-def test_the_choice_measures_a_screened_fallback_only_within_its_time_budget(monkeypatch):
-    """With a time budget, a screened variant that could be chosen is measured on every puzzle only when its own
-    screening rate says that fits CHOICE_SECONDS; otherwise it is not chosen, and the note says why and how."""
+def test_the_choice_measures_a_screened_fallback_only_within_its_planned_puzzles():
+    """A screened variant that could be chosen is measured on every puzzle only when the plan's choice_puzzles
+    cover the rest; otherwise it is not chosen, and the note says why and how."""
     import trm_export.calibration.variants as variants
 
     n = 5
@@ -611,19 +616,18 @@ def test_the_choice_measures_a_screened_fallback_only_within_its_time_budget(mon
         comparisons[variant] = _comparison(variant, _trajectory(None, [1] * puzzles), identical=1.0)
         return comparisons[variant]
 
-    monkeypatch.setattr(variants, "CHOICE_SECONDS", 100.0)
-    for rate in (30.0, 20.0, 25.0):
+    for allowed in (4, 3, 10):
         comparisons = {"int8-minmax": full, "fp16": screened}
         measured.clear()
         said: list[str] = []
-        budget = variants._ChoiceBudget({"fp16": rate}, n, said.append)
+        budget = variants._ChoiceBudget(allowed, n, said.append)
         chosen, record = variants._choose("int8", comparisons, 0.5, timings, n, measure, budget)
-        fits = rate * (n - 1) <= 100.0
-        assert chosen == ("fp16" if fits else "fp32"), rate
+        fits = n - 1 <= allowed
+        assert chosen == ("fp16" if fits else "fp32"), allowed
         assert measured == (["fp16"] if fits else [])
         assert record["missed_budget"] == {"int8-minmax": 100.0} and record["puzzles"] == n
         if not fits:
             assert budget.skipped == said and len(said) == 1
             assert said[0].startswith("fp16 not chosen: within the budget on the first 1 evaluation puzzles")
-            assert f"about {rate * (n - 1):.0f} s" in said[0] and "--eval-puzzles N" in said[0]
+            assert f"past the {allowed} puzzles the plan gives the choice" in said[0] and "--eval-puzzles N" in said[0]
             assert record["screened_only"] == {"fp16": {"puzzles": 1, "accuracy_drop_points": 0.0}}

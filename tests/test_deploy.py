@@ -1,5 +1,5 @@
 """`trm-export MODEL --target T` does the whole job: the target's precision, chosen on measured accuracy, recorded
-as the bundle's default, built first on the device; parity on a time-budgeted sample that says what it covers."""
+as the bundle's default, built first on the device; parity on a planned sample that says what it covers."""
 
 from __future__ import annotations
 
@@ -13,7 +13,9 @@ from official_format import write_official_checkpoint
 from trm_export.calibration.choice import choose_variant
 from trm_export.calibration.compare import VariantComparison
 from trm_export.cli import main as cli
+from trm_export.export.checkpoint import load_checkpoint
 from trm_export.export.pipeline import ExportOptions, Puzzles, export_bundle, parity_sample_note
+from trm_export.planning.plan import Plan
 from trm_export.runtime.manifest import read_manifest
 from trm_export.runtime.selfcheck import golden_figures, verify_bundle
 from trm_export.runtime.solver import Solver
@@ -60,35 +62,46 @@ def test_best_is_the_fastest_within_the_budget():
     assert choose_variant("best", comparisons, 0.5, MS)[0] == "fp32"
 
 
-def test_parity_and_golden_samples_are_bounded_by_time_and_say_so(tmp_path):
+def test_parity_and_golden_samples_follow_the_plan_and_say_so(tmp_path, monkeypatch):
+    """The samples come from the model's work against fixed budgets (here shrunk, as for a paper-size model):
+    the first puzzles, never fewer than one, and every trained step of them (the floor); the manifest records the
+    plan and the sample note says where it came from."""
+    import trm_export.planning.plan as planning
+
+    monkeypatch.setitem(planning.BUDGET, "parity", 1e-9)
+    monkeypatch.setitem(planning.BUDGET, "golden", 1e-9)
     write_official_checkpoint(tmp_path / "ck", SUDOKU_SHAPED)
     p = get_task("sudoku").split("calibration", size=16)
     puzzles = Puzzles(p.inputs, p.puzzle_ids, p.labels, "calibration", "sudoku")
     _, manifest, report = export_bundle(tmp_path / "ck", tmp_path / "b", ExportOptions(
-        progress=False, batch_size=8, parity_seconds=1e-6, golden_seconds=1e-9), puzzles=puzzles)
-    assert manifest.golden["count"] == 1  # the first candidate checked, then the budget was spent
-    assert (report.puzzles, report.offered) == (1, 16)  # the first chunk, one puzzle: always at least one
-    # not even one step of one puzzle fits: the first step is checked, and both say so
-    assert (report.steps, report.trained_steps) == (1, 8)  # SUDOKU_SHAPED trains 8 steps
-    assert (manifest.golden["steps"], manifest.golden["trained_steps"]) == (1, 8)
-    assert "the first 1 of 16 puzzles" in manifest.parity["fp32"]["sample"]
-    assert "Only the first 1 of the 8 trained steps were checked" in manifest.parity["fp32"]["sample"]
-    assert "(the first 1 of 16, by time budget) x 1 of 8 steps" in report.summary()
-    check = verify_bundle(tmp_path / "b")  # the self-check runs as many steps as the golden vectors hold
+        progress=False, batch_size=8), puzzles=puzzles)
+    assert manifest.golden["count"] == 1  # one candidate: the floor
+    assert (report.puzzles, report.offered) == (1, 16)
+    assert (report.steps, report.trained_steps) == (8, None)  # every step (SUDOKU_SHAPED trains 8), always
+    assert (manifest.golden["steps"], manifest.golden["trained_steps"]) == (8, 8)
+    plan = manifest.plan
+    assert (plan["parity_puzzles"], plan["golden_candidates"], plan["check_steps"]) == (1, 1, 8)
+    assert plan["step_flops"] == load_checkpoint(tmp_path / "ck").config.step_flops and plan["set_by"] == {}
+    assert "the first 1 of 16 puzzles (the plan, sized from the model's work)" in manifest.parity["fp32"]["sample"]
+    assert "(the first 1 of 16, as planned) x 8 steps" in report.summary()
+    check = verify_bundle(tmp_path / "b")
     assert check, str(check)
-    assert golden_figures(Solver(tmp_path / "b"))["steps"] == 1
-    report.offered = report.trained_steps = None  # what a check of every puzzle at every step reports
-    assert parity_sample_note(report, None) == "every offered puzzle (1) checked."
+    report.offered = None  # what a check of every puzzle at every step reports
+    assert parity_sample_note(report, Plan.from_dict(plan)) == "every offered puzzle (1) checked."
 
 
-def test_check_steps_all_checks_every_step_whatever_the_time(tmp_path):
+def test_check_steps_lowers_the_steps_only_when_asked_and_says_whose_choice(tmp_path):
     write_official_checkpoint(tmp_path / "ck", SUDOKU_SHAPED)
     p = get_task("sudoku").split("calibration", size=4)
     puzzles = Puzzles(p.inputs, p.puzzle_ids, p.labels, "calibration", "sudoku")
     _, manifest, report = export_bundle(tmp_path / "ck", tmp_path / "b", ExportOptions(
-        progress=False, batch_size=8, parity_seconds=1e-6, golden_seconds=1e-9, golden_puzzles=1,
-        check_steps=1 << 62), puzzles=puzzles)
-    assert (report.steps, report.trained_steps, manifest.golden["steps"]) == (8, None, 8)
+        progress=False, batch_size=8, golden_puzzles=1, check_steps=1), puzzles=puzzles)
+    assert (report.steps, report.trained_steps, manifest.golden["steps"]) == (1, 8, 1)
+    assert manifest.plan["set_by"] == {"check_steps": "--check-steps"}
+    assert "Only the first 1 of the 8 trained steps were checked (set by --check-steps)" in (
+        manifest.parity["fp32"]["sample"])
+    assert golden_figures(Solver(tmp_path / "b"))["steps"] == 1  # the self-check runs as many steps
+    assert verify_bundle(tmp_path / "b")
 
 
 @pytest.mark.slow  # 30 s: every method, mixed precision and fp16; test_targets checks the choice on one method

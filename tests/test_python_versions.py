@@ -27,7 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # What the runtime commands (verify, run, build, report) and `trm_export.runtime` import without torch.
 DEVICE_SIDE = ["runtime", "tasks", "targets", "report", "core/cli.py", "core/errors.py", "core/__init__.py",
                "web/__init__.py", "web/bundle.py", "web/serve.py",  # `trm-export serve` runs on a device too
-               "triton_serving"]  # Triton runs on Jetson (JetPack builds) too
+               "triton_serving",  # Triton runs on Jetson (JetPack builds) too
+               "planning", "export/config.py"]  # the report sizes its sample from the model's FLOPs there too
 OLDEST = (3, 8)
 
 # Methods newer than 3.8 that vermin only sees on a literal: name -> "version (owner)".

@@ -153,25 +153,30 @@ def test_one_fixed_run_tells_every_fixed_budget_and_adaptive_halting(sudoku_bund
     assert len(set(trajectory.halting_steps(8).tolist())) > 1  # the fixture's puzzles halt at different steps
 
 
-def test_a_time_budget_takes_the_first_puzzles_that_fit_and_the_same_values(sudoku_bundle):
-    """A budget cuts the run to its first puzzles (one, when the budget is spent by the first), chunks sized to
-    what is left; what it records for them is what the full run records."""
-    data = get_task("sudoku").split("heldout", size=24)
-    solver = Solver(sudoku_bundle / "bundle", batch_size=8, threads=1, verify=False)
-    full = run_trajectory(solver, data.inputs, data.puzzle_ids, data.labels, 4)
-    chunks = []
-    cut = run_trajectory(solver, data.inputs, data.puzzle_ids, data.labels, 4, on_chunk=chunks.append,
-                         seconds=1e-9)
-    assert cut.puzzles == 1 and chunks == [1]
-    roomy = run_trajectory(solver, data.inputs, data.puzzle_ids, data.labels, 4, on_chunk=chunks.append,
-                           seconds=3600)
-    assert roomy.puzzles == 24 and chunks[1:] == [1, 9, 17, 24]  # one puzzle, then whole batches of 8
-    for part in (cut, roomy):
-        n = part.puzzles
-        assert np.array_equal(part.final_predictions, full.final_predictions[:n])
-        assert np.array_equal(part.exact, full.exact[:, :n])
-        # another chunk size may round differently in the last bits (another GEMM shape)
-        assert np.allclose(part.q_halt, full.q_halt[:, :n], rtol=0, atol=1e-5)
+def test_the_report_sizes_its_puzzles_from_the_work_not_the_clock(sudoku_bundle, monkeypatch):
+    """`trm-export report`'s default sample is as many whole batches as its work budget covers, counted from the
+    model's FLOPs: a step slowed down on purpose changes the times it prints and no count; a busy machine is said."""
+    import time
+
+    from trm_export.runtime.backend import OnnxRuntimeBackend
+
+    options = ReportOptions(work_seconds=1e-9, latency_seconds=0.01, budgets=(1, 2), threads=1, progress=False,
+                            halting=())
+    quiet = measure_bundle(sudoku_bundle / "bundle", options)
+    step = OnnxRuntimeBackend.step
+
+    def slow_step(self, n):
+        time.sleep(0.002)
+        return step(self, n)
+
+    monkeypatch.setattr(OnnxRuntimeBackend, "step", slow_step)
+    monkeypatch.setattr("os.getloadavg", lambda: (64.0, 64.0, 64.0))
+    busy = measure_bundle(sudoku_bundle / "bundle", options)
+    batch = quiet.measurements[0].batch
+    assert quiet.puzzles == busy.puzzles == batch  # one whole batch: the least the budget gives
+    assert [m.exact_accuracy for m in quiet.measurements] == [m.exact_accuracy for m in busy.measurements]
+    assert busy.measurements[0].latency_ms_p50 > quiet.measurements[0].latency_ms_p50
+    assert any(n.startswith("WARNING: timed while the machine was busy (load average 64.0") for n in busy.notes)
 
 
 def test_wilson_interval():
