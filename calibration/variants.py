@@ -243,7 +243,7 @@ def add_variants(bundle: str | Path, out: str | Path, options: QuantizeOptions =
         plan = options.plan or quantize_plan(recorded_plan(manifest), len(eval_set), len(calib_set), options,
                                              target.batch.opt)
         if options.plan is None:
-            for line in describe(plan)[3:]:  # the export's part was printed when it was made
+            for line in describe(plan, export=False):
                 say(line)
         methods = plan.methods or ()
         calib_set, eval_set = calib_set.head(plan.calib_puzzles), eval_set.head(plan.eval_puzzles)

@@ -261,6 +261,10 @@ def evaluate(model: Path | None, split: str, limit: int | None, steps: str, adap
               help="torch and ONNX Runtime threads (default: all cores).")
 @click.option("--no-report", is_flag=True,
               help="Skip report/ (accuracy versus latency of every variant, measured here, with plots).")
+@click.option("--wheelhouse", default=None, metavar="MACHINE-cp3X",
+              help="Also put the runtime's dependency wheels (numpy, onnxruntime, click) for that device into the "
+                   "bundle's runtime/, beside the trm-export wheel every bundle carries: an offline device installs "
+                   "from the bundle alone. JetPack 6: linux_aarch64-cp310; JetPack 5: linux_aarch64-cp38.")
 @data_option
 @override_options
 def export(model: Path | None, target: str, output: Path | None, force: bool, puzzles: Path | None,
@@ -268,7 +272,8 @@ def export(model: Path | None, target: str, output: Path | None, force: bool, pu
            strict_threshold: float, puzzle_table_dtype: str, keep_puzzles: Path | None, standard_ops: bool,
            precision: str | None,
            max_accuracy_drop: float, calib: Path | None, calib_puzzles: int | None, eval_puzzles: int | None,
-           threads: int | None, no_report: bool, data: Path | None, dataset_json: Path | None,
+           threads: int | None, no_report: bool, wheelhouse: str | None, data: Path | None,
+           dataset_json: Path | None,
            **overrides) -> None:
     """Export MODEL to a self-verifying bundle at the target's precision (INT8 for Jetsons: calibrated, measured,
     chosen within the accuracy budget, fp32 and fp16 kept beside it).
@@ -292,6 +297,10 @@ def export(model: Path | None, target: str, output: Path | None, force: bool, pu
     if calib is not None and not calib.is_file():
         raise click.BadParameter(f"{calib}: no such file", param_hint="--calib")
     replay = _replayed(plan_file)
+    if wheelhouse is not None:
+        from trm_export.distribution.wheel import parse_wheelhouse
+
+        parse_wheelhouse(wheelhouse)  # a mistyped platform fails before the checkpoint is read
     ck = _load(model, dataset_json, **overrides)
     if replay is not None:
         from trm_export.planning.plan import check_replay
@@ -302,7 +311,7 @@ def export(model: Path | None, target: str, output: Path | None, force: bool, pu
     options = DeployOptions(
         export=ExportOptions(target=target, force=force, parity_puzzles=parity_count, check_steps=steps_count,
                              puzzle_table_dtype=puzzle_table_dtype,
-                             keep_puzzles=keep_puzzles, strict=strict,
+                             keep_puzzles=keep_puzzles, strict=strict, wheelhouse=wheelhouse,
                              rounding_sensitive_threshold=strict_threshold / 100, standard_ops=standard_ops),
         precision=precision, max_accuracy_drop=max_accuracy_drop, calib=calib, calib_puzzles=calib_puzzles,
         eval_puzzles=eval_puzzles, threads=threads, report=not no_report, data=data, replay=replay)
@@ -322,8 +331,13 @@ def export(model: Path | None, target: str, output: Path | None, force: bool, pu
         echo(f"the page: trm-export serve {shlex.quote(str(path))}  (then open the URL it prints); or copy "
                    f"{path} to any web server, see its README.md")
         return
-    echo(f"copy {path} to the device ({chosen.description}) and follow its README.md; there: trm-export verify "
-               f"{path.name}   |   trm-export run {path.name} --input puzzles.txt")
+    from trm_export.targets.device_readme import sample_file
+
+    sample = sample_file(result.manifest) or "puzzles.txt"
+    wheel = (result.manifest.build.get("runtime") or {}).get("wheel")
+    install = f"pip install {shlex.quote(wheel)}   |   " if wheel else ""
+    echo(f"copy {path} to the device ({chosen.description}) and follow its README.md; there, in the bundle: "
+         f"{install}trm-export verify .   |   trm-export run . --input {sample}")
 
 
 def _replayed(path: Path | None) -> dict | None:

@@ -21,6 +21,7 @@ import onnx
 import torch
 
 from trm_export import __version__
+from trm_export.distribution.wheel import RUNTIME_FOLDER, download_wheelhouse, parse_wheelhouse, runtime_wheel
 from trm_export.errors import TrmExportError
 from trm_export.export.accuracy import trained_dtype_accuracy
 from trm_export.export.checkpoint import LoadedCheckpoint, load_checkpoint
@@ -40,6 +41,7 @@ from trm_export.runtime.manifest import (
 )
 from trm_export.runtime.selfcheck import golden_figures
 from trm_export.runtime.solver import Solver
+from trm_export.targets.device_readme import SAMPLES
 from trm_export.targets.engines import write_build_recipes
 from trm_export.targets.registry import Target, get_target
 from trm_export.tasks.arc import ARC_SEQ_LEN, ARC_VOCAB
@@ -95,6 +97,9 @@ class ExportOptions:
     # Standard ONNX ops only: the cpu target otherwise writes attention and rope as ONNX Runtime's contrib nodes
     # (export/onnxruntime_ops.py), which ONNX Runtime runs and OpenVINO through runtime/openvino_ops.py only.
     standard_ops: bool = False
+    # The runtime's dependency wheels for a device's platform ("linux_aarch64-cp310"), beside the trm-export wheel
+    # every bundle carries (distribution.wheel): an offline device installs from the bundle alone.
+    wheelhouse: str | None = None
 
 
 @dataclass(frozen=True)
@@ -190,6 +195,8 @@ def export_bundle(checkpoint: str | Path | LoadedCheckpoint, out: str | Path, op
         raise TrmExportError(f"puzzle_table_dtype must be float32 or float16, got {options.puzzle_table_dtype!r}")
     if target.runtime == "onnxruntime-web":
         find_ort_web()  # before any work: a missing npm install fails in a second, not after the parity check
+    if options.wheelhouse is not None:
+        parse_wheelhouse(options.wheelhouse)  # a mistyped platform fails before any work
     with StagedBundle(out, force=options.force) as stage:  # refuses an existing `out` before any work
         ck = checkpoint if isinstance(checkpoint, LoadedCheckpoint) else load_checkpoint(
             checkpoint, dataset_json=dataset_json, overrides=overrides)
@@ -247,7 +254,9 @@ def export_bundle(checkpoint: str | Path | LoadedCheckpoint, out: str | Path, op
             golden=golden,
             plan=plan.to_dict(),
         )
-        build = {**write_build_recipes(stage.path, manifest), **write_web_app(stage.path, target.runtime)}
+        _write_samples(stage, puzzles, task)
+        build = {**write_build_recipes(stage.path, manifest), **write_web_app(stage.path, target.runtime),
+                 "runtime": _write_runtime(stage, options.wheelhouse, say)}
         manifest = _with_files(manifest, stage, build=build)
         stage.write_manifest(manifest)
 
@@ -296,6 +305,39 @@ def export_bundle(checkpoint: str | Path | LoadedCheckpoint, out: str | Path, op
         path = stage.commit(manifest)
     say(f"bundle written: {path}")
     return path, manifest, report
+
+
+SAMPLE_PUZZLES = 5
+
+
+def _write_samples(stage: StagedBundle, puzzles: Puzzles, task: TaskEncoding) -> str:
+    """samples/: the first few parity puzzles in the input format `run` reads (text for a shipped task, else .npy
+    tokens), so that every command of the bundle's guide runs as written."""
+    from trm_export.tasks.maze import format_maze
+    from trm_export.tasks.sudoku import format_sudoku
+
+    tokens = puzzles.tokens[:SAMPLE_PUZZLES]
+    try:
+        if task.name == "sudoku":
+            return stage.write_bytes(SAMPLES[0], "".join(format_sudoku(t) + "\n" for t in tokens).encode())
+        if task.name == "maze" and task.grid_side:
+            return stage.write_bytes(SAMPLES[0], ("\n\n".join(format_maze(t, task.grid_side) for t in tokens)
+                                                  + "\n").encode())
+    except ValueError:  # tokens the text format cannot show (a dataset folder's own encoding): as tokens
+        pass
+    return stage.write_array(SAMPLES[1], tokens.astype(np.int64))
+
+
+def _write_runtime(stage: StagedBundle, wheelhouse: str | None, say: Callable[[str], None]) -> dict[str, Any]:
+    """runtime/: the trm-export wheel, and with `wheelhouse` its dependencies' wheels for that platform."""
+    name, data = runtime_wheel()
+    wheel = stage.write_bytes(f"{RUNTIME_FOLDER}/{name}", data)
+    entry: dict[str, Any] = {"wheel": wheel, "wheelhouse": wheelhouse, "dependencies": []}
+    if wheelhouse is not None:
+        added = download_wheelhouse(wheelhouse, stage.path / RUNTIME_FOLDER, say)
+        entry["dependencies"] = sorted(f"{RUNTIME_FOLDER}/{p.name}" for p in added)
+        say(f"wheelhouse for {wheelhouse}: {', '.join(p.name for p in added)}")
+    return entry
 
 
 def _loud(message: str) -> None:

@@ -257,8 +257,9 @@ def check_replay(recorded: dict[str, Any], step_flops: int, trained_steps: int, 
                          f"{trained_steps}: replay a plan of the same model")
 
 
-def describe(plan: Plan, seconds_here: float | None = None) -> list[str]:
-    """The plan in a few lines, for the console before the work (and `--help`'s words)."""
+def describe(plan: Plan, seconds_here: float | None = None, export: bool = True) -> list[str]:
+    """The plan in a few lines, for the console before the work; without `export`, the variants' part only (the
+    export's was printed when it was made)."""
     def who(name: str) -> str:
         return f" ({plan.set_by[name]})" if name in plan.set_by else ""
 
@@ -273,10 +274,11 @@ def describe(plan: Plan, seconds_here: float | None = None) -> list[str]:
     steps = (f"all {plan.trained_steps} steps" if plan.check_steps == plan.trained_steps else
              f"the first {plan.check_steps} of {plan.trained_steps} steps{who('check_steps')}")
     lines = [f"plan, sized from the work ({plan.step_flops / 1e9:.3g} GFLOP per puzzle-step, {plan.trained_steps} "
-             "steps), never from the clock; recorded in the manifest, replayed by --plan:",
-             f"  parity: {of(plan.parity_puzzles, 'parity', 'parity', 'parity_puzzles')} x {steps}",
-             f"  golden vectors: chosen among {plan.golden_candidates} puzzles, {steps}{who('golden_candidates')}"]
-    if plan.trained_dtype_puzzles:
+             "steps), never from the clock; recorded in the manifest, replayed by --plan:"]
+    if export:
+        lines += [f"  parity: {of(plan.parity_puzzles, 'parity', 'parity', 'parity_puzzles')} x {steps}",
+                  f"  golden vectors: chosen among {plan.golden_candidates} puzzles, {steps}{who('golden_candidates')}"]
+    if export and plan.trained_dtype_puzzles:
         lines.append(f"  accuracy as trained (bfloat16): {plan.trained_dtype_puzzles} puzzles")
     if plan.report_puzzles is not None:
         lines.append(f"  report: {plan.report_puzzles} held-out puzzles")

@@ -4,9 +4,10 @@
 #
 #   1. .venv-oldest (created when missing): Python 3.8 (3.9 or 3.10 with a warning when no 3.8 is found; set
 #      OLDEST_PYTHON=/path/to/python to choose), exactly the floors of pyproject's `dependencies` (numpy>=1.24 ->
-#      numpy==1.24, i.e. 1.24.0), pytest, and this project with --no-deps: no torch, no onnx.
+#      numpy==1.24, i.e. 1.24.0) and pytest: no torch, no onnx.
 #   2. The main venv (MAIN_VENV, default .venv; it has torch) exports the Sudoku reference model to a temporary
-#      CPU bundle.
+#      CPU bundle, and .venv-oldest installs trm-export from the wheel that bundle carries (--no-deps), as a
+#      device does.
 #   3. tests/test_runtime_oldest.py runs in .venv-oldest on that bundle (TRM_RUNTIME_BUNDLE), without
 #      tests/conftest.py (it needs torch): manifest and checksums, fixed and adaptive solves against the bundle's
 #      golden values, `trm-export verify` and `trm-export run`, edited and damaged bundles refused.
@@ -76,7 +77,6 @@ if ! "${pip[@]}" install "${pins[@]}" pytest; then
   "${pip[@]}" install pytest
   expect="python=$pyver"  # the versions that installed are printed below
 fi
-"${pip[@]}" install --no-deps -e .
 if "$OLD/bin/python" -c 'import importlib.util as u, sys; sys.exit(not (u.find_spec("torch") or u.find_spec("onnx")))'; then
   echo "$OLD has torch or onnx: the runtime must be tested without them; delete $OLD" >&2
   exit 1
@@ -96,6 +96,12 @@ fi
 "$MAIN_VENV/bin/trm-export" "${export_args[@]}" > "$tmp/export.log" 2>&1 || { cat "$tmp/export.log"; exit 1; }
 grep -E "^(loaded|stage times)" "$tmp/export.log" || true
 lap "export of the bundle (main venv)"
+
+# The runtime as a device gets it: the wheel inside the bundle (distribution/wheel.py), not this checkout.
+wheels=("$tmp"/bundle/runtime/trm_export-*-py3-none-any.whl)
+[ -f "${wheels[0]}" ] || { echo "the bundle carries no runtime wheel (runtime/trm_export-*.whl)" >&2; exit 1; }
+"${pip[@]}" install --no-deps --force-reinstall "${wheels[0]}"
+lap "runtime installed from the bundle's ${wheels[0]##*/}"
 
 # A resealed copy whose graph keeps a weight outside the bundle (tests/test_hostile.py's external-weights case):
 # ONNX Runtime 1.17 would read it; the runtime must refuse it before any engine sees the graph.

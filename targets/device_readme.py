@@ -336,17 +336,38 @@ def _accuracy(manifest: Manifest) -> list[str]:
     return lines + [""]
 
 
-def _onnxruntime_warning() -> str:
-    return ("**ONNX Runtime on a Jetson: install one of the two, never both.** `pip install trm-export` pulls PyPI's "
+def _runtime(manifest: Manifest, no_deps: bool = False) -> str:
+    """The pip argument that installs trm-export from this bundle: its wheelhouse offline, else its own wheel
+    (dependencies from the index), else (a bundle from before wheels were carried) the index's."""
+    entry = manifest.build.get("runtime") or {}
+    wheel = entry.get("wheel") if isinstance(entry, dict) else None
+    if not isinstance(wheel, str):
+        return "trm-export"
+    if entry.get("wheelhouse") and not no_deps:
+        return "--no-index --find-links runtime trm-export"
+    return shlex.quote(wheel)
+
+
+def _onnxruntime_warning(manifest: Manifest) -> str:
+    return ("**ONNX Runtime on a Jetson: install one of the two, never both.** The runtime's wheel pulls PyPI's "
             "`onnxruntime`, which on aarch64 is CPU-only: enough here, since the GPU work runs in the TensorRT "
             "engines. NVIDIA's Jetson `onnxruntime-gpu` wheel (CUDA and TensorRT providers) installs the same "
             "`onnxruntime` module, so the two overwrite each other. To use it, install NVIDIA's wheel for your JetPack "
-            "first, then `pip install --no-deps trm-export` and `pip install click \"numpy>=1.24,<2\"` (NVIDIA's "
+            f"first, then `pip install --no-deps {_runtime(manifest, no_deps=True)}` and `pip install click "
+            "\"numpy>=1.24,<2\"` (NVIDIA's "
             "JetPack 6 wheel does not import under NumPy 2).")
 
 
-def _install(target: Target | None) -> list[str]:
+def _install(manifest: Manifest, target: Target | None) -> list[str]:
+    pip = _runtime(manifest)
     lines = ["## Install the runtime on the device", ""]
+    if pip != "trm-export":
+        lines += ["This bundle carries the runtime: `runtime/` holds trm-export as a wheel (pure Python, any device)"
+                  + (f" and its dependencies' wheels for {md_code(manifest.build['runtime']['wheelhouse'])}, so the "
+                     "install below needs no network" if "--no-index" in pip else
+                     "; pip fetches numpy, onnxruntime and click from the package index (an offline device: export "
+                     "with `--wheelhouse MACHINE-cp3X`, which puts them into `runtime/` too)")
+                  + ". Run the commands in this folder.", ""]
     if target is not None and target.is_jetson and _python_ok(target):
         trt = tensorrt_text(target)
         lines += [f"JetPack {target.jetpack} ships Python {target.python} with TensorRT {trt} and its Python module "
@@ -356,7 +377,7 @@ def _install(target: Target | None) -> list[str]:
                       ("sudo apt install python3-venv", "if `python3 -m venv` is missing"),
                       ("python3 -m venv --system-site-packages ~/trm-venv", "sees JetPack's TensorRT module"),
                       (". ~/trm-venv/bin/activate", ""),
-                      ('pip install trm-export "numpy>=1.24,<2"', "numpy, onnxruntime, click; no PyTorch"),
+                      (f'pip install {pip} "numpy>=1.24,<2"', "numpy, onnxruntime, click; no PyTorch"),
                       (f'pip install "cuda-python=={_CUDA_RELEASE}.*"', ""),
                       ('python3 -c "import tensorrt; print(tensorrt.__version__)"',
                        f"expect {trt + '.x' if target.tensorrt[0] == target.tensorrt[1] else trt}")]), "",
@@ -366,7 +387,7 @@ def _install(target: Target | None) -> list[str]:
                   "no wheel for this Python and CUDA it builds one from source against JetPack's CUDA toolkit "
                   "(`export CUDA_HOME=/usr/local/cuda` first). Skip the line if "
                   "`python3 -c \"from cuda import cudart\"` already works in the environment.", "",
-                  _onnxruntime_warning(), ""]
+                  _onnxruntime_warning(manifest), ""]
     elif target is not None and target.is_jetson:
         lines += [f"**JetPack {target.jetpack} ships Python {target.python}; the `trm-export` runtime needs Python "
                   f"{_min_python()} or newer.** `pip install trm-export` refuses JetPack's Python, and JetPack's "
@@ -375,7 +396,7 @@ def _install(target: Target | None) -> list[str]:
                   f"and run the Python runtime from a Python {_min_python()}+ of your own (for example "
                   "`uv python install 3.10`, or the deadsnakes PPA) on ONNX Runtime's CPU provider:", "",
                   _commands([(f"python{_min_python()} -m venv ~/trm-venv && . ~/trm-venv/bin/activate", ""),
-                             ("pip install trm-export", "numpy, onnxruntime (CPU-only on aarch64), click")]), ""]
+                             (f"pip install {pip}", "numpy, onnxruntime (CPU-only on aarch64), click")]), ""]
     elif target is not None and target.tensorrt is not None:
         lo, major = target.tensorrt[0], int(target.tensorrt[0].split(".")[0])
         lines += [f"Python {_min_python()} or newer and an NVIDIA driver. The `tensorrt` extra installs NVIDIA's "
@@ -383,7 +404,7 @@ def _install(target: Target | None) -> list[str]:
                   "recipes are for.", "",
                   _commands([
                       ("python3 -m venv ~/trm-venv && . ~/trm-venv/bin/activate", ""),
-                      (f'pip install "trm-export[tensorrt]" "tensorrt>={lo},<{major + 1}"', ""),
+                      (f'pip install {pip} "tensorrt>={lo},<{major + 1}"', ""),
                       ("pip install cuda-python", 'match the CUDA that nvidia-smi reports, e.g. "cuda-python==12.*"'),
                       ('python3 -c "import tensorrt; print(tensorrt.__version__)"', "")]), "",
                   "PyPI's `onnxruntime` (a dependency) runs on the CPU; `onnxruntime-gpu` provides the same module "
@@ -392,7 +413,7 @@ def _install(target: Target | None) -> list[str]:
     else:
         lines += [f"Python {_min_python()} or newer; the runtime is numpy, onnxruntime and click (no PyTorch):", "",
                   _commands([("python3 -m venv ~/trm-venv && . ~/trm-venv/bin/activate", ""),
-                             ("pip install trm-export", "")]), ""]
+                             (f"pip install {pip}", "")]), ""]
     return lines
 
 
@@ -430,6 +451,16 @@ def _build(manifest: Manifest, target: Target | None) -> list[str]:
     return lines + [""]
 
 
+SAMPLES = ("samples/puzzles.txt", "samples/puzzles.npy")
+
+
+def sample_file(manifest: Manifest) -> str | None:
+    """The bundle's own sample puzzles (export.pipeline writes them), which every command of the guide can use: text
+    for a task with a text format, else tokens."""
+    rel = SAMPLES[0] if _has_text_format(manifest) else SAMPLES[1]
+    return rel if rel in manifest.files else None
+
+
 def _has_text_format(manifest: Manifest) -> bool:
     """A shipped task (text puzzle files, held-out puzzles for `report`), as runtime/io.task_for_encoding decides."""
     return manifest.task.name == "sudoku" or (manifest.task.name == "maze" and bool(manifest.task.grid_side))
@@ -452,7 +483,7 @@ def _check_and_run(manifest: Manifest, target: Target | None) -> list[str]:
     gpu = target is not None and target.tensorrt is not None and not own_python
     where = "from that Python environment" if own_python else "in the environment above"
     shipped = _has_text_format(manifest)
-    puzzles = "puzzles.txt" if shipped else "puzzles.npy"
+    puzzles = sample_file(manifest) or ("puzzles.txt" if shipped else "puzzles.npy")
     steps = manifest.loop.halt_max_steps
     commands = [("trm-export verify .", "checksums, then the golden puzzles through the default variant"),
                 (f"trm-export run . --input {puzzles}", "adaptive halting on the model's own Q head"),
@@ -468,7 +499,8 @@ def _check_and_run(manifest: Manifest, target: Target | None) -> list[str]:
              f"puzzle. {backend}`--variant NAME` picks another variant; `trm-export run --help` lists the rest."]
     if shipped:
         lines += ["", "`trm-export report .` re-measures exact accuracy and latency of every variant and step budget "
-                      "on this device (`--quick`: 100 held-out puzzles; without it 1,000) with the runtime alone: ONNX "
+                      "on this device (`--quick`: up to 100 held-out puzzles; without it up to 1,000, as many as its "
+                      "work budget covers, counted from the model's size) with the runtime alone: ONNX "
                       f"Runtime for every variant{', and TensorRT for those with a recorded engine' if gpu else ''}. "
                       "It writes `report/REPORT.md` and `report/report.json`; the plots need `pip install matplotlib`."]
     return lines + [""]
@@ -518,6 +550,8 @@ _FOLDERS = {
     "engines": "TensorRT engines and their timing cache, once `trm-export build .` has run here",
     "report": "the accuracy-versus-latency report, once `trm-export report .` has run (not checksummed)",
     "web": "the web page (`index.html`), its JavaScript runtime (`trm.mjs`) and onnxruntime-web (`ort/`)",
+    "runtime": "trm-export as a wheel (and, with `--wheelhouse`, numpy, onnxruntime and click for the device)",
+    "samples": "a few puzzles of the export's held-out set, in the input format `run` reads",
 }
 
 
@@ -547,6 +581,6 @@ def render_bundle_readme(manifest: Manifest, bundle_name: str) -> str:
     and how to install, build, check and run it on the device of the manifest's target."""
     target = _target(manifest)
     sections = [_heading(manifest, bundle_name, target), [""], _about(manifest, target), _accuracy(manifest),
-                _browser(manifest), _install(target), _build(manifest, target), _check_and_run(manifest, target),
-                _python_example(manifest, bundle_name), _files(manifest, target)]
+                _browser(manifest), _install(manifest, target), _build(manifest, target),
+                _check_and_run(manifest, target), _python_example(manifest, bundle_name), _files(manifest, target)]
     return "\n".join(line for section in sections for line in section).rstrip() + "\n"

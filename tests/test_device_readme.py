@@ -142,7 +142,7 @@ def test_jetson_readme_states_the_targets_facts(fp32_manifest, name):
     install = section(text, "Install the runtime on the device")
     assert f"JetPack {target.jetpack} ships Python {target.python} with TensorRT {trt}" in install
     assert "python3 -m venv --system-site-packages ~/trm-venv" in install  # the runtime beside JetPack's TensorRT
-    assert re.search(r"^pip install trm-export ", install, re.M)
+    assert re.search(r"^pip install runtime/trm_export-[0-9.]+-py3-none-any\.whl ", install, re.M)  # the bundle's
     assert "cuda-python==" in install and "/usr/local/cuda/bin/nvcc" in install
     assert "on aarch64 is CPU-only" in install and "`onnxruntime-gpu`" in install and "never both" in install
     assert "trm-export build ." in build and "records each engine in manifest.json" in build
@@ -206,13 +206,17 @@ def test_cpu_readme_has_no_tensorrt_steps(fp32_manifest):
     assert "--system-site-packages" not in text and "cuda-python" not in text and "JetPack" not in text
     assert "| TensorRT | none: ONNX Runtime on the CPU |" in text
     install = section(text, "Install the runtime on the device")
-    assert "pip install trm-export" in install and f"Python {min_python} or newer" in install
+    assert re.search(r"^pip install runtime/trm_export-[0-9.]+-py3-none-any\.whl$", install, re.M)
+    assert "This bundle carries the runtime" in install and f"Python {min_python} or newer" in install
+    legacy = dataclasses.replace(fp32_manifest, build={})  # a bundle from before the runtime travelled with it
+    assert "pip install trm-export" in section(render_bundle_readme(legacy, "b"), "Install the runtime on the device")
     parity = fp32_manifest.parity["fp32"]
     row = table_row(text, "fp32")
     assert row[2] == f"{100 * parity['bundle_exact_accuracy']:.1f}%" and row[3] == "baseline"
     assert row[4] == f"{parity['puzzles']} `calibration`, {parity['steps']} fixed steps" and row[6] == "default"
     assert "`fp32` runs by default: the precision this bundle was exported at" in text
-    for command in ("trm-export verify .", "trm-export run . --input puzzles.txt", "trm-export report . --quick"):
+    for command in ("trm-export verify .", "trm-export run . --input samples/puzzles.txt",
+                    "trm-export report . --quick"):
         assert command in text
     assert "81 characters row by row, `0` or `.` for a blank" in text
 
@@ -220,7 +224,7 @@ def test_cpu_readme_has_no_tensorrt_steps(fp32_manifest):
 def test_desktop_gpu_readme(fp32_manifest):
     text = render_bundle_readme(int8_manifest(fp32_manifest, "gpu-trt10"), "b")
     install = section(text, "Install the runtime on the device")
-    assert 'pip install "trm-export[tensorrt]" "tensorrt>=10.0,<11"' in install
+    assert re.search(r'^pip install runtime/trm_export-[0-9.]+-py3-none-any\.whl "tensorrt>=10.0,<11"', install, re.M)
     assert "--system-site-packages" not in install
     assert "trm-export build ." in section(text, "Build the TensorRT engines on the device")
     assert "strongly typed" in render_bundle_readme(int8_manifest(fp32_manifest, "gpu-trt11"), "b")

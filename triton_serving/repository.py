@@ -153,6 +153,10 @@ def copy_bundle(bundle: Path, manifest: Manifest, into: Path) -> None:
 def render_readme(options: TritonOptions, manifest: Manifest, bundle: Path) -> str:
     name, task, p = options.name, manifest.task, options.loop
     variant = p.variant or manifest.default_variant
+    wheel = (manifest.build.get("runtime") or {}).get("wheel")
+    # The runtime travels with the bundle (distribution.wheel): install it from the copy in this repository.
+    runtime = f"{name}/1/{BUNDLE_DIR}/{wheel}" if isinstance(wheel, str) else "trm-export"
+    in_container = f"/models/{runtime}" if isinstance(wheel, str) else runtime
     return f"""# Triton model repository: `{name}`
 
 Written by `trm-export triton {bundle.name}` from a bundle of task `{task.name or "custom"}` ({task.seq_len} tokens
@@ -191,7 +195,7 @@ In an NGC container (`nvcr.io/nvidia/tritonserver:<yy.mm>-py3`, which has the Py
 
 ```bash
 docker run --rm -p 127.0.0.1:8000:8000 -p 127.0.0.1:8001:8001 -v "$PWD":/models nvcr.io/nvidia/tritonserver:24.10-py3 \\
-  bash -c "pip install 'numpy<2' trm-export && tritonserver --model-repository=/models"
+  bash -c "pip install 'numpy<2' {in_container} && tritonserver --model-repository=/models"
 ```
 
 Without a container (x86-64, glibc 2.35+), PyPI's `nvidia-pytriton` wheel carries a `tritonserver` binary and the
@@ -199,7 +203,7 @@ Python backend; trm-export finds and starts it (`trm_export.triton.server`, as i
 
 ```bash
 python3.11 -m venv triton-env && triton-env/bin/pip install 'numpy<2' onnxruntime \\
-  && triton-env/bin/pip install --no-deps nvidia-pytriton==0.7.0 trm-export     # the server binary only
+  && triton-env/bin/pip install --no-deps nvidia-pytriton==0.7.0 {runtime}     # the server binary only
 python -c "from trm_export.triton.server import TritonServer; TritonServer('.', 'triton-env', http_port=8000, \\
   grpc_port=8001).run_forever()"
 ```

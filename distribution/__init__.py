@@ -1,0 +1,1 @@
+"""How trm-export reaches a device: its runtime as a wheel inside every bundle (and the dependencies' wheels)."""
