@@ -116,6 +116,9 @@ class ReportData:
     trained: list[TrainedRow] = field(default_factory=list)  # the training arithmetic's accuracy, from the export
     not_measured: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    # The latencies are the target's own (measured where it runs). False for a report written at export for a target
+    # whose engines run elsewhere (a Jetson's, a GPU's TensorRT): its settings are ranked by accuracy only.
+    latency_is_the_targets: bool = True
 
     def to_dict(self) -> dict:
         return asdict(self)

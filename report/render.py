@@ -122,6 +122,28 @@ def _trained_section(data: ReportData, rec: Recommendation | None) -> list[str]:
     return lines + [""]
 
 
+def _device_elsewhere(data: ReportData, max_drop_points: float) -> list[str]:
+    """A target whose engines run on another machine: no latency recommendation from this CPU; the settings
+    within the accuracy budget, most accurate first, and where the latency recommendation comes from."""
+    fp32 = [r for r in data.measurements if r.precision == "fp32"]
+    lines = ["## Recommendation: made on the device", "",
+             f"The `{data.target}` target runs TensorRT engines on its own GPU: the latencies in this report are "
+             "the export machine's CPU, which ranks precisions differently (INT8 and FP16 gain far more on a GPU's "
+             "tensor cores), so they recommend nothing. On the device, after `trm-export build .`, run `trm-export "
+             "report .`: it times the engines there and recommends the fastest setting within the budget.", ""]
+    if not fp32:
+        return lines
+    baseline = max(fp32, key=lambda m: m.exact_accuracy)
+    within = sorted((r for r in data.measurements
+                     if 100 * (baseline.exact_accuracy - r.exact_accuracy) <= max_drop_points + 1e-9),
+                    key=lambda m: (-m.exact_accuracy, m.mean_steps, m.size_mb))
+    lines += [f"By accuracy alone, within {max_drop_points:g} points of the best FP32 setting ({_setting(baseline)}, "
+              f"{_acc(baseline)}), most accurate first, then fewest steps and smallest graph:", ""]
+    lines += [f"- {_setting(r)}: {_acc(r)}, mean {r.mean_steps:.2f} steps, graph {r.size_mb:.2f} MB"
+              for r in within[:8]]
+    return lines + [""]
+
+
 def markdown(data: ReportData, max_drop_points: float) -> str:
     lines = [f"# Accuracy versus latency: `{Path(data.bundle).name}`", "",
              f"Target `{data.target}`. **Measured on {data.host}**, {data.puzzles} puzzles ({data.source}). "
@@ -129,7 +151,9 @@ def markdown(data: ReportData, max_drop_points: float) -> str:
              "x the step time measured at batch 1, as median [quartiles]. Throughput: puzzles/s at the target's "
              "batch, halted slots refilled. Every figure was measured here: re-run `trm-export report` on the "
              "device for its own.", ""]
-    rec = recommend(data.measurements, max_drop_points)
+    rec = recommend(data.measurements, max_drop_points) if data.latency_is_the_targets else None
+    if not data.latency_is_the_targets:
+        lines += _device_elsewhere(data, max_drop_points)
     if rec:
         best, base = rec.chosen, rec.baseline
         lines += ["## Recommendation", "",

@@ -238,3 +238,22 @@ def test_the_bfloat16_figure_is_bfloat16s_not_float32s(sudoku_bundle, tmp_path):
     rows = {(r["mode"], r["budget"]): r["exact_accuracy"] for r in manifest.reference["bfloat16"]["rows"]}
     assert manifest.reference["bfloat16"]["puzzles"] == len(labels)
     assert rows[("fixed", 8)] == 1.0 and rows[("fixed", 1)] == pytest.approx(first)
+
+
+def test_a_device_targets_export_report_recommends_no_latency_from_this_cpu():
+    """A Jetson bundle's report written at export: the CPU's latencies rank nothing (int8 is slower than fp32 on
+    this CPU, faster on the device's tensor cores); the settings within the budget are listed by accuracy, and the
+    latency recommendation is left to `trm-export report` on the device. A cpu bundle's report recommends as ever."""
+    from trm_export.report.measure import ReportData
+    from trm_export.report.render import markdown
+
+    rows = [m("fp32", "fp32", 10.0, 0.90), m("int8", "int8", 30.0, 0.90), m("fp16", "fp16", 12.0, 0.80)]
+    device = ReportData("b", "jetson-orin-nano", "the export machine", "sudoku", 1000, "heldout", rows,
+                        latency_is_the_targets=False)
+    text = markdown(device, 0.5)
+    assert "## Recommendation: made on the device" in text and "\n## Recommendation\n" not in text
+    listed = text.split("## Recommendation: made on the device")[1].split("\n## ")[0]
+    assert "- fp32, fixed 16:" in listed and "- int8, fixed 16:" in listed and "fp16" not in listed
+    assert "`trm-export report .`" in listed
+    here = markdown(ReportData("b", "cpu", "this machine", "sudoku", 1000, "heldout", rows), 0.5)
+    assert "\n## Recommendation\n" in here and "made on the device" not in here
