@@ -85,10 +85,14 @@ def export_step_graph(model: RecursiveModel, opset: int, onnxruntime_ops: bool =
     buffer = io.BytesIO()
     dynamic = {name: {0: "batch"} for name in (*STEP_INPUTS, *STEP_OUTPUTS)}
     form = model.exporting(onnxruntime_ops) if export_form else contextlib.nullcontext()
+    # The contrib domain only where its nodes can appear (attention, rope): declaring an unused one makes the
+    # exporter print a warning a user can do nothing about (#38).
+    contrib = onnxruntime_ops and export_form and (not cfg.mlp_t or cfg.pos_encodings == "rope")
     with torch.no_grad(), form:
         torch.onnx.export(StepGraph(model).eval(), (example, example, example), buffer, dynamo=False,
                           opset_version=opset, input_names=list(STEP_INPUTS), output_names=list(STEP_OUTPUTS),
-                          dynamic_axes=dynamic, do_constant_folding=True, custom_opsets={ort_ops.DOMAIN: 1})
+                          dynamic_axes=dynamic, do_constant_folding=True,
+                          custom_opsets={ort_ops.DOMAIN: 1} if contrib else None)
     proto = onnx.load_from_string(buffer.getvalue())
     proto.producer_name, proto.producer_version = "trm-export", ""  # no torch version: byte-identical re-exports
     proto.doc_string = f"{cfg.family.upper()} step: {cfg.H_cycles} x ({cfg.L_cycles} + 1) network calls"

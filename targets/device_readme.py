@@ -386,8 +386,18 @@ def _install(manifest: Manifest, target: Target | None) -> list[str]:
                   "(or see `/usr/local/cuda/version.json` and install `cuda-python==MAJOR.MINOR.*`). Where pip has "
                   "no wheel for this Python and CUDA it builds one from source against JetPack's CUDA toolkit "
                   "(`export CUDA_HOME=/usr/local/cuda` first). Skip the line if "
-                  "`python3 -c \"from cuda import cudart\"` already works in the environment.", "",
-                  _onnxruntime_warning(manifest), ""]
+                  "`python3 -c \"from cuda import cudart\"` already works in the environment. Without `nvcc` (JetPack "
+                  "installed without its CUDA toolkit) the line above asks for `cuda-python==.*`: read the release "
+                  "from `/usr/local/cuda/version.json` instead, or install the toolkit (`sudo apt install "
+                  "nvidia-jetpack`).", "",
+                  _onnxruntime_warning(manifest), "",
+                  "**Before building and measuring.** `sudo nvpmodel -q` shows the power mode (the modes differ per "
+                  "module: `/etc/nvpmodel.conf` lists them; pick the highest your power supply allows), and `sudo "
+                  "jetson_clocks` pins the clocks, so that latencies do not depend on what the governor did. Building "
+                  "an engine takes minutes per variant (TensorRT times its tactics; `engines/` keeps a timing cache "
+                  "that makes rebuilds faster) and much memory on boards that share 4-8 GB with the CPU: add swap "
+                  "first (`sudo fallocate -l 8G /swapfile && sudo chmod 600 /swapfile && sudo mkswap /swapfile && "
+                  "sudo swapon /swapfile`) and close other programs; `tegrastats` shows memory while it runs.", ""]
     elif target is not None and target.is_jetson:
         lines += [f"**JetPack {target.jetpack} ships Python {target.python}; the `trm-export` runtime needs Python "
                   f"{_min_python()} or newer.** `pip install trm-export` refuses JetPack's Python, and JetPack's "

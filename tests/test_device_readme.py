@@ -145,6 +145,9 @@ def test_jetson_readme_states_the_targets_facts(fp32_manifest, name):
     assert re.search(r"^pip install runtime/trm_export-[0-9.]+-py3-none-any\.whl ", install, re.M)  # the bundle's
     assert "cuda-python==" in install and "/usr/local/cuda/bin/nvcc" in install
     assert "on aarch64 is CPU-only" in install and "`onnxruntime-gpu`" in install and "never both" in install
+    # measured on pinned clocks, built with room: power mode, clocks, swap, and cuda-python without nvcc
+    assert "sudo nvpmodel -q" in install and "sudo jetson_clocks" in install and "sudo swapon /swapfile" in install
+    assert "/usr/local/cuda/version.json" in install
     assert "trm-export build ." in build and "records each engine in manifest.json" in build
 
 
