@@ -429,8 +429,10 @@ def keygen(private_key: Path) -> None:
               help="ARC: the solutions file of the --input challenges ({task_id: [grid per test input]}); scores "
                    "pass@1 and pass@2 as the official evaluator does.")
 @click.option("--force", is_flag=True, help="Replace an existing --output file.")
-@click.option("--mode", type=click.Choice(["adaptive", "fixed"]), default="adaptive", show_default=True,
-              help="adaptive: each puzzle halts by --halting; fixed: every puzzle runs --max-steps steps.")
+@click.option("--mode", type=click.Choice(["adaptive", "fixed"]), default=None,
+              help="adaptive: each puzzle halts by --halting; fixed: every puzzle runs --max-steps steps. Default: "
+                   "fixed for an ARC challenge file (the official evaluation runs every trained step of every view; "
+                   "halting on the Q head changes which answers the vote sees), adaptive otherwise.")
 @click.option("--halting", default="q", show_default=True, metavar="q|stable:K|q+stable:K",
               help="Adaptive: q halts on the model's Q head (the trained rule); stable:K once the puzzle's answer has "
                    "not changed for K steps in a row; q+stable:K on whichever says so first.")
@@ -450,15 +452,17 @@ def keygen(private_key: Path) -> None:
 @click.option("--skip-selfcheck", is_flag=True,
               help="Do not run the bundle's golden puzzles first (they take a few steps; they catch a swapped graph).")
 def run(bundle: Path, input_path: Path | None, data: Path | None, limit: int | None, output: Path | None,
-        solutions: Path | None, force: bool, mode: str, halting: str, max_steps: int | None, min_steps: int,
+        solutions: Path | None, force: bool, mode: str | None, halting: str, max_steps: int | None, min_steps: int,
         batch_size: int, variant: str | None, backend: str, provider: str | None, threads: int | None,
         skip_selfcheck: bool) -> None:
     """Solve puzzles with a bundle (runtime only: numpy + onnxruntime).
 
     Each answer is marked valid or invalid where the task can check it (Sudoku, maze); a summary line counts them
     (with --data, also the answers equal to the folder's labels). ARC: --input challenges.json solves every view
-    the model was trained with of each test input, votes as the official evaluator does, and writes the
-    submission (attempt_1, attempt_2 per test input); with --solutions FILE it also scores pass@1 and pass@2.
+    the model was trained with of each test input for every trained step (the official evaluation's loop; --mode
+    adaptive halts on the Q head instead, a different answer set), votes as the official evaluator does, and
+    writes the submission (attempt_1, attempt_2 per test input); with --solutions FILE it also scores pass@1 and
+    pass@2.
     """
     from trm_export.runtime.io import check_output_file, check_solutions, describe_run, read_puzzles, write_solutions
     from trm_export.runtime.selfcheck import check_golden
@@ -469,6 +473,8 @@ def run(bundle: Path, input_path: Path | None, data: Path | None, limit: int | N
     if limit is not None and data is None:
         raise click.UsageError("--limit goes with --data")
     policy = parse_halting(halting)  # a bad policy fails before anything loads
+    arc = input_path is not None and input_path.suffix.lower() == ".json"
+    mode = mode or ("fixed" if arc else "adaptive")  # ARC: the official evaluation's loop
     if mode == "fixed" and policy.name != "q":
         echo(f"--halting {policy.name} is ignored with --mode fixed (every puzzle runs --max-steps steps)",
                    err=True)
@@ -479,7 +485,6 @@ def run(bundle: Path, input_path: Path | None, data: Path | None, limit: int | N
     note = getattr(solver, "backend_note", None)
     if note:
         echo(note, err=True)
-    arc = input_path is not None and input_path.suffix.lower() == ".json"
     if solutions is not None and not arc:
         raise click.UsageError("--solutions goes with an ARC challenge file (--input challenges.json)")
     if not skip_selfcheck:
@@ -526,8 +531,8 @@ def _run_arc(solver, challenges: Path, solutions: Path | None, output: Path | No
         result = solve_arc(solver, tasks, index, on_progress=lambda done, _: tick(done), **solve_options)
     text = json.dumps(result.submission())
     inputs = sum(len(t.test_inputs) for t in tasks.values())
-    summary = (f"{len(tasks)} task(s), {inputs} test input(s), {total} views solved (mean "
-               f"{result.mean_steps:.2f} steps), voted")
+    summary = (f"{len(tasks)} task(s), {inputs} test input(s), {total} views solved ({solve_options['mode']} loop, "
+               f"mean {result.mean_steps:.2f} steps), voted")
     if truth is not None:
         scores = result.score(truth)
         summary += f"; pass@1 {100 * scores[1]:.1f}%, pass@2 {100 * scores[2]:.1f}% (mean over tasks)"

@@ -300,6 +300,10 @@ def export_bundle(checkpoint: str | Path | LoadedCheckpoint, out: str | Path, op
                 say(f"accuracy as trained ({cfg.forward_dtype}): not measured: one puzzle's loop is past the plan's "
                     f"budget for it at this model's size; `trm-export evaluate MODEL --compute-dtype "
                     f"{cfg.forward_dtype} --limit N` measures it on N puzzles")
+        elif cfg.forward_dtype == "bfloat16" and options.trained_dtype:
+            say("accuracy as trained (bfloat16): not measured: the parity puzzles have no labels; export with the "
+                "official dataset folder (--data DIR) or without --puzzles (the task's held-out split), or run "
+                "`trm-export evaluate MODEL --compute-dtype bfloat16`")
         manifest = _with_files(manifest, stage, parity=parity, golden={**manifest.golden, "tolerances": tolerances},
                                reference=reference)
         path = stage.commit(manifest)

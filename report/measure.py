@@ -26,8 +26,9 @@ from trm_export.report.latency import StepTiming, load_note, time_steps
 from trm_export.report.trajectory import Trajectory, puzzle_progress, run_trajectory, wilson_interval
 from trm_export.runtime.backend import importable
 from trm_export.runtime.cpu_engines import cpu_model
+from trm_export.runtime.embedding import load_array
 from trm_export.runtime.io import task_for_encoding
-from trm_export.runtime.manifest import Manifest, read_manifest
+from trm_export.runtime.manifest import Manifest, member, read_manifest
 from trm_export.runtime.solver import HaltingPolicy, Solver, parse_halting
 from trm_export.tasks import TaskData, folder_sample
 
@@ -186,11 +187,17 @@ def _peak_rss_mb() -> float | None:
     return None
 
 
-def _data_for(manifest: Manifest, count: int, folder: Path | None) -> tuple[TaskData, str]:
-    """The labelled held-out puzzles: the dataset folder's test split, else the shipped task's held-out split."""
+def _data_for(bundle: Path, manifest: Manifest, count: int, folder: Path | None) -> tuple[TaskData, str]:
+    """The labelled held-out puzzles: the dataset folder's test split (of a bundle that kept some rows of its
+    puzzle table, only the puzzles of those rows), else the shipped task's held-out split."""
     enc = manifest.task
     if folder is not None:
-        return folder_sample(folder, "heldout", enc.seq_len, enc.vocab_size, enc.num_puzzle_identifiers, count)
+        kept = None
+        if manifest.embedding.puzzle_rows is not None:
+            kept = load_array(member(bundle, manifest.embedding.puzzle_rows), (None,), kinds="i")
+        data, source = folder_sample(folder, "heldout", enc.seq_len, enc.vocab_size, enc.num_puzzle_identifiers,
+                                     count, kept)
+        return data, source if kept is None else f"{source}, the puzzles of the {len(kept):,} rows this bundle kept"
     task = task_for_encoding(enc)
     if task is None:
         raise InputError("the report needs labelled puzzles and this bundle's task is not a shipped one: give the "
@@ -238,7 +245,7 @@ def measure_bundle(bundle: str | Path, options: ReportOptions = ReportOptions())
     manifest = read_manifest(bundle, verify=True)
     count = options.puzzles or (100 if options.quick else 1000)
     latency_seconds = options.latency_seconds or (0.25 if options.quick else 1.0)
-    data, source = _data_for(manifest, count, options.data)
+    data, source = _data_for(bundle, manifest, count, options.data)
     from trm_export.targets.registry import get_target
 
     target = get_target(manifest.target)

@@ -116,7 +116,10 @@ def solve_arc(solver, tasks: dict[str, ArcTask], views: dict[str, list[tuple[int
 
     `views`: task id -> (puzzle identifier, augmentation), from the bundle's identifiers (tasks.arc.views). A task
     with no view is refused before anything runs: the checkpoint was not trained on it. `solve_options` go to
-    `Solver.solve` (mode, max_steps, halting, ...). `on_progress(done, total)` after each chunk of views."""
+    `Solver.solve` (mode, max_steps, halting, ...); the mode defaults to "fixed" at the trained step limit, the
+    official evaluation's loop (mode="adaptive" halts on the Q head: other answers reach the vote).
+    `on_progress(done, total)` after each chunk of views."""
+    solve_options.setdefault("mode", "fixed")
     missing = [t for t in tasks if not views.get(t)]
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")

@@ -185,8 +185,17 @@ def save_official(out: Path, ema_model: RecursiveModel, cfg: ModelConfig, recipe
     # runs. This trainer's token loss is plain softmax cross-entropy, recorded beside it in `trained_lm_loss`.
     arch = {"name": ARCH_NAME, "loss": {"name": "losses@ACTLossHead", "loss_type": "stablemax_cross_entropy"},
             **recipe["arch"], "H_layers": 0, "rms_norm_eps": cfg.rms_norm_eps, "rope_theta": cfg.rope_theta}
-    all_config = {"arch": arch, "data_paths": [f"data/{recipe['out']}"], "global_batch_size": recipe["batch_size"],
-                  "lr": recipe["lr"], "weight_decay": recipe["weight_decay"], "lr_warmup_steps": recipe["warmup"],
+    # Every field the official PretrainConfig requires (TRM: data_paths; HRM: data_path), true to this trainer:
+    # epochs such that the official schedule's total steps (epochs x groups / batch) are the steps trained here,
+    # AdamW's betas, lr_min_ratio the annealing floor (1.0: none), and the puzzle table (one row, a buffer)
+    # never trained (puzzle_emb_lr 0).
+    groups = recipe["train_pool"] + recipe.get("short_pool", {}).get("size", 0)
+    floor = train_cfg.get("lr_anneal", {}).get("floor", 1.0)
+    all_config = {"arch": arch, "data_paths": [f"data/{recipe['out']}"], "data_path": f"data/{recipe['out']}",
+                  "global_batch_size": recipe["batch_size"],
+                  "epochs": max(1, round(step * recipe["batch_size"] / groups)), "lr": recipe["lr"],
+                  "lr_min_ratio": floor, "lr_warmup_steps": recipe["warmup"], "weight_decay": recipe["weight_decay"],
+                  "beta1": 0.9, "beta2": 0.95, "puzzle_emb_lr": 0.0, "puzzle_emb_weight_decay": 0.0,
                   "ema": True, "ema_rate": recipe["ema"], "seed": 0,
                   "trained_lm_loss": "softmax cross-entropy (scripts/train_reference.py), not arch.loss.loss_type",
                   **train_cfg}

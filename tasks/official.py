@@ -194,9 +194,10 @@ class DatasetFolder:
                                      f"from there; {_HOW}")
         return split
 
-    def sample(self, role: str, size: int | None = None,
-               num_puzzle_identifiers: int | None = None) -> tuple[TaskData, str]:
+    def sample(self, role: str, size: int | None = None, num_puzzle_identifiers: int | None = None,
+               only_ids: np.ndarray | None = None) -> tuple[TaskData, str]:
         """`size` examples of the role's split, spread evenly over it (all when None), and a description.
+        `only_ids`: only the examples of these puzzle identifiers (a bundle that kept some rows of its table).
 
         Evenly spread, not the first rows: an official train split stores each puzzle's augmentations next to
         each other, so its first rows are one puzzle many times. The same rows every time. Labels at the
@@ -219,8 +220,16 @@ class DatasetFolder:
                                      f"rows), one more entry than all__puzzle_identifiers.npy has ({len(identifiers)})")
         if n == 0:
             raise DatasetFolderError(f"{folder / 'all__inputs.npy'}: no puzzles")
-        take = n if size is None else max(1, min(int(size), n))
-        rows = np.arange(take, dtype=np.int64) * n // take  # exact integers: distinct, first row included
+        pool = np.arange(n, dtype=np.int64)
+        if only_ids is not None:
+            of_row = np.asarray(identifiers)[np.searchsorted(np.asarray(indices), pool, side="right") - 1]
+            pool = pool[np.isin(of_row, only_ids)]
+            if not len(pool):
+                raise DatasetFolderError(f"{folder}: none of its {n} examples belongs to the {len(only_ids)} puzzle "
+                                         "identifiers this bundle kept (--keep-puzzles): give the dataset folder "
+                                         "the kept puzzles come from")
+        take = len(pool) if size is None else max(1, min(int(size), len(pool)))
+        rows = pool[np.arange(take, dtype=np.int64) * len(pool) // take]  # exact integers: distinct, first included
         x, y = np.asarray(inputs[rows]), np.asarray(labels[rows])
         ids = np.asarray(identifiers)[np.searchsorted(np.asarray(indices), rows, side="right") - 1]
         vocab = meta["vocab_size"]
@@ -240,8 +249,9 @@ class DatasetFolder:
 
 
 def folder_sample(folder: str | os.PathLike[str], role: str, seq_len: int, vocab_size: int,
-                  num_puzzle_identifiers: int, size: int | None = None) -> tuple[TaskData, str]:
+                  num_puzzle_identifiers: int, size: int | None = None,
+                  only_ids: np.ndarray | None = None) -> tuple[TaskData, str]:
     """`size` puzzles of a dataset folder's role ("heldout": test/, "calibration": train/), the folder first checked
     against the model's encoding: what every command's `--data` reads (see DatasetFolder.sample)."""
     return DatasetFolder.open(folder).check_model(seq_len, vocab_size, num_puzzle_identifiers).sample(
-        role, size, num_puzzle_identifiers)
+        role, size, num_puzzle_identifiers, only_ids)

@@ -65,11 +65,17 @@ def torch_table(ckpt) -> np.ndarray:
 
 
 def test_run_writes_a_submission_and_scores_it(arc, tmp_path):
+    """With default flags a challenge file runs the official evaluation's loop: every trained step of every view
+    (the official ACT loop halts only at halt_max_steps outside training), then the vote; halting on the Q head is
+    an explicit --mode adaptive, said in the summary."""
     out = tmp_path / "submission.json"
     result = CliRunner().invoke(cli, ["run", str(arc / "bundle"), "--input", str(arc / "challenges.json"), "-o",
-                                      str(out), "--solutions", str(arc / "solutions.json"), "--mode", "fixed"])
+                                      str(out), "--solutions", str(arc / "solutions.json")])
     assert result.exit_code == 0, result.output
-    assert "3 task(s), 4 test input(s), 16 views solved (mean 2.00 steps), voted; pass@1" in result.output
+    assert "3 task(s), 4 test input(s), 16 views solved (fixed loop, mean 2.00 steps), voted; pass@1" in result.output
+    adaptive = CliRunner().invoke(cli, ["run", str(arc / "bundle"), "--input", str(arc / "challenges.json"),
+                                        "--mode", "adaptive", "--skip-selfcheck"])
+    assert adaptive.exit_code == 0 and "views solved (adaptive loop, mean" in adaptive.output
     submission = json.loads(out.read_text())
     challenges = json.loads((arc / "challenges.json").read_text())
     assert sorted(submission) == sorted(challenges)
@@ -81,8 +87,7 @@ def test_run_writes_a_submission_and_scores_it(arc, tmp_path):
                 assert isinstance(grid, list) and all(all(0 <= c <= 9 for c in row) for row in grid)
     # The same through the Python API: the vote of every view, each view solved by the runtime.
     solver = Solver(arc / "bundle", threads=1)
-    api = solve_arc(solver, read_challenges(arc / "challenges.json"), bundle_views(solver.bundle, solver.manifest),
-                    mode="fixed")
+    api = solve_arc(solver, read_challenges(arc / "challenges.json"), bundle_views(solver.bundle, solver.manifest))
     assert api.submission() == submission
 
 
@@ -103,3 +108,13 @@ def test_what_cannot_be_answered_is_one_clear_line(arc, tmp_path):
     assert result.exit_code != 0 and "solution grid" in result.output
     for r in (result,):
         assert len(r.output.strip().splitlines()) == 1
+
+
+def test_the_report_of_a_bundle_that_kept_rows_measures_the_kept_puzzles(arc, tmp_path):
+    """#38: `--data DIR --keep-puzzles challenges.json` wrote a good bundle, then its report asked for puzzles of
+    rows the bundle did not keep and the export exited 1. The report takes the folder's puzzles of the kept rows."""
+    result = CliRunner().invoke(cli, ["report", str(arc / "bundle"), "--data", str(arc / "data"), "--quick",
+                                      "--threads", "1", "-o", str(tmp_path / "report")])
+    assert result.exit_code == 0, result.output
+    text = (tmp_path / "report" / "REPORT.md").read_text()
+    assert "the puzzles of the 13 rows this bundle kept" in text

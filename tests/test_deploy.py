@@ -157,3 +157,16 @@ def test_one_command_checks_its_inputs_before_any_work(tmp_path):
     assert result.exit_code != 0 and "--calib" in result.output
     result = runner.invoke(cli, [str(tmp_path / "ck"), "--target", "jetsn"])
     assert result.exit_code != 0 and "Valid targets" in result.output
+
+
+def test_a_bfloat16_model_with_unlabelled_puzzles_says_what_was_not_measured(tmp_path):
+    """#38: the accuracy as trained needs labels; without them the export says so and how to get it."""
+    write_official_checkpoint(tmp_path / "ck", SUDOKU_SHAPED)  # trained in bfloat16, as the official configs are
+    p = get_task("sudoku").split("calibration", size=4)
+    lines: list[str] = []
+    _, manifest, _ = export_bundle(tmp_path / "ck", tmp_path / "b", ExportOptions(
+        progress=False, batch_size=8, golden_puzzles=1), puzzles=Puzzles(p.inputs, p.puzzle_ids, None, "file",
+                                                                         "sudoku"), log=lines.append)
+    assert manifest.reference == {}
+    assert any(line.startswith("accuracy as trained (bfloat16): not measured: the parity puzzles have no labels")
+               and "--data DIR" in line for line in lines)

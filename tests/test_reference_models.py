@@ -69,3 +69,37 @@ def test_full_held_out_split_reproduces_results_md(name):
         assert r.exact_accuracy == pytest.approx(published[r.mode, r.budget]["exact_accuracy"], abs=0.005)
         assert r.mean_steps == pytest.approx(published[r.mode, r.budget]["mean_steps"], abs=0.05)
     assert np.isfinite([r.token_accuracy for r in rows]).all()
+
+
+# The fields without a default of the official PretrainConfig (pydantic): what `PretrainConfig(**all_config)`
+# requires. TRM: SamsungSAILMontreal/TinyRecursiveModels pretrain.py (data_paths: a list); HRM: sapientinc/HRM
+# pretrain.py (data_path: one path), which its evaluate.py reads from a checkpoint's all_config.yaml. Recorded from
+# their source at the commits scripts/record_official_bf16.py pins (the same fields at the later commits read).
+_HYPER = {"global_batch_size": int, "epochs": int, "lr": float, "lr_min_ratio": float, "lr_warmup_steps": int,
+          "weight_decay": float, "beta1": float, "beta2": float, "puzzle_emb_lr": float,
+          "puzzle_emb_weight_decay": float}
+OFFICIAL_REQUIRED = {"trm": {"arch": dict, "data_paths": list, **_HYPER},
+                     "hrm": {"arch": dict, "data_path": str, **_HYPER}}
+
+
+@pytest.mark.parametrize("name", ["sudoku_mlpt", "maze_att"])
+@pytest.mark.parametrize("family", sorted(OFFICIAL_REQUIRED))
+def test_shipped_all_config_satisfies_the_official_pretrain_config(name, family):
+    """#38: the official PretrainConfig refused both shipped all_config.yaml files (epochs, lr_min_ratio, beta1,
+    beta2, puzzle_emb_lr, puzzle_emb_weight_decay missing). Every required field, of the type pydantic accepts."""
+    folder = reference_model_path(name)
+    config = yaml.safe_load((folder / "all_config.yaml").read_text())
+    for field, kind in OFFICIAL_REQUIRED[family].items():
+        assert field in config, (name, family, field)
+        value = config[field]
+        if kind is float:  # pydantic takes an int for a float
+            assert isinstance(value, (int, float)) and not isinstance(value, bool), (field, value)
+        else:
+            assert isinstance(value, kind) and not isinstance(value, bool), (field, value)
+    assert isinstance(config["arch"]["name"], str) and isinstance(config["arch"]["loss"]["name"], str)
+    assert all(isinstance(p, str) for p in config["data_paths"]) and config["data_path"] == config["data_paths"][0]
+    # true to the training: the official schedule's total steps (epochs x groups / batch) are the steps trained
+    dataset = json.loads((folder / "dataset.json").read_text())
+    trained = int(next(folder.glob("step_*")).name.split("_")[1])
+    total = config["epochs"] * dataset["total_groups"] * dataset["mean_puzzle_examples"] / config["global_batch_size"]
+    assert abs(total - trained) <= dataset["total_groups"] / config["global_batch_size"]  # within one epoch
