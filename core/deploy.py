@@ -166,6 +166,8 @@ def _plan(checkpoint: LoadedCheckpoint, puzzles: Puzzles, precision: str, option
         if not options.report:
             return plan
         available = len(heldout) if heldout is not None else _split_size(checkpoint, "heldout")
+        if not available:  # a custom task without --data: the report is skipped, said at its turn
+            return plan
         batch = timing_batch(cfg.step_flops, target.batch.opt)
         fixed = (options.replay or {}).get("report_puzzles") or options.eval_puzzles
         return plan.replace(timing_batch=batch, report_puzzles=min(available, fixed or plan_report(

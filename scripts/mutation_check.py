@@ -73,6 +73,15 @@ MUTATIONS = [
              '''                if stable:
                     says = (says if use_q else True) & (slot_unchanged[:active] >= stable)''',
              ("tests/test_halting.py -k combined_policy", "tests/test_halting.py -k batch_order")),
+    Mutation("plan-by-the-clock", "the same checkpoint and flags give the same bundle on a quiet or a busy machine",
+             "planning/plan.py", '''    return max(least, min(most, int(BUDGET[budget] / unit_seconds)))''',
+             '''    return max(least, min(most, int(BUDGET[budget] / unit_seconds
+                                     / (2 if __import__("time").perf_counter() > 1e5 else 1))))''',
+             ("tests/test_plan.py -k busy_machine",)),
+    Mutation("arc-default-halts-on-q", "an ARC challenge file runs the official evaluation's loop by default",
+             "core/cli.py", '''    mode = mode or ("fixed" if arc else "adaptive")''',
+             '''    mode = mode or "adaptive"''',
+             ("tests/test_arc_bundle.py -k writes_a_submission",)),
 ]
 
 
