@@ -76,7 +76,8 @@ MUTATIONS = [
     Mutation("plan-by-the-clock", "the same checkpoint and flags give the same bundle on a quiet or a busy machine",
              "planning/plan.py", '''    return max(least, min(most, int(BUDGET[budget] / unit_seconds)))''',
              '''    return max(least, min(most, int(BUDGET[budget] / unit_seconds
-                                     / (2 if __import__("time").perf_counter() > 1e5 else 1))))''',
+                                     / (2 if -__import__("time").perf_counter() + __import__("time").perf_counter()
+                                        > 1 else 1))))''',  # a budget cut when the clock says "slow"
              ("tests/test_plan.py -k busy_machine",)),
     Mutation("arc-default-halts-on-q", "an ARC challenge file runs the official evaluation's loop by default",
              "core/cli.py", '''    mode = mode or ("fixed" if arc else "adaptive")''',
