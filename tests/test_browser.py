@@ -205,6 +205,34 @@ def test_javascript_units():
 @needs_ort_web
 @needs_node
 @needs_chromium
+def test_the_page_tells_the_truth_and_fits_a_phone(browser_bundle):
+    """#38: at a phone's 390-pixel width the page needs no sideways scrolling; a Sudoku whose clues contradict each
+    other gets a badge that does not say "solved" and its conflicting cells marked; text the parser refuses resets
+    the badge and names the line; the single-puzzle view says the time per step and per puzzle."""
+    server = make_server(browser_bundle, port=0)
+    url = start_in_thread(server)
+    try:
+        page = _node("tests/page.mjs", url, "--phone", "--solve", "0", "--conflict", "--bad-input", "123")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert page["status"] == "ready", page
+    assert page["page_width"] <= 390, page["page_width"]
+    solved = page["solved"]
+    assert solved["ms_per_step"] > 0 and "ms per step" in solved["verdict"] and "ms for the puzzle" in solved["verdict"]
+    assert (solved["state"] == "done") == ("a valid solution" in solved["verdict"])  # badge and verdict agree
+    conflict = page["conflict"]
+    assert conflict["state"] == "invalid" and "solved" not in conflict["status"].replace("not solved", ""), conflict
+    # marked: a repeated digit, or the clue the model changed to avoid repeating it
+    assert "not a valid solution" in conflict["verdict"] and conflict["marked"] >= 1
+    bad = page["bad_input"]
+    assert bad["state"] == "input" and "line 1: a Sudoku line has 81 characters, found 3" in bad["status"]
+    assert page["console"] == []
+
+
+@needs_ort_web
+@needs_node
+@needs_chromium
 def test_the_page_solves_the_golden_puzzles_in_chromium(browser_bundle, tmp_path):
     """The bar of issue #19: the page, served locally, solves the golden puzzles in headless Chromium with the
     Python runtime's answers; typed into the page, solved one by one and in batch mode."""

@@ -7,7 +7,7 @@
 
 import * as ort from "./ort/ort.wasm.min.mjs";
 import {
-  goldenCheck, gridRows, isValidSolution, openBundle, parsePuzzles, Solver, timeSteps,
+  conflicts, goldenCheck, gridRows, isValidSolution, openBundle, parsePuzzles, Solver, timeSteps,
 } from "./trm.mjs";
 
 const $ = (id) => document.getElementById(id);
@@ -33,8 +33,9 @@ function textOf(tokens, task, grid = false) {
   return rows.map((r) => r.join("")).join(task.name === "sudoku" && !grid ? "" : "\n");
 }
 
-// The grid of `tokens`; cells given in `puzzle` are marked, cells that changed since `previous` are highlighted.
-function drawGrid(tokens, puzzle, previous = null) {
+// The grid of `tokens`; cells given in `puzzle` are marked, cells that changed since `previous` are highlighted,
+// cells in `wrong` (what makes an answer invalid) are marked as conflicts.
+function drawGrid(tokens, puzzle, previous = null, wrong = new Set()) {
   const task = solver.task, rows = gridRows(tokens, task), grid = $("grid");
   grid.replaceChildren();
   grid.dataset.answer = Array.from(tokens).join(",");
@@ -43,6 +44,7 @@ function drawGrid(tokens, puzzle, previous = null) {
     return;
   }
   grid.style.gridTemplateColumns = `repeat(${task.grid_side}, 1fr)`;
+  grid.style.setProperty("--side", String(task.grid_side));
   grid.className = `grid ${task.name || "tokens"}`;
   rows.flat().forEach((ch, i) => {
     const cell = document.createElement("div");
@@ -50,6 +52,7 @@ function drawGrid(tokens, puzzle, previous = null) {
     if (task.name === "sudoku" && puzzle[i] !== 1) cell.classList.add("given");
     if (task.name === "maze") cell.classList.add(`m${tokens[i]}`);
     if (previous && previous[i] !== tokens[i]) cell.classList.add("changed");
+    if (wrong.has(i)) cell.classList.add("conflict");
     if (task.name === "sudoku" && (i % 9) % 3 === 2 && i % 9 !== 8) cell.classList.add("box-right");
     if (task.name === "sudoku" && Math.floor(i / 9) % 3 === 2 && i < 72) cell.classList.add("box-bottom");
     cell.textContent = task.name === "maze" ? "" : ch;
@@ -82,8 +85,9 @@ async function solveOne() {
     const puzzles = parsePuzzles(task.name === "sudoku" ? text.replace(/\s+/g, "") : text, task);
     if (puzzles.length !== 1) throw new Error(`give one puzzle here (found ${puzzles.length}); use "Solve many" below`);
     puzzle = puzzles[0];
-  } catch (error) {
+  } catch (error) {  // the badge follows: the last answer no longer stands
     $("verdict").textContent = error.message;
+    setStatus("input", `puzzle not read: ${error.message}`);
     return;
   }
   const halting = $("halting").value, delay = Math.max(0, Number($("delay").value) || 0);
@@ -93,27 +97,39 @@ async function solveOne() {
   setStatus("solving", "solving");
   let previous = puzzle;
   drawGrid(puzzle, puzzle);
+  // Compute time only: from each step's start to its result, without drawing or the animation's delay.
+  let computing = 0, since = performance.now();
   try {
     const result = await solver.solve([puzzle], [0], {
       mode: halting === "fixed" ? "fixed" : "adaptive", halting: halting === "fixed" ? "q" : halting, maxSteps,
       onStep: async ({ puzzles, steps, qHalt, solver: s }) => {
-        if (puzzles[0] < 0) return;
-        const answer = s.answer(0);
-        drawGrid(answer, puzzle, previous);
-        previous = answer;
-        traceLine(steps[0], qHalt[0], false);
-        if (delay) await new Promise((resolve) => setTimeout(resolve, delay));
+        computing += performance.now() - since;
+        if (puzzles[0] >= 0) {
+          const answer = s.answer(0);
+          drawGrid(answer, puzzle, previous);
+          previous = answer;
+          traceLine(steps[0], qHalt[0], false);
+          if (delay) await new Promise((resolve) => setTimeout(resolve, delay));
+        }
+        since = performance.now();
       },
     });
     const steps = result.stepsUsed[0], answer = result.predictions[0];
-    drawGrid(answer, puzzle);
-    $("trace").lastChild?.lastChild.append(steps < maxSteps ? " — halted" : " — step limit");
     const valid = isValidSolution(puzzle, answer, task);
+    drawGrid(answer, puzzle, null, valid === false ? conflicts(puzzle, answer, task) : new Set());
+    $("trace").lastChild?.lastChild.append(steps < maxSteps ? " — halted" : " — step limit");
+    const stepWords = `${steps} step${steps === 1 ? "" : "s"}`;
+    const timing = ` (${(computing / steps).toFixed(1)} ms per step, ${computing.toFixed(0)} ms for the puzzle, ` +
+      `${ort.env.wasm.numThreads} thread${ort.env.wasm.numThreads === 1 ? "" : "s"})`;
     $("verdict").textContent = `${steps < maxSteps || halting === "fixed" ? "Answer" : "Step limit reached"} after ` +
-      `${steps} step${steps === 1 ? "" : "s"}` + (valid === null ? "." : valid ? ": a valid solution." :
-        ": not a valid solution.");
+      stepWords + (valid === null ? "." : valid ? ": a valid solution." :
+        `: not a valid solution (${$("grid").querySelectorAll(".conflict").length} conflicting cells marked).`) +
+      timing;
     $("grid").dataset.steps = String(steps);
-    setStatus("done", `solved in ${steps} step${steps === 1 ? "" : "s"}`);
+    $("grid").dataset.msPerStep = String(computing / steps);
+    // The badge says what the verdict says: "solved" only for an answer the task's rules accept.
+    if (valid === false) setStatus("invalid", `not solved: the answer after ${stepWords} breaks the rules`);
+    else setStatus("done", valid ? `solved in ${stepWords}` : `answered in ${stepWords}`);
   } catch (error) {
     $("verdict").textContent = error.message;
     setStatus("error", error.message);

@@ -770,17 +770,29 @@ export function parsePuzzles(text, task) {
   }
   if (task.name === "maze") {
     const side = task.grid_side;
-    const blocks = text.replace(/\r/g, "").split(/\n\s*\n/).map((b) => b.split("\n").filter((r) => r.length))
-      .filter((rows) => rows.length);
+    // Mazes are separated by lines of nothing but white space; each row remembers its line for the errors.
+    const blocks = [];
+    let block = null;
+    text.replace(/\r/g, "").split("\n").forEach((row, n) => {
+      if (/^\s*$/.test(row)) { block = null; return; }
+      if (!block) blocks.push(block = []);
+      block.push({ row, line: n + 1 });
+    });
     return blocks.map((rows, k) => {
-      if (rows.length !== side || rows.some((r) => r.length !== side)) {
-        throw new InputError(`maze ${k + 1}: this model takes ${side} x ${side} grids`);
+      const where = `maze ${k + 1} (line ${rows[0].line})`;
+      if (rows.length !== side) {
+        throw new InputError(`${where}: ${rows.length} rows; this model takes ${side} x ${side} grids`);
       }
-      return Array.from(rows.join(""), (ch, i) => {
+      const short = rows.find((r) => r.row.length !== side);
+      if (short) {
+        throw new InputError(`maze ${k + 1}, line ${short.line}: ${short.row.length} characters; this model takes ` +
+                             `${side} x ${side} grids (keep trailing spaces: they are open cells)`);
+      }
+      return Array.from(rows.map((r) => r.row).join(""), (ch, i) => {
         const token = MAZE_CHARS.indexOf(ch) + 1;
         if (!token) {
-          throw new InputError(`maze ${k + 1}: bad character ${JSON.stringify(ch)} at row ${Math.floor(i / side) + 1}` +
-                               `, column ${(i % side) + 1} (expected one of "${MAZE_CHARS}")`);
+          throw new InputError(`maze ${k + 1}, line ${rows[Math.floor(i / side)].line}: bad character ` +
+                               `${JSON.stringify(ch)} at column ${(i % side) + 1} (expected one of "${MAZE_CHARS}")`);
         }
         return token;
       });
@@ -805,6 +817,40 @@ export function gridRows(tokens, task) {
 
 // Is `answer` a solution of `puzzle`? Sudoku: every row, column and box 1-9, givens kept. Maze: the marked path
 // joins S to G and is a shortest path. null for other tasks.
+// The cells that make `answer` wrong, for the page to mark: a Sudoku's blanks, changed clues and digits repeated
+// in a row, column or box; a maze's path over a wall, S or G, and walls, S or G not as given. Empty when valid (or
+// for a task without a rule).
+export function conflicts(puzzle, answer, task) {
+  const bad = new Set();
+  if (task.name === "sudoku") {
+    const digit = (i) => answer[i] - 1;
+    for (let i = 0; i < 81; i++) {
+      if (digit(i) < 1 || digit(i) > 9 || (puzzle[i] !== 1 && puzzle[i] !== answer[i])) bad.add(i);
+    }
+    const units = [];
+    for (let k = 0; k < 9; k++) {
+      const row = [], col = [], box = [];
+      for (let j = 0; j < 9; j++) {
+        row.push(k * 9 + j);
+        col.push(j * 9 + k);
+        box.push((3 * Math.floor(k / 3) + Math.floor(j / 3)) * 9 + 3 * (k % 3) + (j % 3));
+      }
+      units.push(row, col, box);
+    }
+    for (const unit of units) {
+      const seen = new Map();
+      for (const i of unit) seen.set(digit(i), [...(seen.get(digit(i)) || []), i]);
+      for (const [d, cells] of seen) if (d >= 1 && d <= 9 && cells.length > 1) cells.forEach((i) => bad.add(i));
+    }
+  } else if (task.name === "maze") {
+    const path = 5, open = 2;
+    for (let i = 0; i < answer.length; i++) {
+      if (answer[i] === path ? puzzle[i] !== open : answer[i] !== puzzle[i]) bad.add(i);
+    }
+  }
+  return bad;
+}
+
 export function isValidSolution(puzzle, answer, task) {
   if (task.name === "sudoku") {
     const digits = Array.from(answer, (t) => t - 1);

@@ -1,7 +1,10 @@
 // node web/tests/page.mjs URL [--solve N] [--batch] [--bench 1,64] [--bench-seconds S] [--screenshot FILE]
+//                            [--phone] [--conflict] [--bad-input TEXT]
 // Drives the page of a browser bundle in headless Chromium (playwright-core; CHROMIUM or /usr/bin/chromium) the
 // way a person would: waits for the self-check, types golden puzzle N into the puzzle box, presses Solve and reads
 // the grid, optionally solves the golden puzzles in batch mode and times the step at the given batch sizes.
+// --phone: a 390 x 844 viewport, and how wide the page is there; --conflict: a Sudoku whose clues contradict each
+// other (no answer can be valid): the badge and the marked cells; --bad-input: text the parser refuses.
 // Prints one JSON object; console errors of the page are in it.
 import { chromium } from "playwright-core";
 
@@ -16,7 +19,11 @@ const browser = await chromium.launch({
 });
 const out = { console: [] };
 try {
-  const page = await browser.newPage({ viewport: { width: 1100, height: 900 } });
+  const phone = args.includes("--phone");
+  const page = await browser.newPage({ viewport: phone ? { width: 390, height: 844 } : { width: 1100, height: 900 } });
+  const finished = () => page.waitForFunction(
+    () => ["done", "invalid", "error", "input"].includes(document.getElementById("status").dataset.state),
+    null, { timeout: 300000 });
   page.on("console", (m) => { if (m.type() === "error" || m.type() === "warning") out.console.push(m.text()); });
   page.on("pageerror", (e) => out.console.push(`pageerror: ${e.message}`));
   await page.goto(url);
@@ -48,16 +55,49 @@ try {
     }
     await page.fill("#delay", option("--delay", "0"));
     await page.click("#solve");
-    await page.waitForFunction(() => ["done", "error"].includes(document.getElementById("status").dataset.state),
-                               null, { timeout: 300000 });
+    await finished();
     out.solved = await page.evaluate(() => ({
       state: document.getElementById("status").dataset.state,
+      status: document.getElementById("status").textContent,
       answer: document.getElementById("grid").dataset.answer.split(",").map(Number),
       steps: Number(document.getElementById("grid").dataset.steps),
+      ms_per_step: Number(document.getElementById("grid").dataset.msPerStep),
       trace: document.querySelectorAll("#trace li").length,
       verdict: document.getElementById("verdict").textContent,
     }));
   }
+  if (out.status === "ready" && args.includes("--conflict")) {
+    // golden puzzle 0 with its first blank set to a clue of the same row: the clues themselves break the rules
+    const text = await page.evaluate(() => {
+      const p = window.trm.selfCheck.puzzles[0].slice(0, 81).map((v) => (v === 1 ? "." : String(v - 1)));
+      const row = Math.floor(p.findIndex((c, i) => c === "." && p.slice(i - (i % 9), i - (i % 9) + 9)
+        .some((d) => d !== ".")) / 9);
+      const cells = p.slice(row * 9, row * 9 + 9);
+      p[row * 9 + cells.indexOf(".")] = cells.find((d) => d !== ".");
+      return p.join("");
+    });
+    await page.fill("#puzzle", text);
+    await page.fill("#delay", "0");
+    await page.click("#solve");
+    await finished();
+    out.conflict = await page.evaluate(() => ({
+      state: document.getElementById("status").dataset.state,
+      status: document.getElementById("status").textContent,
+      verdict: document.getElementById("verdict").textContent,
+      marked: document.querySelectorAll("#grid .cell.conflict").length,
+    }));
+  }
+  if (out.status === "ready" && option("--bad-input") !== null) {
+    await page.fill("#puzzle", option("--bad-input"));
+    await page.click("#solve");
+    await finished();
+    out.bad_input = await page.evaluate(() => ({
+      state: document.getElementById("status").dataset.state,
+      status: document.getElementById("status").textContent,
+      verdict: document.getElementById("verdict").textContent,
+    }));
+  }
+  if (phone) out.page_width = await page.evaluate(() => document.documentElement.scrollWidth);
   if (out.status === "ready") {
     if (args.includes("--batch")) {
       await page.click("#batch-examples");

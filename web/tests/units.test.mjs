@@ -2,8 +2,8 @@
 import assert from "node:assert/strict";
 import { test } from "node:test";
 import {
-  BundleError, canonicalManifest, checkRelative, InputError, isValidSolution, openBundle, parseHalting, parseNpy,
-  parsePuzzles,
+  BundleError, canonicalManifest, checkRelative, conflicts, InputError, isValidSolution, openBundle, parseHalting,
+  parseNpy, parsePuzzles,
 } from "../app/trm.mjs";
 
 function npy(descr, shape, payload, fortran = "False") {
@@ -97,7 +97,7 @@ test("puzzle text: Sudoku lines and mazes, errors name the place", () => {
   const maze = { name: "maze", seq_len: 9, grid_side: 3 };
   assert.deepEqual(parsePuzzles("#S#\n# #\n#G#\n\n###\nS G\n###\n", maze), [[1, 3, 1, 1, 2, 1, 1, 4, 1],
                                                                             [1, 1, 1, 3, 2, 4, 1, 1, 1]]);
-  assert.throws(() => parsePuzzles("#S#\n#x#\n#G#", maze), /row 2, column 2/);
+  assert.throws(() => parsePuzzles("#S#\n#x#\n#G#", maze), /line 2: bad character "x" at column 2/);
   assert.throws(() => parsePuzzles("#S\n#G", maze), /3 x 3/);
 });
 
@@ -117,4 +117,29 @@ test("valid solutions: Sudoku rules and givens, maze shortest paths", () => {
   assert.equal(isValidSolution(m, [3, 5, 5, 1, 1, 5, 4, 5, 5], maze), true);
   assert.equal(isValidSolution(m, [3, 5, 5, 1, 1, 5, 4, 2, 5], maze), false);  // broken path
   assert.equal(isValidSolution(m, [3, 2, 2, 1, 1, 2, 4, 2, 2], maze), false);  // no path
+});
+
+test("a malformed maze names its line and what is wrong with it", () => {
+  const task = { name: "maze", grid_side: 3, seq_len: 9 };
+  assert.deepEqual(parsePuzzles("#S#\n# #\n#G#\n\n###\n# S\nG #\n", task).length, 2);
+  assert.throws(() => parsePuzzles("#S#\n# #\n#G#\n\n###\n# S\n", task),
+                (e) => e instanceof InputError && e.message.startsWith("maze 2 (line 5): 2 rows; this model takes 3 x 3"));
+  assert.throws(() => parsePuzzles("#S#\n#\n#G#\n", task), /maze 1, line 2: 1 characters; this model takes 3 x 3 grids/);
+  assert.throws(() => parsePuzzles("\n\n#S#\n#x#\n#G#\n", task), /maze 1, line 4: bad character "x" at column 2/);
+});
+
+test("conflicts: what makes an answer wrong, cell by cell", () => {
+  const sudoku = { name: "sudoku", grid_side: 9, seq_len: 81 };
+  const solution = "534678912672195348198342567859761423426853791713924856961537284287419635345286179";
+  const tokens = (s) => Array.from(s, (c) => (c === "." ? 1 : Number(c) + 1));
+  const puzzle = tokens("53..7...." + ".".repeat(72));
+  assert.equal(conflicts(puzzle, tokens(solution), sudoku).size, 0);
+  const swapped = tokens(solution);
+  swapped[2] = swapped[3];  // row 1 now holds two 6s; column 3 lost its 4 and box 1 holds 6 twice
+  const bad = conflicts(puzzle, swapped, sudoku);
+  assert.ok(bad.has(2) && bad.has(3) && !bad.has(80), [...bad].join(","));
+  const maze = { name: "maze", grid_side: 3, seq_len: 9 };
+  const grid = [1, 3, 1, 2, 2, 1, 1, 4, 1];  // "#S#", "  #", "#G#"
+  assert.deepEqual([...conflicts(grid, [1, 3, 1, 2, 5, 1, 1, 4, 1], maze)], []);
+  assert.deepEqual([...conflicts(grid, [5, 3, 1, 2, 5, 1, 1, 4, 1], maze)], [0]);  // a path over a wall
 });
