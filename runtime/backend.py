@@ -14,6 +14,7 @@ from typing import Protocol
 import numpy as np
 
 from trm_export.errors import BundleError
+from trm_export.runtime.cpus import quota_threads
 from trm_export.runtime.graph_file import read_graph
 
 STEP_INPUTS = ("x", "z_H", "z_L")
@@ -133,6 +134,7 @@ class OnnxRuntimeBackend(HostSlots):
 
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        threads = threads or quota_threads()  # a container's CPU limit, which ONNX Runtime's default ignores
         if threads:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1

@@ -21,6 +21,7 @@ import numpy as np
 from trm_export.errors import BundleError
 from trm_export.runtime import openvino_ops
 from trm_export.runtime.backend import HostSlots, _first_line, check_step_io
+from trm_export.runtime.cpus import quota_threads
 from trm_export.runtime.graph_file import read_graph
 
 HOW_TO_INSTALL = "pip install openvino (or trm-export[openvino])"
@@ -59,6 +60,7 @@ class OpenVinoBackend(HostSlots):
         check_version(ov.__version__)
         read_graph(model_path)  # refused unless every weight is inside the file
         config: dict[str, object] = {"INFERENCE_PRECISION_HINT": inference_precision, "PERFORMANCE_HINT": "LATENCY"}
+        threads = threads or quota_threads()  # a container's CPU limit, which OpenVINO's default ignores
         if threads:
             config["INFERENCE_NUM_THREADS"] = int(threads)
         try:

@@ -212,3 +212,41 @@ def test_run_cli_npy_in_npz_out(bundle, puzzles, reference, tmp_path):
     assert np.array_equal(saved["predictions"], reference.step_predictions[-1][:5])
     assert (saved["steps_used"] == 8).all() and not list(tmp_path.glob(".answers.npz.*"))
     assert saved["valid"].dtype == bool and saved["valid"].shape == (5,)
+
+
+def test_a_containers_cpu_quota_caps_the_threads(bundle, tmp_path, monkeypatch):
+    """#39: ONNX Runtime's default takes every core the machine has, whatever a pod's CPU limit: the backends take
+    the cgroup's quota (v2 cpu.max, v1 cfs) when no thread count is given, and nothing else changes without one."""
+    import onnxruntime
+
+    from trm_export.runtime import cpus
+
+    v2 = tmp_path / "v2"
+    v2.mkdir()
+    monkeypatch.setattr(cpus, "affinity_cpus", lambda: 64)
+    for text, quota, threads in (("150000 100000\n", 1.5, 2), ("max 100000\n", None, None),
+                                 ("6400000 100000\n", 64.0, None), ("junk\n", None, None)):
+        (v2 / "cpu.max").write_text(text)
+        assert (cpus.cpu_quota(v2), cpus.quota_threads(v2)) == (quota, threads), text
+    v1 = tmp_path / "v1" / "cpu,cpuacct"
+    v1.mkdir(parents=True)
+    (v1 / "cpu.cfs_quota_us").write_text("200000\n")
+    (v1 / "cpu.cfs_period_us").write_text("100000\n")
+    assert cpus.quota_threads(v1.parent) == 2
+    (v1 / "cpu.cfs_quota_us").write_text("-1\n")
+    assert cpus.quota_threads(v1.parent) is None
+
+    seen = []
+    real = onnxruntime.InferenceSession
+
+    def session(graph, options, providers=None):
+        seen.append(options.intra_op_num_threads)
+        return real(graph, options, providers=providers)
+
+    monkeypatch.setattr(onnxruntime, "InferenceSession", session)
+    (v2 / "cpu.max").write_text("150000 100000\n")
+    monkeypatch.setattr(cpus, "CGROUP_ROOT", v2)
+    monkeypatch.setattr("trm_export.runtime.backend.quota_threads", lambda: cpus.quota_threads(v2))
+    Solver(bundle / "bundle", batch_size=1, verify=False)
+    Solver(bundle / "bundle", batch_size=1, verify=False, threads=3)
+    assert seen[-2:] == [2, 3]  # the quota's 2 (of 1.5 CPUs), and an explicit count as given

@@ -288,3 +288,32 @@ def test_a_stub_that_would_lose_tensor_data_refuses_to_load(server, tmp_path):
     with pytest.raises(TritonUnavailable, match="cannot exchange tensors with this Triton Python stub"):
         other.start(timeout=60)
     other.stop()
+
+
+def test_sigterm_to_the_launcher_stops_the_server(server, tmp_path):
+    """#39: SIGTERM to the Python launcher (a container runtime's stop, a supervisor's) used to leave tritonserver
+    running and answering, orphaned in its own session. run_forever stops it first, then returns."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = ("import sys; from trm_export.triton.server import TritonServer; "
+              f"TritonServer({str(server.repository)!r}, log={str(tmp_path / 'own.log')!r}, "
+              "extra_args=('--exit-timeout-secs=2',)).run_forever(); print('returned', flush=True)")
+    launcher = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+    try:
+        line = launcher.stderr.readline()  # "tritonserver on ...: HTTP 127.0.0.1:PORT, ..." once it is ready
+        port = int(line.split("HTTP 127.0.0.1:")[1].split(",")[0])
+        assert _listening(port) == ["127.0.0.1"], line
+        launcher.send_signal(signal.SIGTERM)
+        out, _ = launcher.communicate(timeout=60)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    assert launcher.returncode == 0 and "returned" in out
+    deadline = time.monotonic() + 10
+    while _listening(port) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _listening(port) == []  # nothing answers there any more: the server went with its launcher

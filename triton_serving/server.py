@@ -186,13 +186,26 @@ class TritonServer:
         self.stop()
 
     def run_forever(self) -> None:
-        """Start, print where it listens, wait for Ctrl-C."""
-        self.start()
-        print(f"tritonserver on {self.repository}: HTTP {self.http_url}, gRPC {self.grpc_url} (log: {self.log}); "
-              "Ctrl-C stops", file=sys.stderr)
+        """Start, print where it listens, wait for Ctrl-C or SIGTERM (a container runtime's or a supervisor's stop):
+        either stops tritonserver before this process ends. tritonserver runs in a session of its own (so that a
+        terminal's Ctrl-C reaches it once, through here), so a launcher that died without stopping it would leave
+        it running and answering."""
+        def terminate(signum, frame):
+            raise _Stopped(signum)
+
+        previous = signal.signal(signal.SIGTERM, terminate)
         try:
+            self.start()
+            print(f"tritonserver on {self.repository}: HTTP {self.http_url}, gRPC {self.grpc_url}, metrics "
+                  f"{self._client_host}:{self.metrics_port} (log: {self.log}); Ctrl-C or SIGTERM stops",
+                  file=sys.stderr, flush=True)
             self.process.wait()
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, _Stopped):
             pass
         finally:
             self.stop()
+            signal.signal(signal.SIGTERM, previous)
+
+
+class _Stopped(Exception):
+    """SIGTERM arrived: run_forever stops the server and returns."""
