@@ -317,3 +317,20 @@ def test_sigterm_to_the_launcher_stops_the_server(server, tmp_path):
     while _listening(port) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert _listening(port) == []  # nothing answers there any more: the server went with its launcher
+
+
+def test_the_repository_readme_client_runs_as_written(server):
+    """#39: the README's client example encodes real puzzles (the bundle's samples, the model's tokens), not zeros,
+    and runs as written against the server (only its address changed); the start lines publish the metrics."""
+    import re
+    import subprocess
+    import sys
+
+    readme = (server.repository / "README.md").read_text()
+    [code] = re.findall(r"```python\n(.*?)```", readme, re.S)
+    code = code.replace("localhost:8000", server.http_url)
+    done = subprocess.run([sys.executable, "-c", code], cwd=server.repository, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "np.zeros" not in code and "samples/puzzles.txt" in code
+    assert "8002:8002" in readme and "/metrics" in readme and "triton-env/bin/python -c" in readme

@@ -157,6 +157,9 @@ def render_readme(options: TritonOptions, manifest: Manifest, bundle: Path) -> s
     # The runtime travels with the bundle (distribution.wheel): install it from the copy in this repository.
     runtime = f"{name}/1/{BUNDLE_DIR}/{wheel}" if isinstance(wheel, str) else "trm-export"
     in_container = f"/models/{runtime}" if isinstance(wheel, str) else runtime
+    from trm_export.targets.device_readme import sample_file
+
+    sample = sample_file(manifest) or "samples/puzzles.txt"
     return f"""# Triton model repository: `{name}`
 
 Written by `trm-export triton {bundle.name}` from a bundle of task `{task.name or "custom"}` ({task.seq_len} tokens
@@ -194,7 +197,8 @@ model refuses to load, saying so, when tensors do not survive the exchange).
 In an NGC container (`nvcr.io/nvidia/tritonserver:<yy.mm>-py3`, which has the Python backend):
 
 ```bash
-docker run --rm -p 127.0.0.1:8000:8000 -p 127.0.0.1:8001:8001 -v "$PWD":/models nvcr.io/nvidia/tritonserver:24.10-py3 \\
+docker run --rm -p 127.0.0.1:8000:8000 -p 127.0.0.1:8001:8001 -p 127.0.0.1:8002:8002 -v "$PWD":/models \\
+  nvcr.io/nvidia/tritonserver:24.10-py3 \\
   bash -c "pip install 'numpy<2' {in_container} && tritonserver --model-repository=/models"
 ```
 
@@ -204,9 +208,12 @@ Python backend; trm-export finds and starts it (`trm_export.triton.server`, as i
 ```bash
 python3.11 -m venv triton-env && triton-env/bin/pip install 'numpy<2' onnxruntime \\
   && triton-env/bin/pip install --no-deps nvidia-pytriton==0.7.0 {runtime}     # the server binary only
-python -c "from trm_export.triton.server import TritonServer; TritonServer('.', 'triton-env', http_port=8000, \\
-  grpc_port=8001).run_forever()"
+triton-env/bin/python -c "from trm_export.triton.server import TritonServer; TritonServer('.', 'triton-env', \\
+  http_port=8000, grpc_port=8001, metrics_port=8002).run_forever()"
 ```
+
+Prometheus metrics (inference counts, queue and compute times per model) are at `http://HOST:8002/metrics`
+(`metrics_port`, tritonserver's `--metrics-port`; without it the launcher picks a free port and prints it).
 
 It listens on 127.0.0.1 (this machine only); `host='0.0.0.0'` serves other machines. Do that behind a proxy that
 limits request sizes: tritonserver's HTTP parser trusts a request's declared shape, and one request declaring
@@ -218,17 +225,26 @@ for that GPU and TensorRT is importable in the stub's environment, else ONNX Run
 
 ## Clients
 
-```python
-import numpy as np
-import tritonclient.http as httpclient        # or tritonclient.grpc (port 8001): the same calls
+Puzzles travel as the model's tokens (the bundle's `task` encoding). The runtime reads the task's text format
+into tokens, and the bundle carries sample puzzles, so a client with trm-export installed (`pip install
+{runtime}`) encodes them as the model was trained:
 
+```python
+import tritonclient.http as httpclient        # or tritonclient.grpc (port 8001): the same calls
+from trm_export.runtime.io import read_puzzles
+from trm_export.runtime.manifest import read_manifest
+
+bundle = "{name}/1/{BUNDLE_DIR}"
+task = read_manifest(bundle).task
+puzzles = read_puzzles(f"{{bundle}}/{sample}", task).astype("int64")  # [N, {task.seq_len}] tokens
 client = httpclient.InferenceServerClient("localhost:8000")
-puzzles = np.zeros((2, {task.seq_len}), np.int64)      # your puzzles' tokens
 inp = httpclient.InferInput("puzzles", list(puzzles.shape), "INT64")
 inp.set_data_from_numpy(puzzles)
 result = client.infer("{name}", [inp])
 print(result.as_numpy("predictions"), result.as_numpy("steps"))
 ```
+
+All zeros is not a puzzle: the model answers it with 16 steps of noise and no error.
 
 Throughput needs requests in flight: send from several threads (or `async_infer`); the model batches them.
 """
