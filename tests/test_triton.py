@@ -334,3 +334,43 @@ def test_the_repository_readme_client_runs_as_written(server):
     assert done.returncode == 0, done.stderr[-2000:]
     assert "np.zeros" not in code and "samples/puzzles.txt" in code
     assert "8002:8002" in readme and "/metrics" in readme and "triton-env/bin/python -c" in readme
+
+
+def test_the_repository_deploys_as_an_image_and_on_kubernetes(bundle, tmp_path):
+    """#39: `trm-export triton` writes a Dockerfile (NVIDIA's tritonserver of a stated release, the runtime from
+    the bundle's own wheel, the three ports) and k8s.yaml (Deployment with probes and resources, Service, HPA):
+    the Dockerfile checked statically (no container daemon here), the manifests against Kubernetes' schemas
+    offline (strict: no unknown field)."""
+    import json
+    import shlex
+
+    import kubernetes_validate
+    import yaml
+
+    from trm_export.triton.deployment import TRITON_IMAGE
+
+    out = write_repository(bundle, tmp_path / "repo", TritonOptions(name="Sudoku_Model.v1"))
+    lines = [line for line in (out / "Dockerfile").read_text().splitlines() if line and not line.startswith("#")]
+    instructions = [line.split(None, 1) for line in lines]
+    assert [i[0] for i in instructions] == ["FROM", "COPY", "RUN", "EXPOSE", "CMD"]
+    assert instructions[0][1] == TRITON_IMAGE and ":" in TRITON_IMAGE and "latest" not in TRITON_IMAGE
+    wheel = next(w for w in shlex.split(instructions[2][1]) if w.endswith(".whl"))
+    assert wheel.startswith("/models/") and (out / wheel.removeprefix("/models/")).is_file()  # the bundle's wheel
+    assert instructions[3][1].split() == ["8000", "8001", "8002"]
+    command = json.loads(instructions[4][1])
+    assert command[0] == "tritonserver" and "--metrics-port=8002" in command
+    assert not [p for p in out.iterdir() if p.is_dir() and p.name != "Sudoku_Model.v1"]  # tritonserver's models only
+    documents = list(yaml.safe_load_all((out / "k8s.yaml").read_text()))
+    assert [d["kind"] for d in documents] == ["Deployment", "Service", "HorizontalPodAutoscaler"]
+    for document in documents:
+        kubernetes_validate.validate(document, "1.30", strict=True)  # raises on any schema error
+    pod = documents[0]["spec"]["template"]
+    container = pod["spec"]["containers"][0]
+    assert container["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
+    assert container["resources"]["limits"]["cpu"] == container["resources"]["requests"]["cpu"]
+    assert {p["name"]: p["containerPort"] for p in container["ports"]} == {"http": 8000, "grpc": 8001, "metrics": 8002}
+    assert pod["metadata"]["annotations"]["prometheus.io/port"] == "8002"
+    assert documents[0]["metadata"]["name"] == "trm-sudoku-model-v1"  # a Kubernetes name from any model name
+    readme = (out / "README.md").read_text()
+    assert "kubectl apply -f k8s.yaml" in readme and "docker build -t" in readme

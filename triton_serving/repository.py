@@ -3,6 +3,7 @@
     REPOSITORY/
       README.md                       how to start tritonserver, the model's inputs and outputs, client examples
       trm_export_repository.json      what was written from what (the bundle's manifest digest, the settings)
+      Dockerfile, k8s.yaml            the repository as an image, and its Kubernetes deployment (triton.deployment)
       NAME/config.pbtxt               Python backend, max_batch_size 0, inputs / outputs, parameters of the loop
       NAME/1/model.py                 the backend's entry points (trm_export.triton.model, copied verbatim)
       NAME/1/bundle/                  the bundle: manifest and the files it lists, checksums verified on load
@@ -31,6 +32,7 @@ from pathlib import Path
 from trm_export.errors import BundleError, InputError
 from trm_export.runtime.manifest import MANIFEST_NAME, Manifest, member, read_manifest
 from trm_export.runtime.solver import Solver
+from trm_export.triton.deployment import dockerfile, image_name, kubernetes, kubernetes_yaml, readme_section
 from trm_export.triton.serving import BUNDLE_DIR, LoopParameters
 
 MARKER = "trm_export_repository.json"
@@ -122,8 +124,13 @@ def write_repository(bundle: str | Path, out: str | Path, options: TritonOptions
         shutil.copyfile(Path(__file__).with_name("model.py"), version / "model.py")
         (staging / options.name / "config.pbtxt").write_text(config_pbtxt(options.name, manifest.task.seq_len,
                                                                           options))
-        (staging / "README.md").write_text(render_readme(options, manifest, bundle))
         digest = json.loads((bundle / MANIFEST_NAME).read_text(encoding="utf-8"))["digest"]
+        image = image_name(options.name, digest)
+        wheel = (manifest.build.get("runtime") or {}).get("wheel")
+        (staging / "README.md").write_text(render_readme(options, manifest, bundle) + "\n"
+                                           + readme_section(options.name, image))
+        (staging / "Dockerfile").write_text(dockerfile(options.name, wheel if isinstance(wheel, str) else None))
+        (staging / "k8s.yaml").write_text(kubernetes_yaml(kubernetes(options.name, image)))
         record = {"bundle": str(bundle), "manifest_digest": digest, "model": options.name,
                   "instances": options.instances, "kind": options.kind, "loop": asdict(options.loop)}
         (staging / MARKER).write_text(json.dumps(record, indent=2) + "\n")
