@@ -374,3 +374,38 @@ def test_the_repository_deploys_as_an_image_and_on_kubernetes(bundle, tmp_path):
     assert documents[0]["metadata"]["name"] == "trm-sudoku-model-v1"  # a Kubernetes name from any model name
     readme = (out / "README.md").read_text()
     assert "kubectl apply -f k8s.yaml" in readme and "docker build -t" in readme
+
+
+def test_the_metrics_port_serves_the_loop_models_own_metrics(server, puzzles, expected):
+    """#39: besides Triton's counters, the loop model reports puzzles answered, their steps, step-limit runs,
+    requests and their seconds, and puzzles in flight on the metrics port (Python backend custom metrics). They
+    reach Triton from its own thread at the next request: a second request makes the first one's counts show."""
+    import re
+    import urllib.request
+
+    import tritonclient.http as httpclient
+
+    def scrape() -> dict[str, float]:
+        with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10) as r:
+            text = r.read().decode()
+        return {m.group(1): float(m.group(2)) for m in re.finditer(r"^(trm_\w+)\{[^}]*\} (\S+)$", text, re.M)}
+
+    client = httpclient.InferenceServerClient(server.http_url)
+
+    def infer(rows: slice) -> None:
+        inp = httpclient.InferInput("puzzles", [rows.stop - rows.start, puzzles.shape[1]], "INT64")
+        inp.set_data_from_numpy(puzzles[rows].astype(np.int64))
+        client.infer("trm", [inp])
+
+    infer(slice(0, 1))  # flushes what earlier tests left pending
+    before = scrape()
+    infer(slice(0, 4))
+    infer(slice(4, 5))  # its arrival flushes the four puzzles' counts
+    after = scrape()
+    assert {"trm_puzzles_total", "trm_steps_total", "trm_requests_total", "trm_request_seconds_total",
+            "trm_puzzles_in_flight", "trm_puzzles_at_step_limit_total"} <= set(after), sorted(after)
+    assert after["trm_puzzles_total"] - before["trm_puzzles_total"] == 1 + 4  # the first request's one, then four
+    assert after["trm_steps_total"] - before["trm_steps_total"] == int(expected.steps_used[:1].sum()
+                                                                        + expected.steps_used[:4].sum())
+    assert after["trm_requests_total"] - before["trm_requests_total"] == 2
+    assert after["trm_request_seconds_total"] > before["trm_request_seconds_total"]

@@ -13,6 +13,7 @@ across requests) and HTTP and plain gRPC clients work, which a decoupled model w
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,6 +75,52 @@ def tensors_survive(pb_utils) -> bool:
     return bool(np.array_equal(back, probe))
 
 
+class LoopMetrics:
+    """What an operator of a recursive model watches, beside Triton's own counters, on the metrics port (the Python
+    backend's custom metrics, `trm_*`): puzzles answered, the steps they ran (their ratio: mean steps), how many ran
+    to the step limit instead of halting, requests answered and the seconds from their arrival to their answer (queue
+    wait included), puzzles in flight. The stream's thread only adds to plain counters; they reach Triton from
+    Triton's own thread (`flush`, at every `execute`): metric calls from the stream's thread made requests fail under
+    load. A stub without the metrics API (before Triton 23.05) serves without them."""
+
+    NAMES = ("trm_puzzles_total", "trm_steps_total", "trm_puzzles_at_step_limit_total", "trm_requests_total",
+             "trm_request_seconds_total", "trm_puzzles_in_flight")
+
+    def __init__(self, pb_utils, labels: dict[str, str]):
+        import threading
+
+        self.lock = threading.Lock()
+        self.pending = dict.fromkeys(self.NAMES, 0.0)
+        self.metrics, self.families = {}, []  # families kept alive: deleting one invalidates its metrics
+        family = getattr(pb_utils, "MetricFamily", None)
+        if family is None:
+            return
+        for name in self.NAMES:
+            kind = family.GAUGE if name == "trm_puzzles_in_flight" else family.COUNTER
+            try:
+                self.families.append(family(name=name, description=name.replace("_", " "), kind=kind))
+                self.metrics[name] = self.families[-1].Metric(labels=labels)
+            except Exception:  # the stub's own error types: serve without this metric
+                continue
+
+    def add(self, name: str, value: float) -> None:
+        """Any thread: counted here, reported at the next flush."""
+        with self.lock:
+            self.pending[name] += value
+
+    def flush(self) -> None:
+        """Triton's thread: what was counted since the last flush, onto the metrics."""
+        with self.lock:
+            pending, self.pending = self.pending, dict.fromkeys(self.NAMES, 0.0)
+        for name, value in pending.items():
+            metric = self.metrics.get(name)
+            if metric is not None and value:
+                try:
+                    metric.increment(value)
+                except Exception:  # never fail a request over a metric
+                    pass
+
+
 class LoopModel:
     """One model instance: a SolverStream over the bundle beside model.py, fed by Triton requests."""
 
@@ -88,6 +135,8 @@ class LoopModel:
         self.stream = SolverStream(bundle, variant=p.variant, backend=p.backend, provider=provider,
                                    batch_size=p.batch_size, threads=p.threads, mode=p.mode, max_steps=p.max_steps,
                                    min_steps=p.min_steps, halting=p.halting, max_puzzles=p.max_puzzles)
+        self.step_limit = p.max_steps or self.stream.solver.manifest.loop.halt_max_steps
+        self.metrics = LoopMetrics(pb_utils, {"model": bundle.parent.parent.name})
 
     @classmethod
     def from_triton(cls, args: dict, pb_utils) -> LoopModel:
@@ -99,6 +148,7 @@ class LoopModel:
 
     def accept(self, request) -> None:
         """Queue one request's puzzles; its response is sent when they have all halted (or at once on an error)."""
+        self.metrics.flush()  # Triton's thread: the counts of the answers sent since the last request
         sender = request.get_response_sender()
         try:
             puzzles = self.pb.get_input_tensor_by_name(request, "puzzles")
@@ -106,21 +156,30 @@ class LoopModel:
             if puzzles is None:
                 raise InputError("the request has no 'puzzles' input ([N, seq_len] INT64 tokens)")
             tokens = np.array(puzzles.as_numpy())  # a copy: the request's memory is released when execute returns
+            arrived = time.monotonic()
             future = self.stream.submit(tokens, None if ids is None else np.array(ids.as_numpy()))
+            self.metrics.add("trm_puzzles_in_flight", len(tokens))
         except TrmExportError as exc:  # the request's fault: 400
             self._error(sender, str(exc), "INVALID_ARG")
             return
         except RuntimeError as exc:  # the stream stopped (a broken graph): 500
             self._error(sender, str(exc))
             return
-        future.add_done_callback(lambda f: self._respond(sender, f))
+        future.add_done_callback(lambda f: self._respond(sender, f, len(tokens), arrived))
 
-    def _respond(self, sender, future) -> None:
+    def _respond(self, sender, future, puzzles: int = 0, arrived: float | None = None) -> None:
+        self.metrics.add("trm_puzzles_in_flight", -puzzles)
         error = future.exception()
         if error is not None:
             self._error(sender, str(error))
             return
         result = future.result()
+        self.metrics.add("trm_puzzles_total", len(result.steps_used))
+        self.metrics.add("trm_steps_total", int(result.steps_used.sum()))
+        self.metrics.add("trm_puzzles_at_step_limit_total", int((result.steps_used >= self.step_limit).sum()))
+        self.metrics.add("trm_requests_total", 1)
+        if arrived is not None:
+            self.metrics.add("trm_request_seconds_total", time.monotonic() - arrived)
         outputs = [self.pb.Tensor("predictions", result.predictions.astype(np.int64)),
                    self.pb.Tensor("steps", result.steps_used.astype(np.int32)),
                    self.pb.Tensor("q_halt", result.q_halt.astype(np.float32)),
