@@ -219,8 +219,11 @@ triton-env/bin/python -c "from trm_export.triton.server import TritonServer; Tri
   http_port=8000, grpc_port=8001, metrics_port=8002).run_forever()"
 ```
 
-Prometheus metrics (inference counts, queue and compute times per model) are at `http://HOST:8002/metrics`
-(`metrics_port`, tritonserver's `--metrics-port`; without it the launcher picks a free port and prints it).
+Prometheus metrics are at `http://HOST:8002/metrics` (`metrics_port`, tritonserver's `--metrics-port`; without it
+the launcher picks a free port and prints it): Triton's per-model counts and times, and the loop's own
+`trm_puzzles_total`, `trm_steps_total` (over it: mean steps), `trm_puzzles_at_step_limit_total`,
+`trm_requests_total`, `trm_request_seconds_total` (arrival to answer) and `trm_puzzles_in_flight`, reported at each
+new request.
 
 It listens on 127.0.0.1 (this machine only); `host='0.0.0.0'` serves other machines. Do that behind a proxy that
 limits request sizes: tritonserver's HTTP parser trusts a request's declared shape, and one request declaring
