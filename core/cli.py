@@ -331,11 +331,11 @@ def export(model: Path | None, target: str, output: Path | None, force: bool, pu
         echo(f"the page: trm-export serve {shlex.quote(str(path))}  (then open the URL it prints); or copy "
                    f"{path} to any web server, see its README.md")
         return
-    from trm_export.targets.device_readme import sample_file
+    from trm_export.targets.device_readme import bundled_runtime, sample_file
 
     sample = sample_file(result.manifest) or "puzzles.txt"
-    wheel = (result.manifest.build.get("runtime") or {}).get("wheel")
-    install = f"pip install {shlex.quote(wheel)}   |   " if wheel else ""
+    wheel = bundled_runtime(result.manifest)[0]
+    install = f"pip install {wheel}   |   " if wheel else ""
     echo(f"copy {path} to the device ({chosen.description}) and follow its README.md; there, in the bundle: "
          f"{install}trm-export verify .   |   trm-export run . --input {sample}")
 

@@ -336,16 +336,32 @@ def _accuracy(manifest: Manifest) -> list[str]:
     return lines + [""]
 
 
+_WHEEL = re.compile(r"runtime/[A-Za-z0-9._+-]+\.whl")
+_PLATFORM = re.compile(r"[a-z0-9_]+-cp3[0-9]{1,2}")
+
+
+def bundled_runtime(manifest: Manifest) -> tuple[str | None, str | None]:
+    """(the trm-export wheel the bundle carries, the platform its --wheelhouse is for), each only where it is what
+    the export writes (a checksummed file under runtime/, a platform name): they go into commands a user types, and
+    a manifest is a stranger's. (None, None) for a bundle from before the runtime travelled with it."""
+    entry = manifest.build.get("runtime")
+    if not isinstance(entry, dict):
+        return None, None
+    wheel, house = entry.get("wheel"), entry.get("wheelhouse")
+    wheel = wheel if isinstance(wheel, str) and _WHEEL.fullmatch(wheel) and wheel in manifest.files else None
+    house = house if wheel and isinstance(house, str) and _PLATFORM.fullmatch(house) else None
+    return wheel, house
+
+
 def _runtime(manifest: Manifest, no_deps: bool = False) -> str:
     """The pip argument that installs trm-export from this bundle: its wheelhouse offline, else its own wheel
     (dependencies from the index), else (a bundle from before wheels were carried) the index's."""
-    entry = manifest.build.get("runtime") or {}
-    wheel = entry.get("wheel") if isinstance(entry, dict) else None
-    if not isinstance(wheel, str):
+    wheel, house = bundled_runtime(manifest)
+    if wheel is None:
         return "trm-export"
-    if entry.get("wheelhouse") and not no_deps:
+    if house and not no_deps:
         return "--no-index --find-links runtime trm-export"
-    return shlex.quote(wheel)
+    return wheel
 
 
 def _onnxruntime_warning(manifest: Manifest) -> str:
@@ -363,7 +379,7 @@ def _install(manifest: Manifest, target: Target | None) -> list[str]:
     lines = ["## Install the runtime on the device", ""]
     if pip != "trm-export":
         lines += ["This bundle carries the runtime: `runtime/` holds trm-export as a wheel (pure Python, any device)"
-                  + (f" and its dependencies' wheels for {md_code(manifest.build['runtime']['wheelhouse'])}, so the "
+                  + (f" and its dependencies' wheels for {md_code(bundled_runtime(manifest)[1])}, so the "
                      "install below needs no network" if "--no-index" in pip else
                      "; pip fetches numpy, onnxruntime and click from the package index (an offline device: export "
                      "with `--wheelhouse MACHINE-cp3X`, which puts them into `runtime/` too)")

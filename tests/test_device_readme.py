@@ -331,3 +331,21 @@ def test_top_level_readme_gives_the_same_jetson_steps(fp32_manifest):
         if not command.startswith("cd "):
             assert command in page, command
     assert "never both" in top and "on aarch64" in top and "trm-export build" in top
+
+
+def test_the_runtime_entry_of_a_strangers_manifest_reaches_no_command(fp32_manifest):
+    """build.runtime goes into commands a user types (pip install, the Dockerfile, the Triton recipes): only a
+    checksummed wheel under runtime/ with a plain name, and a platform name, are taken; anything else is as if the
+    bundle carried no runtime (never a crash, never a shell word from the manifest)."""
+    from trm_export.targets.device_readme import bundled_runtime
+
+    wheel, house = bundled_runtime(fp32_manifest)
+    assert wheel is not None and wheel.startswith("runtime/trm_export-") and house is None
+    for runtime in ("runtime/x.whl", {"wheel": "runtime/a b;touch PWNED.whl"}, {"wheel": ["runtime/x.whl"]},
+                    {"wheel": "../outside.whl"}, {"wheel": "runtime/unlisted.whl"}):
+        strange = dataclasses.replace(fp32_manifest, build={"runtime": runtime})
+        assert bundled_runtime(strange) == (None, None), runtime
+        assert "PWNED" not in render_bundle_readme(strange, "b")
+    hostile_house = dataclasses.replace(fp32_manifest, build={"runtime": {"wheel": wheel, "wheelhouse": "x; rm -rf ~"}})
+    assert bundled_runtime(hostile_house) == (wheel, None)
+    assert "rm -rf" not in render_bundle_readme(hostile_house, "b")

@@ -32,6 +32,7 @@ from pathlib import Path
 from trm_export.errors import BundleError, InputError
 from trm_export.runtime.manifest import MANIFEST_NAME, Manifest, member, read_manifest
 from trm_export.runtime.solver import Solver
+from trm_export.targets.device_readme import bundled_runtime, sample_file
 from trm_export.triton.deployment import dockerfile, image_name, kubernetes, kubernetes_yaml, readme_section
 from trm_export.triton.serving import BUNDLE_DIR, LoopParameters
 
@@ -126,10 +127,10 @@ def write_repository(bundle: str | Path, out: str | Path, options: TritonOptions
                                                                           options))
         digest = json.loads((bundle / MANIFEST_NAME).read_text(encoding="utf-8"))["digest"]
         image = image_name(options.name, digest)
-        wheel = (manifest.build.get("runtime") or {}).get("wheel")
+        wheel = bundled_runtime(manifest)[0]
         (staging / "README.md").write_text(render_readme(options, manifest, bundle) + "\n"
                                            + readme_section(options.name, image))
-        (staging / "Dockerfile").write_text(dockerfile(options.name, wheel if isinstance(wheel, str) else None))
+        (staging / "Dockerfile").write_text(dockerfile(options.name, wheel))
         (staging / "k8s.yaml").write_text(kubernetes_yaml(kubernetes(options.name, image)))
         record = {"bundle": str(bundle), "manifest_digest": digest, "model": options.name,
                   "instances": options.instances, "kind": options.kind, "loop": asdict(options.loop)}
@@ -160,11 +161,10 @@ def copy_bundle(bundle: Path, manifest: Manifest, into: Path) -> None:
 def render_readme(options: TritonOptions, manifest: Manifest, bundle: Path) -> str:
     name, task, p = options.name, manifest.task, options.loop
     variant = p.variant or manifest.default_variant
-    wheel = (manifest.build.get("runtime") or {}).get("wheel")
+    wheel = bundled_runtime(manifest)[0]
     # The runtime travels with the bundle (distribution.wheel): install it from the copy in this repository.
-    runtime = f"{name}/1/{BUNDLE_DIR}/{wheel}" if isinstance(wheel, str) else "trm-export"
-    in_container = f"/models/{runtime}" if isinstance(wheel, str) else runtime
-    from trm_export.targets.device_readme import sample_file
+    runtime = f"{name}/1/{BUNDLE_DIR}/{wheel}" if wheel else "trm-export"
+    in_container = f"/models/{runtime}" if wheel else runtime
 
     sample = sample_file(manifest) or "samples/puzzles.txt"
     return f"""# Triton model repository: `{name}`
