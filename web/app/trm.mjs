@@ -852,25 +852,12 @@ export function conflicts(puzzle, answer, task) {
 }
 
 export function isValidSolution(puzzle, answer, task) {
-  if (task.name === "sudoku") {
-    const digits = Array.from(answer, (t) => t - 1);
-    if (!digits.every((d, i) => d >= 1 && d <= 9 && (puzzle[i] === 1 || puzzle[i] === answer[i]))) return false;
-    for (let k = 0; k < 9; k++) {
-      const row = new Set(), col = new Set(), box = new Set();
-      for (let j = 0; j < 9; j++) {
-        row.add(digits[k * 9 + j]);
-        col.add(digits[j * 9 + k]);
-        box.add(digits[(3 * Math.floor(k / 3) + Math.floor(j / 3)) * 9 + 3 * (k % 3) + (j % 3)]);
-      }
-      if (row.size !== 9 || col.size !== 9 || box.size !== 9) return false;
-    }
-    return true;
-  }
+  // A Sudoku is valid exactly when no cell conflicts (every digit in 1-9, clues kept, no repeat in a unit); a maze
+  // also needs its path to be a shortest one from S to G.
+  if (task.name === "sudoku") return conflicts(puzzle, answer, task).size === 0;
   if (task.name === "maze") {
+    if (conflicts(puzzle, answer, task).size) return false;  // walls, S and G as given; 'o' only on open cells
     const side = task.grid_side, n = side * side, path = 5, wall = 1;
-    for (let i = 0; i < n; i++) {  // walls, S and G as given; 'o' only on open cells
-      if (answer[i] === path ? puzzle[i] !== 2 : answer[i] !== puzzle[i]) return false;
-    }
     const start = puzzle.indexOf(3), goal = puzzle.indexOf(4);
     const bfs = (ok) => {
       const dist = new Int32Array(n).fill(-1), queue = [start];
