@@ -24,6 +24,19 @@ try {
   const finished = () => page.waitForFunction(
     () => ["done", "invalid", "error", "input"].includes(document.getElementById("status").dataset.state),
     null, { timeout: 300000 });
+  // Puzzle text into the box, Solve, and what the page then says: the badge, the verdict, the cells marked.
+  const solveText = async (text) => {
+    await page.fill("#puzzle", text);
+    await page.fill("#delay", "0");
+    await page.click("#solve");
+    await finished();
+    return page.evaluate(() => ({
+      state: document.getElementById("status").dataset.state,
+      status: document.getElementById("status").textContent,
+      verdict: document.getElementById("verdict").textContent,
+      marked: document.querySelectorAll("#grid .cell.conflict").length,
+    }));
+  };
   page.on("console", (m) => { if (m.type() === "error" || m.type() === "warning") out.console.push(m.text()); });
   page.on("pageerror", (e) => out.console.push(`pageerror: ${e.message}`));
   await page.goto(url);
@@ -76,27 +89,9 @@ try {
       p[row * 9 + cells.indexOf(".")] = cells.find((d) => d !== ".");
       return p.join("");
     });
-    await page.fill("#puzzle", text);
-    await page.fill("#delay", "0");
-    await page.click("#solve");
-    await finished();
-    out.conflict = await page.evaluate(() => ({
-      state: document.getElementById("status").dataset.state,
-      status: document.getElementById("status").textContent,
-      verdict: document.getElementById("verdict").textContent,
-      marked: document.querySelectorAll("#grid .cell.conflict").length,
-    }));
+    out.conflict = await solveText(text);
   }
-  if (out.status === "ready" && option("--bad-input") !== null) {
-    await page.fill("#puzzle", option("--bad-input"));
-    await page.click("#solve");
-    await finished();
-    out.bad_input = await page.evaluate(() => ({
-      state: document.getElementById("status").dataset.state,
-      status: document.getElementById("status").textContent,
-      verdict: document.getElementById("verdict").textContent,
-    }));
-  }
+  if (out.status === "ready" && option("--bad-input") !== null) out.bad_input = await solveText(option("--bad-input"));
   if (phone) out.page_width = await page.evaluate(() => document.documentElement.scrollWidth);
   if (out.status === "ready") {
     if (args.includes("--batch")) {
