@@ -55,7 +55,15 @@ from trm_export.calibration.quantize import (
 from trm_export.export.onnx_graph import contrib_ops
 from trm_export.export.onnxruntime_ops import MULTI_HEAD_ATTENTION
 from trm_export.export.staging import StagedBundle
-from trm_export.planning.plan import SAMPLE_FIELDS, Plan, check_replay, describe, plan_quantize, step_flops_of
+from trm_export.planning.plan import (
+    SAMPLE_FIELDS,
+    Plan,
+    check_replay,
+    describe,
+    plan_quantize,
+    recorded_fields,
+    step_flops_of,
+)
 from trm_export.report.latency import StepTiming, faster_beyond_noise, load_note
 from trm_export.report.measure import (
     BUDGETS,
@@ -69,7 +77,7 @@ from trm_export.report.measure import (
 from trm_export.report.render import write_report
 from trm_export.report.trajectory import Trajectory, puzzle_progress
 from trm_export.runtime.graph_file import read_graph
-from trm_export.runtime.manifest import GraphSpec, Manifest, member, read_manifest
+from trm_export.runtime.manifest import MANIFEST_NAME, GraphSpec, Manifest, member, read_manifest
 from trm_export.runtime.selfcheck import golden_figures, golden_report
 from trm_export.runtime.solver import Solver
 from trm_export.targets.engines import write_build_recipes
@@ -543,14 +551,13 @@ def lowest_drop(cmp: VariantComparison, reference: Trajectory) -> float:
 
 def recorded_plan(manifest: Manifest) -> Plan:
     """The plan a bundle's export recorded; for a bundle written before plans were, one from its shapes."""
-    recorded = dict(manifest.plan or {})
-    if "step_flops" not in recorded:
-        flops = step_flops_of(manifest)
-        if flops is None:
-            raise CalibrationError("this bundle records no plan and its model config is not one trm-export knows: "
-                                   "re-export it with this trm-export")
-        recorded = {"step_flops": flops, "trained_steps": manifest.loop.halt_max_steps}
-    return Plan.from_dict(recorded)
+    if "step_flops" in (manifest.plan or {}):
+        return Plan.from_dict(recorded_fields(manifest.plan, f"{MANIFEST_NAME}: plan"))
+    flops = step_flops_of(manifest)
+    if flops is None:
+        raise CalibrationError("this bundle records no plan and its model config is not one trm-export knows: "
+                               "re-export it with this trm-export")
+    return Plan.from_dict({"step_flops": flops, "trained_steps": manifest.loop.halt_max_steps})
 
 
 def quantize_plan(base: Plan, eval_available: int, calib_available: int, options: QuantizeOptions,

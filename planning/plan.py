@@ -175,7 +175,8 @@ def plan_quantize(plan: Plan, eval_available: int, calib_available: int, methods
         samples = calib * steps if max_samples is None else min(calib * steps, max_samples)
         method = (samples * COST["calibrate"] * plan.step_flops / NOMINAL_FLOPS + screen * ort)
         chosen = methods[:fits("methods", method, len(methods), least=min(1, len(methods)))]
-    timing = fixed.get("timing_batch") or timing_batch(plan.step_flops, target_batch)
+    # a replayed batch never beyond the target's (a recorded plan is a stranger's input)
+    timing = min(target_batch, fixed.get("timing_batch") or timing_batch(plan.step_flops, target_batch))
     sized = {
         "mixed_puzzle_steps": int(BUDGET["mixed"] / (COST["onnxruntime"] * plan.step_flops / NOMINAL_FLOPS)),
         "choice_puzzles": fits("choice", ort, eval_available, least=0),
@@ -233,19 +234,36 @@ def read_plan(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict) or "step_flops" not in data:
         raise InputError(f"--plan {path}: no recorded plan in it (a bundle's manifest.json has one under 'plan', "
                          "written by trm-export 0.1 or later); export once without --plan to make one")
-    out = {"step_flops": data["step_flops"], "trained_steps": data.get("trained_steps")}
+    fields = recorded_fields(data, f"--plan {path}")
+    del fields["set_by"], fields["available"]  # a replay's fields are set by --plan, sized against today's data
+    return fields
+
+
+def recorded_fields(data: dict[str, Any], where: str) -> dict[str, Any]:
+    """A recorded plan's fields, each checked (a plan comes from a stranger's manifest or file): the model's step
+    cost and step limit, the sample counts, the methods, and who set what. One clear line for a wrong one."""
+    def count(name: str, value: Any, least: int = 0) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or not least <= value <= 1 << 40:
+            raise InputError(f"{where}: {name} must be a count (an integer of at least {least}), got {value!r}")
+        return value
+
+    out: dict[str, Any] = {"step_flops": count("step_flops", data.get("step_flops"), 1),
+                           "trained_steps": count("trained_steps", data.get("trained_steps"), 1)}
     for name in SAMPLE_FIELDS:
         value = data.get(name)
         if value is None:
             continue
         if name == "methods":
             if not isinstance(value, list) or not all(isinstance(m, str) for m in value):
-                raise InputError(f"--plan {path}: methods must be a list of calibration method names, got {value!r}")
+                raise InputError(f"{where}: methods must be a list of calibration method names, got {value!r}")
             out[name] = tuple(value)
-        elif isinstance(value, bool) or not isinstance(value, int) or value < 0 or value > 1 << 40:
-            raise InputError(f"--plan {path}: {name} must be a count (a non-negative integer), got {value!r}")
         else:
-            out[name] = value
+            out[name] = count(name, value)
+    set_by, available = data.get("set_by"), data.get("available")
+    out["set_by"] = ({k: v for k, v in set_by.items() if isinstance(k, str) and isinstance(v, str)}
+                     if isinstance(set_by, dict) else {})
+    out["available"] = ({k: v for k, v in available.items() if isinstance(k, str) and isinstance(v, int)
+                         and not isinstance(v, bool)} if isinstance(available, dict) else {})
     return out
 
 

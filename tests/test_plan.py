@@ -127,3 +127,25 @@ def test_step_flops_are_what_pytorch_counts(tmp_path, name):
               else cfg.net_calls_per_step * cfg.L_layers)
     unseen = 0 if cfg.mlp_t else layers * 4 * cfg.total_seq_len ** 2 * cfg.attention_width
     assert cfg.step_flops == counter.get_total_flops() + unseen
+
+
+def test_a_recorded_plan_is_a_strangers_input(sudoku_bundle):
+    """A plan comes from a bundle's manifest or a --plan file: a field of the wrong kind is one line naming it, never
+    a traceback later; a replayed timed batch never exceeds the target's (no [2**40, ...] allocation)."""
+    import dataclasses
+
+    from trm_export.calibration.variants import recorded_plan
+    from trm_export.errors import InputError
+
+    manifest = read_manifest(sudoku_bundle / "bundle")
+    good = recorded_plan(manifest)
+    assert good.step_flops == manifest.plan["step_flops"] and good.parity_puzzles == manifest.plan["parity_puzzles"]
+    for junk, field in (({"step_flops": "many"}, "step_flops"), ({"parity_puzzles": -1}, "parity_puzzles"),
+                        ({"methods": "minmax"}, "methods"), ({"trained_steps": True}, "trained_steps")):
+        strange = dataclasses.replace(manifest, plan={**manifest.plan, **junk})
+        with pytest.raises(InputError, match=rf"^manifest\.json: plan: {field} must be"):
+            recorded_plan(strange)
+    odd = recorded_plan(dataclasses.replace(manifest, plan={**manifest.plan, "set_by": ["x"], "available": "all"}))
+    assert (odd.set_by, odd.available) == ({}, {})
+    huge = planning.plan_quantize(good, 1000, 256, ("minmax",), 512, 64, fixed={"timing_batch": 1 << 40})
+    assert huge.timing_batch == 64
