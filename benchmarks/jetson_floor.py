@@ -16,54 +16,29 @@ both models). The paper-size maze has random weights: 16 steps, the official eva
 CPU beside it: this machine's measured ms per puzzle-step of the runtime's default engine at its largest batch
 (cpu_speed.py's JSON), times the same mean steps.
 
-Module throughput: SMs x GPU max clock x dense ops per SM per clock (Ampere sm_87: 4096 INT8, 2048 FP16; Volta
-sm_72: 2048 INT8, 1024 FP16). These reproduce NVIDIA's published module figures (sparse INT8 = 2x dense; GPU +
-DLA totals): Orin Nano 8 GB 20.5 dense (40 TOPS sparse; 33.4 / 67 with the JetPack 6.1 "super" clocks), Orin NX
-16 GB 30.1 dense GPU (100 TOPS with its DLAs), AGX Orin 64 GB 85.2 dense GPU (170 sparse GPU, 275 with its DLAs),
-AGX Xavier 22.6 INT8 / 11.3 FP16 GPU.
+Module throughput: trm_export.targets.floor.GPUS (SMs x GPU max clock x dense ops per SM per clock; Ampere sm_87:
+4096 INT8, 2048 FP16; Volta sm_72: 2048 INT8, 1024 FP16). These reproduce NVIDIA's published module figures
+(sparse INT8 = 2x dense; GPU + DLA totals): Orin Nano 8 GB 20.5 dense (40 TOPS sparse; 33.4 / 67 with the JetPack
+6.1 "super" clocks), Orin NX 16 GB 30.1 dense GPU (100 TOPS with its DLAs), AGX Orin 64 GB 85.2 dense GPU (170
+sparse GPU, 275 with its DLAs), AGX Xavier 22.6 INT8 / 11.3 FP16 GPU.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 from cpu_speed import step_flops  # benchmarks/ is on sys.path when run as a script
 
 from trm_export.export.checkpoint import load_checkpoint
 from trm_export.reference_models import reference_model_path
+from trm_export.targets.floor import GPUS
 
 RESULTS = Path(__file__).parent / "results"
 
 
-@dataclass(frozen=True)
-class Module:
-    name: str
-    target: str  # trm-export target name
-    sms: int
-    clock_ghz: float  # GPU max clock
-    int8_per_sm_clock: int  # dense tensor-core ops
-    fp16_per_sm_clock: int
-
-    def tops(self, precision: str) -> float:
-        per = self.int8_per_sm_clock if precision == "int8" else self.fp16_per_sm_clock
-        return self.sms * self.clock_ghz * 1e9 * per / 1e12
-
-
-_AMPERE, _VOLTA = (4096, 2048), (2048, 1024)
-MODULES = (
-    Module("Orin Nano 4 GB", "jetson-orin-nano", 4, 0.625, *_AMPERE),
-    Module("Orin Nano 8 GB", "jetson-orin-nano", 8, 0.625, *_AMPERE),
-    Module("Orin Nano 8 GB super (JetPack 6.1+)", "jetson-orin-nano", 8, 1.020, *_AMPERE),
-    Module("Orin NX 8 GB", "jetson-orin-nx", 6, 0.765, *_AMPERE),
-    Module("Orin NX 16 GB", "jetson-orin-nx", 8, 0.918, *_AMPERE),
-    Module("AGX Orin 32 GB", "jetson-agx-orin", 14, 0.939, *_AMPERE),
-    Module("AGX Orin 64 GB", "jetson-agx-orin", 16, 1.300, *_AMPERE),
-    Module("Xavier NX", "jetson-xavier-nx", 6, 1.100, *_VOLTA),
-    Module("AGX Xavier", "jetson-agx-xavier", 8, 1.377, *_VOLTA),
-)
+MODULES = GPUS  # one table, in the package: the export-time report of a Jetson bundle shows the same floor
 
 
 def mean_steps(model: str) -> dict[str, float]:
@@ -96,9 +71,9 @@ def table(name: str, gflop: float, steps: dict[str, float], cpu: tuple[float, in
     lines = [f"### {name}: {gflop:.3f} GFLOP per puzzle-step", "", "| " + " | ".join(head) + " |",
              "|" + "---|" * len(head)]
     for m in MODULES:
-        cells = [m.name, f"{m.tops('int8'):.1f} / {m.tops('fp16'):.1f}"]
+        cells = [m.name, f"{m.peak('int8') / 1e12:.1f} / {m.peak('fp16') / 1e12:.1f}"]
         for p in policies:
-            floor = [gflop * 1e9 * steps[p] / (m.tops(prec) * 1e12) * 1e3 for prec in ("int8", "fp16")]
+            floor = [gflop * 1e9 * steps[p] / m.peak(prec) * 1e3 for prec in ("int8", "fp16")]
             cells.append(f"{_ms(floor[0])} / {_ms(floor[1])}")
         lines.append("| " + " | ".join(cells) + " |")
     if cpu is not None:

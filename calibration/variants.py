@@ -447,7 +447,8 @@ def report_data(bundle: Path, manifest: Manifest, reference: Fp32Run, comparison
     budgets = tuple(sorted({b for b in BUDGETS if b <= steps} | {steps}))
     data = ReportData(str(bundle), manifest.target, f"the export machine ({host_description()}), ONNX Runtime CPU",
                       manifest.task.name or "custom", reference.trajectory.puzzles, reference.puzzles.source,
-                      latency_is_the_targets=get_target(manifest.target).tensorrt is None)
+                      latency_is_the_targets=get_target(manifest.target).tensorrt is None,
+                      step_flops=step_flops_of(manifest))
     data.drift = [DriftCurve(v, c.rel_error, c.cosine) for v, c in comparisons.items()]  # needs no labels
     if reference.trajectory.exact is None:
         data.not_measured.append("accuracy: the evaluation puzzles have no labels")

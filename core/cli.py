@@ -552,26 +552,48 @@ def _run_arc(solver, challenges: Path, solutions: Path | None, output: Path | No
 @click.option("--record", is_flag=True,
               help="Do not build: check the engines build/build_engines.sh wrote (TensorRT here loads them) and record "
                    "them in the manifest, so that verify / run / report use them.")
-def build(bundle: Path, variants: tuple[str, ...], dla_core: int | None, print_recipe: bool, record: bool) -> None:
-    """Build TensorRT engines for BUNDLE here (needs TensorRT and a GPU), recorded in its manifest."""
-    from trm_export.runtime.manifest import read_manifest
-    from trm_export.targets.engines import build_bundle_engines, check_build_recipes, recipes_for, record_engines
-    from trm_export.targets.registry import get_target
+@click.option("--module", default=None, metavar="TARGET",
+              help="A `--target jetson` bundle: build with this module's settings (e.g. jetson-orin-nano) instead of "
+                   "the module the device names (/proc/device-tree/model).")
+def build(bundle: Path, variants: tuple[str, ...], dla_core: int | None, print_recipe: bool, record: bool,
+          module: str | None) -> None:
+    """Build TensorRT engines for BUNDLE here (needs TensorRT and a GPU), recorded in its manifest.
 
-    check_build_recipes(bundle, read_manifest(bundle))  # files verified too: --print-recipe reads nothing else
+    A `--target jetson` bundle reads what the device is (module, TensorRT, memory available) and prints the
+    settings it builds with (workspace, batch profile) before it starts."""
+    from trm_export.runtime.manifest import read_manifest
+    from trm_export.targets.engines import (
+        build_bundle_engines,
+        build_target,
+        check_build_recipes,
+        recipes_for,
+        record_engines,
+    )
+
+    manifest = read_manifest(bundle)
+    check_build_recipes(bundle, manifest)  # files verified too: --print-recipe reads nothing else
+    target, settings = build_target(manifest, module=module)
+    if module is not None and settings is None:
+        raise click.UsageError(f"--module is for a `--target jetson` bundle; this one is for {manifest.target}")
+    if settings is not None:
+        echo(settings.describe(), err=print_recipe)
+    elif target.is_jetson:
+        from trm_export.targets.jetson_device import module_mismatch, read_device_facts
+
+        note = module_mismatch(target, read_device_facts())
+        if note:
+            echo(note, err=True)
     if print_recipe:
-        manifest = read_manifest(bundle)
-        target = get_target(manifest.target)
         for recipe in recipes_for(manifest, target, dla_core=dla_core, variants=list(variants) or None):
             echo(recipe.trtexec_command())
         return
     if record:
-        manifest = record_engines(bundle, list(variants) or None)
+        manifest = record_engines(bundle, list(variants) or None, settings=settings)
     else:
-        manifest = build_bundle_engines(bundle, list(variants) or None, dla_core=dla_core)
+        manifest = build_bundle_engines(bundle, list(variants) or None, dla_core=dla_core, settings=settings)
     for name, rec in manifest.build["engines"].items():
         echo(f"{name}: {rec['file']} (TensorRT {rec['tensorrt_version']}, SM {rec['sm']}), recorded: "
-                   f"`trm-export verify {bundle} --variant {name}` now checks the engine")
+             f"`trm-export verify {bundle} --variant {name}` now checks the engine")
 
 
 @main.command()
@@ -787,9 +809,11 @@ def targets() -> None:
     for t in TARGETS:
         trt = "-" if t.tensorrt is None else (t.tensorrt[0] if t.tensorrt[0] == t.tensorrt[1] else
                                                f"{t.tensorrt[0]}+")
+        dla, batch = ("*", "*") if t.decided_on_device else (t.dla_cores, f"{t.batch.min}/{t.batch.opt}/{t.batch.max}")
         echo(f"{t.name:<22}{t.runtime:<17}{trt:<12}{t.max_opset:<7}{t.max_ir_version:<4}"
-                   f"{_sm_range(t.sm):<10}{t.dla_cores:<5}{t.default_precision:<10}"
-                   f"{f'{t.batch.min}/{t.batch.opt}/{t.batch.max}':<19}{', '.join(t.aliases)}")
+             f"{_sm_range(t.sm):<10}{dla:<5}{t.default_precision:<10}{batch:<19}{', '.join(t.aliases)}")
+    echo("* decided on the device: `trm-export build` and build/build_engines.sh read which module it is "
+         "(/proc/device-tree/model), its TensorRT and free memory, and use that module's settings")
 
 
 if __name__ == "__main__":

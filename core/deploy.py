@@ -31,8 +31,9 @@ from trm_export.export.pipeline import (
     puzzles_from_folder,
 )
 from trm_export.export.staging import check_writable
-from trm_export.planning.plan import NOMINAL_FLOPS, Plan, describe, plan_report, timing_batch
+from trm_export.planning.plan import NOMINAL_FLOPS, Plan, describe, plan_report, step_flops_of, timing_batch
 from trm_export.runtime.manifest import Manifest, TaskEncoding, read_manifest
+from trm_export.targets.floor import JetsonGpu, floor_us, gpus_for
 from trm_export.targets.registry import get_target
 from trm_export.tasks.official import HELDOUT_PUZZLES
 
@@ -68,8 +69,10 @@ class DeployResult:
         measured = [p for p in m.parity.values() if p.get("fp32_exact_accuracy") is not None]
         widest = max(measured, key=lambda p: p["puzzles"], default=None)  # fp32 on the most evaluation puzzles
         fp32_size = (self.path / m.graphs["fp32"].file).stat().st_size
-        lines = [f"{'variant':<16}{'exact acc.':>11}{'puzzles':>9}{'vs fp32':>9}{'size':>7}{'ms/step here':>14}  "
-                 "chosen"]
+        gpu, flops = _estimate_basis(m)
+        estimate = f"{'device est.':>13}" if gpu else ""
+        lines = [f"{'variant':<16}{'exact acc.':>11}{'puzzles':>9}{'vs fp32':>9}{'size':>7}{'ms/step here':>14}"
+                 f"{estimate}  chosen"]
         for name in sorted(m.graphs, key=lambda v: (v != m.default_variant, v)):
             parity = m.parity.get(name, {})
             if name == "fp32":  # without labels, the count of the evaluation the choice was made on
@@ -79,12 +82,24 @@ class DeployResult:
                 acc, n = parity.get("exact_accuracy"), parity.get("puzzles")
             size = (self.path / m.graphs[name].file).stat().st_size
             change = f"{-drops[name] or 0.0:+.2f}" if name in drops else "-"  # "or": no "-0.00" for fp32
+            floor = (f"{floor_us(flops, 1, m.graphs[name].precision, gpu):>10.1f} us" if gpu else "")
             lines.append(f"{name:<16}{f'{100 * acc:.1f}%' if acc is not None else '-':>11}{n or '-':>9}{change:>9}"
-                         f"{f'{100 * size / fp32_size:.0f}%':>7}{f'{ms[name]:.2f}' if name in ms else '-':>14}  "
-                         f"{'<-' if name == m.default_variant else ''}".rstrip())
+                         f"{f'{100 * size / fp32_size:.0f}%':>7}{f'{ms[name]:.2f}' if name in ms else '-':>14}"
+                         f"{floor}  {'<-' if name == m.default_variant else ''}".rstrip())
         if choice.get("timing_load"):
             lines.append(choice["timing_load"])
+        if gpu:
+            lines.append(f"device est.: on-paper floor of one step on the {gpu.name}'s GPU (matmul FLOPs / its dense "
+                         "peak in the variant's precision), an estimate: `trm-export report .` on the device measures "
+                         "and recommends; ms/step here is this CPU's")
         return "\n".join(lines)
+
+
+def _estimate_basis(manifest: Manifest) -> tuple[JetsonGpu | None, int]:
+    """(the smallest GPU the bundle's engines may land on, FLOPs per puzzle-step) for a Jetson bundle's estimate
+    column; (None, 0) for any other target or a model whose FLOPs are unknown."""
+    gpus, flops = gpus_for(get_target(manifest.target)), step_flops_of(manifest)
+    return (gpus[0], flops) if gpus and flops else (None, 0)
 
 
 def resolve_precision(target: str, precision: str | None) -> str:

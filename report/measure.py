@@ -120,6 +120,7 @@ class ReportData:
     # The latencies are the target's own (measured where it runs). False for a report written at export for a target
     # whose engines run elsewhere (a Jetson's, a GPU's TensorRT): its settings are ranked by accuracy only.
     latency_is_the_targets: bool = True
+    step_flops: int | None = None  # FLOPs of one puzzle-step (matmuls): the on-paper device floor of such a report
 
     def to_dict(self) -> dict:
         return asdict(self)

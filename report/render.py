@@ -141,7 +141,39 @@ def _device_elsewhere(data: ReportData, max_drop_points: float) -> list[str]:
               f"{_acc(baseline)}), most accurate first, then fewest steps and smallest graph:", ""]
     lines += [f"- {_setting(r)}: {_acc(r)}, mean {r.mean_steps:.2f} steps, graph {r.size_mb:.2f} MB"
               for r in within[:8]]
+    return lines + [""] + _device_estimate(data, within[:8])
+
+
+def _device_estimate(data: ReportData, settings: list[Measurement]) -> list[str]:
+    """The same settings ranked by an on-paper floor per puzzle on the target's GPUs (targets/floor.py), labelled
+    as the estimate it is; nothing for a target that is not a Jetson or a model whose FLOPs are unknown."""
+    from trm_export.errors import TrmExportError
+    from trm_export.targets.floor import floor_us, gpus_for
+    from trm_export.targets.registry import get_target
+
+    try:
+        gpus = gpus_for(get_target(data.target))
+    except TrmExportError:
+        return []
+    if not gpus or not data.step_flops or not settings:
+        return []
+    shown = list({gpu.target: gpu for gpu in reversed(gpus)}.values())[::-1]  # one (the smallest) per module
+    ranked = sorted(settings, key=lambda r: (floor_us(data.step_flops, r.mean_steps, r.precision, shown[0]),
+                                             -r.exact_accuracy))
+    lines = [f"By an on-paper floor per puzzle on the device: **an estimate, not a measurement**. Matmul FLOPs "
+             f"({data.step_flops / 1e9:.3f} GFLOP per step) x mean steps / the GPU's dense peak in the variant's "
+             "precision (INT8, FP16, TF32 for float32 on Orin): what no engine beats, reached only in part at small "
+             "batches. Fastest first on the "
+             f"{shown[0].name}:", "",
+             "| setting | exact acc | " + " | ".join(gpu.name for gpu in shown) + " |",
+             "|---|---|" + "---|" * len(shown)]
+    lines += [f"| {_setting(r)} | {_acc(r)} | " + " | ".join(
+        _us(floor_us(data.step_flops, r.mean_steps, r.precision, gpu)) for gpu in shown) + " |" for r in ranked]
     return lines + [""]
+
+
+def _us(value: float) -> str:
+    return f"{value:.1f} us" if value < 1000 else f"{value / 1000:.2f} ms"
 
 
 def markdown(data: ReportData, max_drop_points: float) -> str:

@@ -188,6 +188,9 @@ def _about(manifest: Manifest, target: Target | None) -> list[str]:
         return lines + [f"- Target: {md_code(manifest.target)}, which this version of `trm-export` does not know: "
                         "update it (`pip install -U trm-export`) for the device's facts.", ""]
     rows = [("target", f"{md_code(target.name, table=True)}: {md_text(target.description)}")]
+    if target.decided_on_device:
+        return lines + ["| fact | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows + _any_jetson_rows(target)
+                                                             ] + [""]
     if target.jetpack:
         rows.append(("JetPack", f"{target.jetpack} (its Python {target.python or '3'}, TensorRT and TensorRT's Python "
                                 "module come with it)"))
@@ -203,6 +206,37 @@ def _about(manifest: Manifest, target: Target | None) -> list[str]:
     rows.append(("target's default precision", target.default_precision))
     rows.append(("batch profile (min / opt / max)", f"{target.batch.min} / {target.batch.opt} / {target.batch.max}"))
     return lines + ["| fact | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows] + [""]
+
+
+def _module_words(names: tuple[str, ...]) -> str:
+    return ", ".join(md_text(get_target(m).description.split(" (")[0]) for m in names)
+
+
+def _any_jetson_rows(target: Target) -> list[tuple[str, str]]:
+    """The facts of a bundle whose module is decided on the device: what each module and JetPack gets."""
+    modules = [get_target(m) for m in target.modules]
+    batches: dict[str, list[str]] = {}
+    for m in modules:
+        batches.setdefault(f"{m.batch.min} / {m.batch.opt} / {m.batch.max}", []).append(m.name)
+    return [("modules", f"{_module_words(target.modules)}: the build reads which one it is on (`/proc/device-tree/"
+                        "model`) and uses that module's settings"),
+            ("JetPack", "; ".join(f"{jp} (Python {py}, TensorRT {trt})" for jp, py, trt, _ in JETPACKS)),
+            ("TensorRT", "the device's own, 8.5 or newer: the graphs are ONNX opset 17, which every one of them reads "
+                         "(engines are built on the device)"),
+            ("GPU compute capability (SM)", ", ".join(target.sm)),
+            ("DLA cores", "; ".join(f"{_module_words((m.name,))} {m.dla_cores}" for m in modules)),
+            ("target's default precision", target.default_precision),
+            ("batch profile (min / opt / max)", "; ".join(f"{_module_words(tuple(names))} {profile}"
+                                                          for profile, names in batches.items())),
+            ("builder workspace", "the module's cap (" + ", ".join(f"{_module_words((m.name,))} {m.workspace_mb} MB"
+                                                                  for m in modules)
+             + ") or a quarter of the memory available when the build starts, whichever is less")]
+
+
+# JetPack releases a `--target jetson` bundle's guide covers: (JetPack, its Python, its TensorRT, wheelhouse platform).
+JETPACKS = (("5.1", "3.8", "8.5", "linux_aarch64-cp38"), ("6.0", "3.10", "8.6", "linux_aarch64-cp310"),
+            ("6.1 / 6.2", "3.10", "10.3", "linux_aarch64-cp310"), ("7.2.2+ on AGX Orin", "3.12", "11.4+",
+                                                                   "linux_aarch64-cp312"))
 
 
 def _ordered(manifest: Manifest) -> list[tuple[str, Any]]:
@@ -368,7 +402,10 @@ def _onnxruntime_warning(manifest: Manifest) -> str:
     return ("**ONNX Runtime on a Jetson: install one of the two, never both.** The runtime's wheel pulls PyPI's "
             "`onnxruntime`, which on aarch64 is CPU-only: enough here, since the GPU work runs in the TensorRT "
             "engines. NVIDIA's Jetson `onnxruntime-gpu` wheel (CUDA and TensorRT providers) installs the same "
-            "`onnxruntime` module, so the two overwrite each other. To use it, install NVIDIA's wheel for your JetPack "
+            "`onnxruntime` module, so the two overwrite each other. NVIDIA's wheels: for JetPack 6.1/6.2 "
+            "`pip install onnxruntime-gpu --index-url https://pypi.jetson-ai-lab.io/jp6/cu126` (the Jetson AI Lab "
+            "index); for JetPack 5.1 and 6.0 the wheel per JetPack listed at https://elinux.org/Jetson_Zoo (ONNX "
+            "Runtime section). To use one, install it "
             f"first, then `pip install --no-deps {_runtime(manifest, no_deps=True)}` and `pip install click "
             "\"numpy>=1.24,<2\"` (NVIDIA's "
             "JetPack 6 wheel does not import under NumPy 2).")
@@ -386,8 +423,18 @@ def _install(manifest: Manifest, target: Target | None) -> list[str]:
                   + ". Run the commands in this folder.", ""]
     if target is not None and target.is_jetson and _python_ok(target):
         trt = tensorrt_text(target)
-        lines += [f"JetPack {target.jetpack} ships Python {target.python} with TensorRT {trt} and its Python module "
-                  "(not pip-installable on a Jetson). A virtual environment made with `--system-site-packages` sees "
+        if target.decided_on_device:
+            trt = "of your JetPack"
+            lines += ["Each JetPack ships its Python with TensorRT and TensorRT's Python module (not pip-installable "
+                      "on a Jetson; `cat /etc/nv_tegra_release` shows the L4T release: R35 is JetPack 5.1, R36.3 6.0, "
+                      "R36.4 6.1 / 6.2):", "",
+                      "| JetPack | Python | TensorRT | `--wheelhouse` for an offline device |", "|---|---|---|---|",
+                      *[f"| {jp} | {py} | {version} | `{house}` |" for jp, py, version, house in JETPACKS], ""]
+            intro = "A virtual environment"
+        else:
+            intro = (f"JetPack {target.jetpack} ships Python {target.python} with TensorRT {trt} and its Python "
+                     "module (not pip-installable on a Jetson). A virtual environment")
+        lines += [f"{intro} made with `--system-site-packages` sees "
                   "them; `trm-export` itself is the runtime only (numpy, onnxruntime, click; no PyTorch).", "",
                   _commands([
                       ("sudo apt install python3-venv", "if `python3 -m venv` is missing"),
@@ -396,7 +443,8 @@ def _install(manifest: Manifest, target: Target | None) -> list[str]:
                       (f'pip install {pip} "numpy>=1.24,<2"', "numpy, onnxruntime, click; no PyTorch"),
                       (f'pip install "cuda-python=={_CUDA_RELEASE}.*"', ""),
                       ('python3 -c "import tensorrt; print(tensorrt.__version__)"',
-                       f"expect {trt + '.x' if target.tensorrt[0] == target.tensorrt[1] else trt}")]), "",
+                       f"expect {trt + '.x' if target.tensorrt[0] == target.tensorrt[1] else 'the one ' + trt}")]),
+                  "",
                   "cuda-python gives the TensorRT backend the CUDA runtime (GPU buffers, streams, CUDA graphs) from "
                   "Python. Its version must match JetPack's CUDA: the line above reads the release from `nvcc` "
                   "(or see `/usr/local/cuda/version.json` and install `cuda-python==MAJOR.MINOR.*`). Where pip has "
@@ -413,7 +461,9 @@ def _install(manifest: Manifest, target: Target | None) -> list[str]:
                   "an engine takes minutes per variant (TensorRT times its tactics; `engines/` keeps a timing cache "
                   "that makes rebuilds faster) and much memory on boards that share 4-8 GB with the CPU: add swap "
                   "first (`sudo fallocate -l 8G /swapfile && sudo chmod 600 /swapfile && sudo mkswap /swapfile && "
-                  "sudo swapon /swapfile`) and close other programs; `tegrastats` shows memory while it runs.", ""]
+                  "sudo swapon /swapfile`) and close other programs; `tegrastats` shows memory while it runs. How "
+                  "long: not yet measured by trm-export on a Jetson; the smaller modules take longest, and "
+                  "`--variant NAME` builds one variant only.", ""]
     elif target is not None and target.is_jetson:
         lines += [f"**JetPack {target.jetpack} ships Python {target.python}; the `trm-export` runtime needs Python "
                   f"{_min_python()} or newer.** `pip install trm-export` refuses JetPack's Python, and JetPack's "
@@ -448,10 +498,19 @@ def _build(manifest: Manifest, target: Target | None) -> list[str]:
         return []
     trt, sm = tensorrt_text(target), "/".join(target.sm)
     default = manifest.default_variant
+    on = "this device" if target.decided_on_device else f"this device (TensorRT {trt}, SM {sm})"
     lines = ["## Build the TensorRT engines on the device", "",
-             f"An engine is only valid for the TensorRT version and the GPU it was built with: build on this device "
-             f"(TensorRT {trt}, SM {sm}), and again after {'a JetPack' if target.is_jetson else 'a TensorRT'} "
-             "upgrade. The runtime refuses an engine built elsewhere and says so.", ""]
+             f"An engine is only valid for the TensorRT version and the GPU it was built with: build on {on}, and "
+             f"again after {'a JetPack' if target.is_jetson else 'a TensorRT'} upgrade. The runtime refuses an engine "
+             "built elsewhere and says so.", ""]
+    if target.decided_on_device:
+        lines += ["Both ways below first read what this device is (its module from `/proc/device-tree/model`, the "
+                  "TensorRT that builds, else the one its L4T release ships, and the memory available now) and print "
+                  "the settings they build with, before any work: `device: NVIDIA Jetson Orin Nano Developer Kit -> "
+                  "jetson-orin-nano; JetPack 6.1/6.2, TensorRT 10.3 (...); workspace 512 MB, batch 1/16/64, DLA "
+                  "cores 0`. A board whose name trm-export does not know gets the smallest Orin's settings and a "
+                  "note; name its module with `trm-export build . --module jetson-orin-nx` (`--print-recipe` shows "
+                  "the commands without building).", ""]
     python_cmds = _python_ok(target)
     commands = [("trm-export build .", "every variant, the default first; records each engine in manifest.json"),
                 (f"trm-export build . --variant {_shell_word(default)}", "only the default variant (quicker)")]
@@ -470,6 +529,10 @@ def _build(manifest: Manifest, target: Target | None) -> list[str]:
     if target.strongly_typed:
         lines += ["", f"TensorRT {target.tensorrt[0].split('.')[0]} builds strongly typed networks: the precision is "
                       "the graph's own (Q/DQ nodes, FP16 tensors); there are no --fp16/--int8 flags."]
+    if target.decided_on_device and python_cmds:
+        lines += ["", "On a module with DLA cores (all but the Orin Nano): `trm-export build . --dla-core 0` builds "
+                      "the FP16/INT8 variants for DLA (static batch, the module's opt; GPU fallback); DLA runs "
+                      "attention poorly, so compare with `trm-export report .` before keeping it."]
     if target.dla_cores and python_cmds:
         lines += ["", f"This module has {target.dla_cores} DLA cores: `trm-export build . --dla-core 0` builds the "
                       f"FP16/INT8 variants for DLA (static batch {target.batch.opt}, GPU fallback); DLA runs "

@@ -12,6 +12,7 @@ DLA (Xavier, Orin NX / AGX) runs fp16/int8 with static shapes only (min = opt = 
 from __future__ import annotations
 
 import shlex
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from trm_export.errors import TrmExportError
@@ -128,6 +129,127 @@ def build_script(recipes: list[BuildRecipe], target: Target) -> str:
              'command -v trtexec >/dev/null 2>&1 || PATH="$PATH:/usr/src/tensorrt/bin"  # JetPack location', ""]
     for r in recipes:  # names come from a manifest (a stranger's file): quoted, and checked on read
         lines += [shlex.join(["echo", f"building {r.variant} -> {r.engine_file}"]), r.trtexec_command(), ""]
+    lines += ["if command -v trm-export >/dev/null 2>&1; then",
+              "  trm-export build . --record",
+              "else",
+              '  echo "engines built; record them with: trm-export build . --record (until then the runtime does not '
+              'use them)"',
+              "fi"]
+    return "\n".join(lines)
+
+
+# ---- a script that decides on the device: `--target jetson` ------------------------------------------------------
+
+
+class _Var(str):
+    """A shell variable inside a word: rendered as "$name" (its value is a number or a module name the script set)."""
+
+
+def _word(*parts: str) -> str:
+    """One shell word from literal parts (single-quoted where needed) and _Var parts (double-quoted expansions)."""
+    return "".join(f'"${{{p}}}"' if isinstance(p, _Var) else shlex.quote(p) for p in parts if p)
+
+
+def _shape_word(flag: str, graph: GraphSpec, which: str) -> str:
+    parts: list[str] = [f"--{flag}="]
+    for i, spec in enumerate(graph.inputs):
+        parts += [("," if i else "") + f"{spec.name}:", _Var(which)]
+        parts += ["".join(f"x{int(d)}" for d in spec.shape[1:])]
+    return _word(*parts)
+
+
+def device_settings_shell(modules: Sequence[Target]) -> list[str]:
+    """Shell lines that set module, batch (lo, opt, hi), workspace (ws, MB), the TensorRT version (trt_major,
+    trt_minor) and the flag variables from what the device reports: targets/jetson_device.py's rules, in sh."""
+    from trm_export.targets.jetson_device import FALLBACK_MODULE, L4T_RELEASES, MODULES, TOO_OLD, WORKSPACE_FLOOR_MB
+
+    by_name = {t.name: t for t in modules}
+
+    def assign(name: str, known: str) -> str:
+        t = by_name[name]
+        return (f"module={name}; known={known}; lo={t.batch.min}; opt={t.batch.opt}; hi={t.batch.max}; "
+                f"cap={t.workspace_mb}; dla={t.dla_cores}")
+
+    lines = ['root="${TRM_DEVICE_ROOT:-}"  # the device is read under this root (empty: this machine)',
+             "model=$(tr -d '\\000' < \"$root/proc/device-tree/model\" 2>/dev/null || true)",
+             'case "$model" in']
+    lines += [f"  *{shlex.quote(words)}*) {assign(name, 'yes')} ;;" for words, name in MODULES if name in by_name]
+    lines += [f"  *{shlex.quote(words)}*) echo \"this device is a $model: TensorRT 8.5 or newer (JetPack 5.1+, an "
+              "Orin or Xavier module) is needed; its JetPack 4.6 stops at TensorRT 8.2\" >&2; exit 1 ;;"
+              for words in TOO_OLD]
+    lines += [f"  *) {assign(FALLBACK_MODULE, 'no')} ;;", "esac"]
+    lines += [
+        "# The TensorRT that builds: trtexec's banner says it ([TensorRT v8502] is 8.5.2, v100300 is 10.3.0);",
+        "# else the one the L4T release ships (/etc/nv_tegra_release; the last row it reaches wins).",
+        "trt_v=$(trtexec 2>&1 | sed -n 's/.*\\[TensorRT v\\([0-9][0-9]*\\)\\].*/\\1/p' | head -n 1)",
+        "l4t=$(sed -n 's/^# R\\([0-9][0-9]*\\) (release), REVISION: \\([0-9][0-9]*\\).*/\\1 \\2/p' "
+        '"$root/etc/nv_tegra_release" 2>/dev/null | head -n 1)',
+        'l4t_major=${l4t% *}; l4t_rev=${l4t#* }; l4t_trt=; jetpack=unknown',
+        'if [ -n "$l4t" ]; then']
+    for (major, minor), jetpack, trt in L4T_RELEASES:
+        lines.append(f'  if [ "$l4t_major" -eq {major} ] && [ "$l4t_rev" -ge {minor} ]; then '
+                     f'l4t_trt={".".join(trt.split(".")[:2])}; jetpack={shlex.quote(jetpack)}; fi')
+    lines.append("fi")
+    lines += [
+        'if [ -n "$trt_v" ]; then',
+        '  if [ "$trt_v" -ge 100000 ]; then trt_major=$((trt_v / 10000)); trt_minor=$((trt_v / 100 % 100))',
+        "  else trt_major=$((trt_v / 1000)); trt_minor=$((trt_v / 100 % 10)); fi",
+        '  trt_from="trtexec"',
+        'elif [ -n "$l4t_trt" ]; then',
+        '  trt_major=${l4t_trt%.*}; trt_minor=${l4t_trt#*.}; trt_from="L4T R$l4t_major.$l4t_rev ships it"',
+        "else",
+        '  echo "cannot tell the TensorRT version of this device: trtexec prints none and /etc/nv_tegra_release names '
+        'no JetPack 5.1+ release; install the TensorRT of JetPack (sudo apt install nvidia-jetpack)" >&2',
+        "  exit 1",
+        "fi",
+        'if [ "$trt_major" -lt 8 ] || { [ "$trt_major" -eq 8 ] && [ "$trt_minor" -lt 5 ]; }; then',
+        '  echo "TensorRT $trt_major.$trt_minor is too old for these graphs (opset 17 needs TensorRT 8.5+, JetPack '
+        '5.1+)" >&2',
+        "  exit 1",
+        "fi",
+        "avail_kb=$(sed -n 's/^MemAvailable: *\\([0-9]*\\) kB$/\\1/p' \"$root/proc/meminfo\" 2>/dev/null | head -n 1)",
+        "ws=$cap  # the module's cap, or a quarter of the memory available now (CPU and GPU share it)",
+        'if [ -n "$avail_kb" ]; then',
+        f"  quarter=$((avail_kb / 1024 / 4 / 256 * 256)); [ \"$quarter\" -ge {WORKSPACE_FLOOR_MB} ] || "
+        f"quarter={WORKSPACE_FLOOR_MB}",
+        '  [ "$quarter" -ge "$ws" ] || ws=$quarter',
+        "fi",
+        'if [ "$trt_major" -ge 11 ]; then typed=--stronglyTyped; fp16=; int8=  # strongly typed: no precision flags',
+        "else typed=; fp16=--fp16; int8=--int8; fi",
+        'if [ "$trt_major" -ge 10 ]; then level=--builderOptimizationLevel=3; else level=; fi',
+        '[ "$known" = yes ] || echo "note: ${model:-this device} is not a module this bundle knows; using the settings '
+        'of $module"',
+        'echo "device: ${model:-unknown} -> $module; JetPack $jetpack, TensorRT $trt_major.$trt_minor ($trt_from); '
+        'workspace $ws MB, batch $lo/$opt/$hi, DLA cores $dla"',
+    ]
+    return lines
+
+
+def device_build_script(graphs: Sequence[tuple[str, GraphSpec]], target: Target, modules: Sequence[Target]) -> str:
+    """The build script of a bundle whose module is decided on the device: it reads what the device is, prints the
+    settings, then builds every graph with trtexec (the same commands `trm-export build .` would run there)."""
+    for variant, _ in graphs:
+        if not NAME_PATTERN.fullmatch(variant):
+            raise RecipeError(f"variant name {variant!r} does not match {NAME_PATTERN.pattern}")
+    lines = ["#!/bin/sh",
+             f"# Build TensorRT engines for {target.description}.",
+             "# Run on the device itself: what it reports (module, TensorRT version, memory available) decides the",
+             "# workspace and batch profile, as `trm-export build .` does; engines do not move across devices.",
+             "# The engines are then checked and recorded in manifest.json (`trm-export build . --record`).",
+             "set -eu", 'cd "$(dirname "$0")/.."', "mkdir -p engines",
+             'command -v trtexec >/dev/null 2>&1 || PATH="$PATH:/usr/src/tensorrt/bin"  # JetPack location',
+             *device_settings_shell(modules), ""]
+    for variant, graph in graphs:
+        stem = graph.file.rsplit("/", 1)[-1]
+        stem = stem[:-len(".onnx")] if stem.endswith(".onnx") else stem
+        engine = _word("engines/" + stem + ".", _Var("module"), ".engine")
+        precision = "" if graph.precision == "fp32" else "$fp16" if graph.precision == "fp16" else "$int8"
+        words = ["trtexec", _word(f"--onnx={graph.file}"), _word(f"--saveEngine=engines/{stem}.", _Var("module"),
+                                                                  ".engine"),
+                 _shape_word("minShapes", graph, "lo"), _shape_word("optShapes", graph, "opt"),
+                 _shape_word("maxShapes", graph, "hi"), _word("--timingCacheFile=engines/timing.cache"),
+                 "$level", _word("--memPoolSize=workspace:", _Var("ws")), "$typed", precision]
+        lines += [f"echo {shlex.quote(f'building {variant} -> ')}{engine}", " ".join(w for w in words if w), ""]
     lines += ["if command -v trm-export >/dev/null 2>&1; then",
               "  trm-export build . --record",
               "else",

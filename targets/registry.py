@@ -43,6 +43,9 @@ class Target:
     memory_gb: tuple[int, ...] = ()
     workspace_mb: int | None = None  # builder workspace cap (shared-memory boards need one)
     aliases: tuple[str, ...] = field(default=())
+    # Module targets this one stands for when the module is decided on the device (`--target jetson`): its graphs
+    # build on every one of them, and `trm-export build` / build_engines.sh pick the module's settings there.
+    modules: tuple[str, ...] = ()
 
     @property
     def strongly_typed(self) -> bool:
@@ -53,15 +56,26 @@ class Target:
     def is_jetson(self) -> bool:
         return self.jetpack is not None
 
+    @property
+    def decided_on_device(self) -> bool:
+        return bool(self.modules)
+
 
 _ORIN = dict(runtime="tensorrt", sm=("8.7",), default_precision="int8")
 # JetPack 6 is Ubuntu 22.04 (Python 3.10), JetPack 5 Ubuntu 20.04 (Python 3.8), JetPack 7 Ubuntu 24.04 (Python 3.12).
 _JP6 = dict(jetpack="6.1-6.2", python="3.10", tensorrt=("10.3", "10.3"), max_opset=20, max_ir_version=9)
 _JP5 = dict(jetpack="5.1", python="3.8", tensorrt=("8.5", "8.5"), max_opset=17, max_ir_version=8)
 
+_JETSON_MODULES = ("jetson-orin-nano", "jetson-orin-nx", "jetson-agx-orin", "jetson-xavier-nx", "jetson-agx-xavier")
+
 TARGETS: tuple[Target, ...] = (
     Target("cpu", "Any x86-64 or ARM CPU through ONNX Runtime", runtime="onnxruntime", max_opset=20,
            max_ir_version=10, default_precision="fp32", batch=BatchProfile(1, 16, 64)),
+    # Opset 17 / IR 8 is what the oldest of them (TensorRT 8.5, JetPack 5.1) parses; later TensorRTs read it too.
+    Target("jetson", "Any Jetson Orin or Xavier on JetPack 5.1 to 7 (module settings decided on the device)",
+           runtime="tensorrt", sm=("7.2", "8.7"), default_precision="int8", jetpack="5.1 to 7", python=None,
+           tensorrt=("8.5", "11.99"), max_opset=17, max_ir_version=8, memory_gb=(4, 8, 16, 32, 64),
+           batch=BatchProfile(1, 16, 64), modules=_JETSON_MODULES, aliases=("jetson-any",)),
     Target("jetson-orin-nano", "Jetson Orin Nano 4/8 GB (JetPack 6, TensorRT 10.3)", **_ORIN, **_JP6,
            dla_cores=0, memory_gb=(4, 8), workspace_mb=1024, batch=BatchProfile(1, 16, 64),
            aliases=("orin-nano",)),
@@ -70,7 +84,7 @@ TARGETS: tuple[Target, ...] = (
            aliases=("orin-nx",)),
     Target("jetson-agx-orin", "Jetson AGX Orin 32/64 GB (JetPack 6, TensorRT 10.3)", **_ORIN, **_JP6,
            dla_cores=2, memory_gb=(32, 64), workspace_mb=4096, batch=BatchProfile(1, 64, 256),
-           aliases=("jetson", "agx-orin", "orin")),
+           aliases=("agx-orin", "orin")),
     Target("jetson-agx-orin-jp7", "Jetson AGX Orin on JetPack 7.2.2 (TensorRT 11.4.1+, strongly typed)",
            **_ORIN, jetpack="7.2.2", python="3.12", tensorrt=("11.4", "11.99"), max_opset=25, max_ir_version=11,
            dla_cores=2, memory_gb=(32, 64), workspace_mb=4096, batch=BatchProfile(1, 64, 256)),

@@ -391,7 +391,7 @@ def test_quantizer_output_passes_the_checker_for_attention_and_mlp_t(tmp_path, q
     puzzles = PuzzleSet(rng.integers(1, 11, (4, 16)), rng.integers(0, 3, 4), None, "random")
     samples = record_step_inputs(mlpt, puzzles, RecordOptions(max_samples=12, threads=THREADS))
     graph = quantize_int8(prepared, calibrate(prepared, samples, CalibrationSettings(threads=THREADS)))
-    report = validate_qdq(graph.model, "jetson")
+    report = validate_qdq(graph.model, "jetson-agx-orin")
     assert report, str(report)
     assert report.quantized_nodes == sum(n.op_type in ("MatMul", "Gemm") for n in prepared.graph.node)
 

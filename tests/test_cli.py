@@ -19,7 +19,10 @@ def test_help_lists_every_command():
 def test_targets_lists_the_registry():
     result = CliRunner().invoke(cli, ["targets"])
     assert result.exit_code == 0
-    assert "jetson-xavier-nx" in result.output and "8.5" in result.output and "jetson, agx-orin" in result.output
+    assert "jetson-xavier-nx" in result.output and "8.5" in result.output and "agx-orin, orin" in result.output
+    jetson = next(line for line in result.output.splitlines() if line.startswith("jetson "))
+    assert jetson.split()[1:8] == ["tensorrt", "8.5+", "17", "8", "7.2+", "*", "int8"] and "decided on the device" in \
+        result.output
 
 
 def test_inspect_and_evaluate_a_checkpoint(sudoku_bundle):

@@ -119,6 +119,10 @@ def test_int8_calibrates_on_train_and_measures_on_test(custom, tmp_path):
     int8 = next(g for name, g in manifest.graphs.items() if name.startswith("int8-"))
     assert "data/train: all 64 examples" in int8.details["calibration"]["source"]
     assert "data/test" in result.output  # the evaluation puzzles, named in the log
+    # A Jetson's table: the CPU's ms/step beside an on-paper device figure, labelled as the estimate it is.
+    header = next(line for line in result.output.splitlines() if line.startswith("variant "))
+    assert "ms/step here" in header and "device est." in header
+    assert "on-paper floor of one step on the Orin Nano 4 GB's GPU" in result.output and "an estimate" in result.output
 
 
 @pytest.mark.rounding

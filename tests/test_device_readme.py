@@ -20,7 +20,7 @@ from trm_export.targets.device_readme import RUNTIME_MIN_PYTHON, md_code, md_tex
 from trm_export.targets.registry import TARGETS, get_target
 
 REPO = Path(__file__).resolve().parents[1]
-JETSONS = [t.name for t in TARGETS if t.is_jetson]
+JETSONS = [t.name for t in TARGETS if t.is_jetson and not t.decided_on_device]
 
 
 @pytest.fixture(scope="module")
@@ -149,6 +149,27 @@ def test_jetson_readme_states_the_targets_facts(fp32_manifest, name):
     assert "sudo nvpmodel -q" in install and "sudo jetson_clocks" in install and "sudo swapon /swapfile" in install
     assert "/usr/local/cuda/version.json" in install
     assert "trm-export build ." in build and "records each engine in manifest.json" in build
+
+
+def test_an_any_jetson_readme_covers_every_module_and_jetpack(fp32_manifest):
+    """`--target jetson`: one page for every module; what differs is decided on the device, and the page says how."""
+    from trm_export.targets.jetson_device import L4T_RELEASES
+
+    target = get_target("jetson")
+    text = render_bundle_readme(int8_manifest(fp32_manifest, "jetson"), "b")
+    check_markdown(text)
+    facts = section(text, "What this bundle is")
+    for module in target.modules:
+        m = get_target(module)
+        assert f"{m.description.split(' (')[0]} {m.dla_cores}" in facts and f"{m.workspace_mb} MB" in facts
+    install = section(text, "Install the runtime on the device")
+    for (_, _), jetpack, tensorrt in L4T_RELEASES:  # each JetPack the device may report, with its TensorRT
+        assert re.search(rf"^\| {re.escape(jetpack.replace('/', ' / '))} \| 3\.\d+ \| "
+                         rf"{re.escape(tensorrt.rsplit('.', 1)[0])} \| `linux_aarch64-cp3\d+` \|$", install, re.M)
+    assert "pypi.jetson-ai-lab.io/jp6/cu126" in install and "elinux.org/Jetson_Zoo" in install
+    build = section(text, "Build the TensorRT engines on the device")
+    assert "`/proc/device-tree/model`" in build and "--module jetson-orin-nx" in build
+    assert "(TensorRT 8.5 to" not in build and "This module has" not in build  # no single module's facts
 
 
 def test_a_jetpack_python_below_the_runtimes_floor_is_said_plainly(fp32_manifest, monkeypatch):

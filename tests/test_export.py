@@ -165,7 +165,8 @@ def test_weights_are_stored_once_however_many_calls(tmp_path):
     assert calls == v.H_cycles * (v.L_cycles + 1) * v.L_layers  # every call unrolled
 
 
-@pytest.mark.parametrize(("target", "opset", "ir"), [("cpu", 20, 9), ("jetson", 20, 9), ("jetson-xavier-nx", 17, 8),
+@pytest.mark.parametrize(("target", "opset", "ir"), [("cpu", 20, 9), ("jetson", 17, 8), ("jetson-orin-nx", 20, 9),
+                                                     ("jetson-xavier-nx", 17, 8),
                                                      ("gpu-trt11", 20, 9)])
 def test_opset_and_ir_follow_the_target(tmp_path, target, opset, ir):
     path, manifest = export(tmp_path, target=target)
@@ -301,7 +302,7 @@ def test_unknown_target_lists_the_valid_ones(tmp_path):
     with pytest.raises(UnknownTargetError, match=r"unknown target 'jetsn'. Did you mean 'jetson'\? Valid targets: cpu"):
         export(tmp_path, target="jetsn")
     result = CliRunner().invoke(cli, [str(tmp_path / "ckpt"), "--target", "jetsn"])
-    assert result.exit_code != 0 and "Valid targets: cpu, jetson-orin-nano" in result.output
+    assert result.exit_code != 0 and "Valid targets: cpu, jetson, jetson-orin-nano" in result.output
 
 
 def test_killed_export_leaves_nothing_half_written(tmp_path):

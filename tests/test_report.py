@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
@@ -255,6 +256,19 @@ def test_a_device_targets_export_report_recommends_no_latency_from_this_cpu():
     listed = text.split("## Recommendation: made on the device")[1].split("\n## ")[0]
     assert "- fp32, fixed 16:" in listed and "- int8, fixed 16:" in listed and "fp16" not in listed
     assert "`trm-export report .`" in listed
+    assert "estimate" not in listed  # no FLOPs recorded: no floor shown
+    # With the model's FLOPs: the same settings ranked by the on-paper floor on the module's GPUs, INT8 first.
+    device.step_flops = 400_000_000
+    listed = markdown(device, 0.5).split("## Recommendation: made on the device")[1].split("\n## ")[0]
+    assert "**an estimate, not a measurement**" in listed and "Fastest first on the Orin Nano 4 GB:" in listed
+    table = [line for line in listed.splitlines() if line.startswith("| ")]
+    assert table[0] == "| setting | exact acc | Orin Nano 4 GB |" and len(table) == 3
+    # 0.4 GFLOP x 16 steps / (4 SMs x 0.625 GHz x 4096 INT8 ops): 625 us; TF32 x4 slower
+    assert table[1].startswith("| int8, fixed 16 |") and table[1].endswith("| 625.0 us |")
+    assert table[2].startswith("| fp32, fixed 16 |") and table[2].endswith("| 2.50 ms |")
+    any_jetson = markdown(dataclasses.replace(device, target="jetson"), 0.5)
+    assert "| setting | exact acc | Orin Nano 4 GB | Orin NX 8 GB | AGX Orin 32 GB | Xavier NX | AGX Xavier |" in \
+        any_jetson
     here = markdown(ReportData("b", "cpu", "this machine", "sudoku", 1000, "heldout", rows), 0.5)
     assert "\n## Recommendation\n" in here and "made on the device" not in here
 
