@@ -206,16 +206,21 @@ def _split_size(checkpoint: LoadedCheckpoint, split: str) -> int:
         return 0
 
 
+ESTIMATE_BATCH = 32  # the work runs in batches of 64-256 puzzles; one puzzle's step is all per-op overhead
+
+
 def _seconds_here(checkpoint: LoadedCheckpoint, puzzles: Puzzles, plan: Plan) -> float:
-    """The plan's work at this machine's rate, from one timed reference step (a second call: the first warms up).
-    Printed only: it decides nothing."""
+    """The plan's work at this machine's rate, from the fastest of three timed reference steps of a batch (after
+    one that warms up). Printed only: it decides nothing."""
     from trm_export.export.reference import run_reference
 
-    for _ in range(2):
+    batch = min(ESTIMATE_BATCH, len(puzzles.tokens))
+    times = []
+    for _ in range(4):
         start = time.perf_counter()
-        run_reference(checkpoint.model, puzzles.tokens[:1], puzzles.puzzle_ids[:1], max_steps=1)
-        seconds = time.perf_counter() - start
-    rate_here = plan.step_flops / max(seconds, 1e-9)  # FLOP/s of one batch-1 step, a pessimistic rate
+        run_reference(checkpoint.model, puzzles.tokens[:batch], puzzles.puzzle_ids[:batch], max_steps=1)
+        times.append(time.perf_counter() - start)
+    rate_here = plan.step_flops * batch / max(min(times[1:]), 1e-9)
     return plan.nominal_seconds() * NOMINAL_FLOPS / rate_here
 
 

@@ -166,3 +166,19 @@ class Bfloat16Reference:
         logits = casted_linear(z_H, self.model.lm_head)[:, self.config.prefix_len:]
         q = casted_linear(z_H[:, 0], self.model.q_head).to(torch.float32)
         return logits, q[:, 0], q[:, 1]
+
+
+def kernel_probe() -> str:
+    """sha256 of a few bfloat16 matrix products: which GEMM kernels this machine's torch runs. ATen's capability
+    setting does not say: with ATEN_CPU_CAPABILITY=avx2 on a CPU with AVX-512 BF16, oneDNN still multiplies with
+    the native bfloat16 instructions, which round differently from the AVX2 path (ONEDNN_MAX_CPU_ISA=AVX2 limits
+    it). Bit-exact comparisons with a bfloat16 recording hold only where this probe equals the recording's."""
+    import hashlib
+
+    generator = torch.Generator().manual_seed(0)
+    digest = hashlib.sha256()
+    for m, k, n in ((64, 32, 128), (256, 64, 256), (16, 128, 32), (512, 128, 384)):
+        a = torch.randn(m, k, generator=generator).bfloat16()
+        w = torch.randn(n, k, generator=generator).bfloat16()
+        digest.update(F.linear(a, w).view(torch.int16).numpy().tobytes())
+    return digest.hexdigest()

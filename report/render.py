@@ -203,17 +203,26 @@ def markdown(data: ReportData, max_drop_points: float) -> str:
         lines += [f"- {note}" for note in rec.notes] + ([""] if rec.notes else [])
     if data.trained:
         lines += _trained_section(data, rec)
+    # Peak RSS is the runtime's alone only in `trm-export report` (a process without torch); the export's report
+    # has none to give, and then no column.
+    with_rss = any(r.peak_rss_mb is not None for r in data.measurements)
     lines += ["## All settings", "",
               "| variant | backend | loop | steps (mean) | exact acc [95% CI] of puzzles | token acc | ms per puzzle "
-              "p50 [p25, p75] | puzzles/s | graph MB | peak RSS MB |", "|---|---|---|---|---|---|---|---|---|---|"]
+              "p50 [p25, p75] | puzzles/s | graph MB |" + (" peak RSS MB |" if with_rss else ""),
+              "|---|---|---|---|---|---|---|---|---|" + ("---|" if with_rss else "")]
     front = {id(r) for r in pareto_front(data.measurements)}
     for r in data.measurements:
-        rss = "n/a" if r.peak_rss_mb is None else f"{r.peak_rss_mb:.0f}"
+        rss = ("n/a" if r.peak_rss_mb is None else f"{r.peak_rss_mb:.0f}") if with_rss else ""
         mark = " *" if id(r) in front else ""
         lines.append(f"| {r.variant}{mark} | {r.backend} | {_loop(r)} | {r.mean_steps:.2f} | {_acc(r)} | "
                      f"{100 * r.token_accuracy:.2f}% | {r.latency_ms_p50:.2f} [{r.latency_ms_p25:.2f}, "
-                     f"{r.latency_ms_p75:.2f}] | {r.throughput:.0f} (batch {r.batch}) | {r.size_mb:.2f} | {rss} |")
-    lines += ["", "`*`: on the accuracy/latency Pareto frontier.", ""] + _halting_legend(data.measurements)
+                     f"{r.latency_ms_p75:.2f}] | {r.throughput:.0f} (batch {r.batch}) | {r.size_mb:.2f} |"
+                     + (f" {rss} |" if with_rss else ""))
+    lines += ["", "`*`: on the accuracy/latency Pareto frontier."]
+    if not with_rss:
+        lines.append("Memory: measured by `trm-export report` (the runtime alone, peak RSS per variant); this "
+                     "report's process held PyTorch as well.")
+    lines += [""] + _halting_legend(data.measurements)
     if data.drift:
         lines += ["## Drift against FP32 (z_H, fixed loop)", "",
                   "| variant | rel. error step 1 | rel. error last step | cosine last step |", "|---|---|---|---|"]

@@ -33,6 +33,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from trm_export.export.bfloat16 import kernel_probe
 from trm_export.report.measure import cpu_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -175,6 +176,8 @@ def main() -> None:
         "cpu": cpu_model(),
         # The kernels that rounded: the tests demand bit-exact loops only where these (and the blocks) match.
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        # ...and what the bfloat16 GEMMs compute, which the capability does not decide (oneDNN's own dispatch).
+        "kernel_probe": kernel_probe(),
         "variants": {name: {k: v for k, v in vars(variant).items() if k != "extra"}
                      for name, variant in BF16_VARIANTS.items()},
     }

@@ -34,7 +34,7 @@ from trm_export.export.accuracy import (
     trained_dtype_accuracy,
     training_compute_dtypes,
 )
-from trm_export.export.bfloat16 import Bfloat16Reference, block
+from trm_export.export.bfloat16 import Bfloat16Reference, block, kernel_probe
 from trm_export.export.checkpoint import load_checkpoint
 from trm_export.export.model import RecursiveModel
 from trm_export.export.reference import run_reference
@@ -86,13 +86,20 @@ def _block_distances(name: str) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
     return out
 
 
+@functools.cache
+def _same_gemms_as_recording() -> bool:
+    return json.loads((DATA / "provenance.json").read_text())["kernel_probe"] == kernel_probe()
+
+
 def _same_kernels_as_recording(name: str) -> bool:
-    """True where this machine runs the recording's kernels: the same torch build and ATen CPU capability, and
-    every recorded block computed bit-exactly. (The blocks alone are not enough: a kernel that rounds one element
-    in 10^4 differently can pass them and still change a chaotic loop.)"""
+    """True where this machine runs the recording's kernels: the same torch build and ATen CPU capability, the
+    same bfloat16 GEMM results (a probe product: oneDNN picks native AVX-512 BF16 instructions whatever ATen's
+    capability says), and every recorded block computed bit-exactly. (The blocks alone are not enough: a kernel
+    that rounds one element in 10^4 differently can pass them and still change a chaotic loop.)"""
     prov = json.loads((DATA / "provenance.json").read_text())
     return (prov["torch"] == torch.__version__
             and prov["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+            and _same_gemms_as_recording()
             and all(bool((d16 == 0).all()) for _, d16, _ in _block_distances(name)))
 
 

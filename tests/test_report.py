@@ -102,6 +102,9 @@ def test_report_markdown_and_plots(report_folder):
     text = (folder / "REPORT.md").read_text()
     assert "## Recommendation" in text and "Measured on" in text and "95% interval" in text
     assert text.count("| fp32") == 7 and "| stable:2 8 |" in text and "`stable:K N` halts a puzzle" in text
+    # The runtime alone measured its memory: a figure on every row (this process's VmHWM), never "n/a".
+    rows = [line for line in text.splitlines() if line.startswith("| fp32")]
+    assert "peak RSS MB |" in text and all(float(row.rsplit("|", 2)[1]) > 0 for row in rows)
     for name in ("pareto.png", "accuracy_vs_steps.png"):
         assert (folder / name).read_bytes()[:8] == PNG_MAGIC
         assert f"]({name})" in text

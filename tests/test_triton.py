@@ -7,6 +7,7 @@ The server tests skip, saying why, where no such environment exists; everything 
 from __future__ import annotations
 
 import ipaddress
+import os
 import threading
 from pathlib import Path
 
@@ -189,8 +190,8 @@ def server(bundle, tmp_path_factory):
     out = write_repository(bundle, tmp_path_factory.mktemp("triton") / "repo", TritonOptions(
         loop=LoopParameters(batch_size=16, max_puzzles=8)))
     try:
-        # Triton waits up to --exit-timeout-secs (30 by default) for clients' open connections when it stops.
-        srv = TritonServer(out, extra_args=("--exit-timeout-secs=2",)).start()
+        # Triton waits up to --exit-timeout-secs (the grace) for requests in flight and open connections.
+        srv = TritonServer(out, grace_seconds=2).start()
     except TritonUnavailable as exc:
         pytest.skip(f"no tritonserver: {exc}")
     yield srv
@@ -290,33 +291,81 @@ def test_a_stub_that_would_lose_tensor_data_refuses_to_load(server, tmp_path):
     other.stop()
 
 
-def test_sigterm_to_the_launcher_stops_the_server(server, tmp_path):
+def _session_processes(session: int) -> dict[str, float]:
+    """Command name -> CPU seconds of each process alive in `session` (tritonserver's own, its backend stubs')."""
+    alive = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        name, fields = text[text.index("(") + 1:text.rindex(")")], text[text.rindex(")") + 2:].split()
+        if int(fields[3]) == session and fields[0] != "Z":  # stat's session id; utime and stime in clock ticks
+            alive[f"{name} {stat.parent.name}"] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return alive
+
+
+def _stub_seconds(session: int) -> float:
+    return sum(sec for name, sec in _session_processes(session).items() if not name.startswith("tritonserver"))
+
+
+def test_sigterm_to_the_launcher_finishes_requests_in_flight_and_leaves_nothing(bundle, puzzles, expected, tmp_path):
     """#39: SIGTERM to the Python launcher (a container runtime's stop, a supervisor's) used to leave tritonserver
-    running and answering, orphaned in its own session. run_forever stops it first, then returns."""
+    running and answering, orphaned in its own session; and a stop that signals the whole session kills the
+    Python backend's stubs under the requests. Now: a request in flight when SIGTERM arrives is answered in full
+    and correctly within the grace period, then no process of the server's session is left."""
     import signal
     import subprocess
     import sys
     import time
 
-    script = ("import sys; from trm_export.triton.server import TritonServer; "
-              f"TritonServer({str(server.repository)!r}, log={str(tmp_path / 'own.log')!r}, "
-              "extra_args=('--exit-timeout-secs=2',)).run_forever(); print('returned', flush=True)")
-    launcher = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    import tritonclient.http as httpclient
+
+    TILES = 8
+    repo = write_repository(bundle, tmp_path / "repo", TritonOptions(loop=LoopParameters(
+        batch_size=16, max_puzzles=48 * TILES)))
+    script = ("import os, sys; from trm_export.triton.server import TritonServer; "
+              f"s = TritonServer({str(repo)!r}, grace_seconds=30); s.start(); "
+              "print('ready', s.http_port, s.process.pid, flush=True); s.run_forever(); print('returned', flush=True)")
+    launcher = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                                 text=True)
     try:
-        line = launcher.stderr.readline()  # "tritonserver on ...: HTTP 127.0.0.1:PORT, ..." once it is ready
-        port = int(line.split("HTTP 127.0.0.1:")[1].split(",")[0])
-        assert _listening(port) == ["127.0.0.1"], line
+        _, port, session = launcher.stdout.readline().split()
+        big = np.tile(puzzles, (TILES, 1))  # 384 puzzles: seconds of work for the loop model, well within the grace
+        client = httpclient.InferenceServerClient(f"127.0.0.1:{port}", network_timeout=120, connection_timeout=120)
+        inp = httpclient.InferInput("puzzles", list(big.shape), "INT64")
+        inp.set_data_from_numpy(big.astype(np.int64))
+        answer = {}
+        def send() -> None:
+            try:
+                answer["result"] = client.infer("trm", [inp])
+            except Exception as exc:  # noqa: BLE001 - reported below
+                answer["error"] = exc
+            client.close()  # an open connection would hold the stop for the whole grace period
+
+        idle, deadline = -1.0, time.monotonic() + 60
+        while _stub_seconds(int(session)) != idle and time.monotonic() < deadline:
+            idle = _stub_seconds(int(session))  # until the stub has settled after loading (its self-check)
+            time.sleep(0.5)
+        request = threading.Thread(target=send)
+        request.start()
+        deadline = time.monotonic() + 60
+        while _stub_seconds(int(session)) < idle + 0.5 and time.monotonic() < deadline:
+            time.sleep(0.05)  # until the loop model has worked on the request for half a CPU second
+        assert "result" not in answer, "answered before the stop: make the request longer"
         launcher.send_signal(signal.SIGTERM)
-        out, _ = launcher.communicate(timeout=60)
+        request.join(120)
+        out, _ = launcher.communicate(timeout=120)
     finally:
         if launcher.poll() is None:
             launcher.kill()
+        if _session_processes(int(session)):
+            os.killpg(int(session), signal.SIGKILL)  # a failed run leaves no server behind either
+    assert "result" in answer, answer.get("error")
+    np.testing.assert_array_equal(answer["result"].as_numpy("predictions"), np.tile(expected.predictions, (TILES, 1)))
+    np.testing.assert_array_equal(answer["result"].as_numpy("steps"), np.tile(expected.steps_used, TILES))
     assert launcher.returncode == 0 and "returned" in out
-    deadline = time.monotonic() + 10
-    while _listening(port) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert _listening(port) == []  # nothing answers there any more: the server went with its launcher
+    assert _listening(int(port)) == [] and _session_processes(int(session)) == {}
 
 
 def test_the_repository_readme_client_runs_as_written(server):
@@ -332,6 +381,16 @@ def test_the_repository_readme_client_runs_as_written(server):
     done = subprocess.run([sys.executable, "-c", code], cwd=server.repository, capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
+    # `trm-export run`'s lines (answer, steps, valid) for the bundle's sample puzzles, as the runtime gives them
+    # (the test model is random: its answers are not solutions; benchmarks/triton_load.py serves the real one).
+    from trm_export.runtime.io import check_solutions, format_solutions, read_puzzles
+
+    solver = Solver(server.repository / "trm" / "1" / "bundle", batch_size=16)
+    tokens = read_puzzles(server.repository / "trm" / "1" / "bundle" / "samples" / "puzzles.txt", solver.task)
+    result = solver.solve(tokens)
+    assert done.stdout == format_solutions(result, solver.task, check_solutions(tokens, result.predictions,
+                                                                                solver.task))
+    assert len(done.stdout.splitlines()) == len(tokens) >= 3
     assert "np.zeros" not in code and "samples/puzzles.txt" in code
     assert "8002:8002" in readme and "/metrics" in readme and "triton-env/bin/python -c" in readme
 
@@ -374,6 +433,26 @@ def test_the_repository_deploys_as_an_image_and_on_kubernetes(bundle, tmp_path):
     assert documents[0]["metadata"]["name"] == "trm-sudoku-model-v1"  # a Kubernetes name from any model name
     readme = (out / "README.md").read_text()
     assert "kubectl apply -f k8s.yaml" in readme and "docker build -t" in readme
+
+
+def test_the_client_checks_puzzles_before_sending(server, bundle, puzzles, expected):
+    """#39: the client refuses what the server would refuse after the upload (a wrong shape, a token outside the
+    vocabulary, floats), naming the puzzle and position; and splits large inputs into requests the model takes."""
+    import re
+
+    from trm_export.triton.client import LoopClient
+
+    with LoopClient.for_bundle(server.grpc_url, bundle, protocol="grpc", max_puzzles=8) as client:
+        bad = puzzles[:3].astype(np.int64)
+        bad[2, 40] = 11
+        for tokens, message in ((bad, re.escape("token 11 at puzzle 2, position 40 is outside the vocabulary (0..10)")),
+                                (puzzles[:2, :80], r"must be \[N, 81\] tokens"),
+                                (puzzles[:2].astype(np.float32), "must be integer tokens")):
+            with pytest.raises(InputError, match=message):
+                client.solve(tokens)
+        result = client.solve(puzzles[:20])  # three requests of at most 8
+    np.testing.assert_array_equal(result.predictions, expected.predictions[:20])
+    np.testing.assert_array_equal(result.steps_used, expected.steps_used[:20])
 
 
 def test_the_metrics_port_serves_the_loop_models_own_metrics(server, puzzles, expected):

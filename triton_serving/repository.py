@@ -219,6 +219,9 @@ triton-env/bin/python -c "from trm_export.triton.server import TritonServer; Tri
   http_port=8000, grpc_port=8001, metrics_port=8002).run_forever()"
 ```
 
+Ctrl-C or SIGTERM to that launcher stops the server gracefully: it takes no new requests, answers those in flight
+within the grace period (`grace_seconds=30`, tritonserver's `--exit-timeout-secs`), and leaves no process behind.
+
 Prometheus metrics are at `http://HOST:8002/metrics` (`metrics_port`, tritonserver's `--metrics-port`; without it
 the launcher picks a free port and prints it): Triton's per-model counts and times, and the loop's own
 `trm_puzzles_total`, `trm_steps_total` (over it: mean steps), `trm_puzzles_at_step_limit_total`,
@@ -235,26 +238,22 @@ for that GPU and TensorRT is importable in the stub's environment, else ONNX Run
 
 ## Clients
 
-Puzzles travel as the model's tokens (the bundle's `task` encoding). The runtime reads the task's text format
-into tokens, and the bundle carries sample puzzles, so a client with trm-export installed (`pip install
-{runtime}`) encodes them as the model was trained:
+Puzzles travel as the model's tokens (the bundle's `task` encoding). `trm_export.triton.client.LoopClient` does the
+encoding: it reads the task's text format (or a `.npy` of tokens) as `trm-export run` does, checks shapes and the
+vocabulary before sending, splits the puzzles into requests of at most {p.max_puzzles}, and prints the answers as
+`run` does (answer, steps, valid). With trm-export and tritonclient installed (`pip install {runtime}
+"tritonclient[http]"`), this solves the bundle's sample puzzles:
 
 ```python
-import tritonclient.http as httpclient        # or tritonclient.grpc (port 8001): the same calls
-from trm_export.runtime.io import read_puzzles
-from trm_export.runtime.manifest import read_manifest
+from trm_export.triton.client import LoopClient
 
-bundle = "{name}/1/{BUNDLE_DIR}"
-task = read_manifest(bundle).task
-puzzles = read_puzzles(f"{{bundle}}/{sample}", task).astype("int64")  # [N, {task.seq_len}] tokens
-client = httpclient.InferenceServerClient("localhost:8000")
-inp = httpclient.InferInput("puzzles", list(puzzles.shape), "INT64")
-inp.set_data_from_numpy(puzzles)
-result = client.infer("{name}", [inp])
-print(result.as_numpy("predictions"), result.as_numpy("steps"))
+bundle = "{name}/1/{BUNDLE_DIR}"  # the server's copy: the client encodes puzzles as its manifest says
+with LoopClient.for_bundle("localhost:8000", bundle, model="{name}", max_puzzles={p.max_puzzles}) as client:
+    print(client.solve_file(f"{{bundle}}/{sample}"), end="")  # answer, steps, valid: one line per puzzle
 ```
 
-All zeros is not a puzzle: the model answers it with 16 steps of noise and no error.
+`protocol="grpc"` with port 8001 speaks gRPC. Raw tokens: `client.solve(tokens)` (INT64 [N, {task.seq_len}]) gives
+answers, steps and Q values as arrays. All zeros is not a puzzle: the model answers it with noise and no error.
 
 Throughput needs requests in flight: send from several threads (or `async_infer`); the model batches them.
 """

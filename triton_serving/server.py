@@ -110,7 +110,7 @@ class TritonServer:
 
     def __init__(self, repository: str | Path, env: str | Path | None = None, *, http_port: int = 0,
                  grpc_port: int = 0, metrics_port: int = 0, log: str | Path | None = None,
-                 extra_args: tuple[str, ...] = (), host: str = "127.0.0.1"):
+                 extra_args: tuple[str, ...] = (), host: str = "127.0.0.1", grace_seconds: int = 30):
         self.repository = Path(repository).resolve()
         self.host = host
         self.install = find_triton(env)
@@ -118,6 +118,8 @@ class TritonServer:
         self.metrics_port = metrics_port or free_port()
         self.log = Path(log) if log else self.repository.parent / f"{self.repository.name}.tritonserver.log"
         self.extra_args = tuple(extra_args)
+        # How long a stop waits for requests in flight: tritonserver's --exit-timeout-secs, unless given above.
+        self.grace_seconds = grace_seconds
         self.process: subprocess.Popen | None = None
 
     @property
@@ -136,7 +138,9 @@ class TritonServer:
         return [str(self.install.binary), f"--model-repository={self.repository}",
                 f"--backend-directory={self.install.backends}", f"--http-address={self.host}",
                 f"--http-port={self.http_port}", f"--grpc-address={self.host}", f"--grpc-port={self.grpc_port}",
-                f"--metrics-address={self.host}", f"--metrics-port={self.metrics_port}", *self.extra_args]
+                f"--metrics-address={self.host}", f"--metrics-port={self.metrics_port}",
+                *(() if any(a.startswith("--exit-timeout-secs") for a in self.extra_args)
+                  else (f"--exit-timeout-secs={self.grace_seconds}",)), *self.extra_args]
 
     def start(self, timeout: float = 120.0) -> TritonServer:
         env = {**os.environ, "LD_LIBRARY_PATH": self.install.library_path, "PYTHONPATH": self.install.python_path}
@@ -169,15 +173,24 @@ class TritonServer:
                 return line.strip()[:400]
         return lines[-1].strip()[:400] if lines else "(no output)"
 
-    def stop(self, timeout: float = 30.0) -> None:
-        if self.process is None or self.process.poll() is not None:
+    def stop(self) -> None:
+        """A graceful stop: SIGTERM to tritonserver alone, which stops taking requests and lets those in flight
+        finish (up to its --exit-timeout-secs, the grace period) before it unloads the models; then whatever is
+        left of its session (the Python backend's stub processes, a server stuck past the grace) is killed, so
+        nothing outlives the stop. (A SIGTERM to the whole session would kill the stubs under the requests.)"""
+        if self.process is None:
             return
-        os.killpg(self.process.pid, signal.SIGTERM)
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(self.grace_seconds + 15)
+            except subprocess.TimeoutExpired:
+                pass
         try:
-            self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
+            os.killpg(self.process.pid, signal.SIGKILL)  # the session's leftovers; none when it stopped cleanly
+        except ProcessLookupError:
+            pass
+        self.process.wait()
 
     def __enter__(self) -> TritonServer:
         return self.start() if self.process is None else self
@@ -195,7 +208,8 @@ class TritonServer:
 
         previous = signal.signal(signal.SIGTERM, terminate)
         try:
-            self.start()
+            if self.process is None:
+                self.start()
             print(f"tritonserver on {self.repository}: HTTP {self.http_url}, gRPC {self.grpc_url}, metrics "
                   f"{self._client_host}:{self.metrics_port} (log: {self.log}); Ctrl-C or SIGTERM stops",
                   file=sys.stderr, flush=True)
