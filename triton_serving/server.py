@@ -174,10 +174,9 @@ class TritonServer:
         return lines[-1].strip()[:400] if lines else "(no output)"
 
     def stop(self) -> None:
-        """A graceful stop: SIGTERM to tritonserver alone, which stops taking requests and lets those in flight
-        finish (up to its --exit-timeout-secs, the grace period) before it unloads the models; then whatever is
-        left of its session (the Python backend's stub processes, a server stuck past the grace) is killed, so
-        nothing outlives the stop. (A SIGTERM to the whole session would kill the stubs under the requests.)"""
+        """A graceful stop: SIGTERM to tritonserver, which stops taking requests and lets those in flight finish
+        (up to its --exit-timeout-secs, the grace period) before it unloads the models; then whatever is left of
+        its session (a backend stub, a server stuck past the grace) is killed, so nothing outlives the stop."""
         if self.process is None:
             return
         if self.process.poll() is None:
