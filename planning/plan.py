@@ -306,8 +306,8 @@ def describe(plan: Plan, seconds_here: float | None = None, export: bool = True)
                   f"  calibration: {of(plan.calib_puzzles or 0, 'calib', 'calibration', 'calib_puzzles')}; methods "
                   f"{', '.join(plan.methods or ()) or 'none'}{who('methods')}"]
     if seconds_here is not None:
-        lines.append(f"  about {_duration(seconds_here)} on this machine (from a timed reference step, slower than "
-                     "the exported graph: a ceiling more than a forecast; the time decides nothing)")
+        lines.append(f"  about {_duration(seconds_here)} on this machine (from timed reference steps of a batch; an "
+                     "estimate: the time decides nothing)")
     return lines
 
 
