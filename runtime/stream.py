@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import itertools
 import threading
+import time
 from collections import deque
 from concurrent.futures import Future
 from pathlib import Path
@@ -60,11 +61,12 @@ class SolverStream:
             raise InputError(f"max_puzzles must be an integer >= 1, got {max_puzzles!r}")
         self.max_puzzles = max_puzzles
         self._cond = threading.Condition()
-        self._queue: deque[tuple[int, np.ndarray, int]] = deque()  # (key, tokens, puzzle id), FIFO
+        self._queue: deque[tuple[int, np.ndarray, int, float]] = deque()  # (key, tokens, puzzle id, queued at)
         self._owner: dict[int, tuple[_Request, int]] = {}  # key -> (request, row in it), while queued or running
         self._keys = itertools.count()
         self._closed = False
         self._failure: BaseException | None = None
+        self._queued_seconds = 0.0  # summed over puzzles: from submit to a slot
         self._thread = threading.Thread(target=self._run, name="trm-solver-stream", daemon=True)
         self._thread.start()
 
@@ -86,10 +88,11 @@ class SolverStream:
         with self._cond:
             if self._closed or self._failure is not None:
                 raise RuntimeError(f"the solver stream is closed{self._failure_words()}")
+            now = time.monotonic()
             for row in range(len(tokens)):
                 key = next(self._keys)
                 self._owner[key] = (request, row)
-                self._queue.append((key, tokens[row], int(ids[row])))
+                self._queue.append((key, tokens[row], int(ids[row]), now))
             self._cond.notify()
         return request.future
 
@@ -111,12 +114,20 @@ class SolverStream:
         with self._cond:
             return len(self._owner)
 
+    def queued_seconds(self) -> float:
+        """Seconds puzzles waited in the queue for a slot, summed over every puzzle taken so far (a counter: its
+        growth over an interval, divided by the puzzles taken in it, is the mean queue wait)."""
+        with self._cond:
+            return self._queued_seconds
+
     # The feed that Solver.run_loop reads (runtime.solver.PuzzleFeed); called on the loop thread only.
     def take(self, n: int, wait: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         with self._cond:
             while wait and not self._queue and not self._closed:
                 self._cond.wait()
             rows = [self._queue.popleft() for _ in range(min(n, len(self._queue)))]
+            now = time.monotonic()
+            self._queued_seconds += sum(now - r[3] for r in rows)
         seq_len = self.task.seq_len
         if not rows:
             return np.zeros((0, seq_len), np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64)

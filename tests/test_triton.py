@@ -89,6 +89,16 @@ def test_a_quick_request_does_not_wait_for_a_slow_one(bundle, puzzles, expected)
     assert b.result().steps_used[0] == expected.steps_used[quick]
 
 
+def test_the_stream_counts_the_seconds_puzzles_wait_for_a_slot(bundle, puzzles, expected):
+    """Queue wait, the metric an operator of a batched loop needs: 48 puzzles into 4 slots wait for each other."""
+    with SolverStream(bundle, batch_size=4) as stream:
+        assert stream.queued_seconds() == 0.0
+        result = stream.submit(puzzles).result(timeout=120)
+        waited = stream.queued_seconds()
+    np.testing.assert_array_equal(result.predictions, expected.predictions)
+    assert waited > 0.0  # 44 of them waited while the first four ran
+
+
 def test_stream_refuses_bad_requests_and_keeps_serving(bundle, puzzles, expected):
     with SolverStream(bundle, batch_size=8, max_puzzles=4) as stream:
         running = stream.submit(puzzles[:4])
@@ -331,7 +341,7 @@ def test_sigterm_to_the_launcher_finishes_requests_in_flight_and_leaves_nothing(
                                 text=True)
     try:
         _, port, session = launcher.stdout.readline().split()
-        big = np.tile(puzzles, (TILES, 1))  # 192 puzzles: a second or more of work for the loop model, well within the grace
+        big = np.tile(puzzles, (TILES, 1))  # 192 puzzles: a second or more of work, well within the grace
         client = httpclient.InferenceServerClient(f"127.0.0.1:{port}", network_timeout=120, connection_timeout=120)
         inp = httpclient.InferInput("puzzles", list(big.shape), "INT64")
         inp.set_data_from_numpy(big.astype(np.int64))
@@ -482,9 +492,11 @@ def test_the_metrics_port_serves_the_loop_models_own_metrics(server, puzzles, ex
     infer(slice(4, 5))  # its arrival flushes the four puzzles' counts
     after = scrape()
     assert {"trm_puzzles_total", "trm_steps_total", "trm_requests_total", "trm_request_seconds_total",
+            "trm_queue_seconds_total",
             "trm_puzzles_in_flight", "trm_puzzles_at_step_limit_total"} <= set(after), sorted(after)
     assert after["trm_puzzles_total"] - before["trm_puzzles_total"] == 1 + 4  # the first request's one, then four
     assert after["trm_steps_total"] - before["trm_steps_total"] == int(expected.steps_used[:1].sum()
                                                                         + expected.steps_used[:4].sum())
     assert after["trm_requests_total"] - before["trm_requests_total"] == 2
     assert after["trm_request_seconds_total"] > before["trm_request_seconds_total"]
+    assert after["trm_queue_seconds_total"] >= before["trm_queue_seconds_total"]

@@ -225,7 +225,8 @@ within the grace period (`grace_seconds=30`, tritonserver's `--exit-timeout-secs
 Prometheus metrics are at `http://HOST:8002/metrics` (`metrics_port`, tritonserver's `--metrics-port`; without it
 the launcher picks a free port and prints it): Triton's per-model counts and times, and the loop's own
 `trm_puzzles_total`, `trm_steps_total` (over it: mean steps), `trm_puzzles_at_step_limit_total`,
-`trm_requests_total`, `trm_request_seconds_total` (arrival to answer) and `trm_puzzles_in_flight`, reported at each
+`trm_requests_total`, `trm_request_seconds_total` (arrival to answer), `trm_queue_seconds_total` (waiting for a
+slot, summed over puzzles) and `trm_puzzles_in_flight`, reported at each
 new request.
 
 It listens on 127.0.0.1 (this machine only); `host='0.0.0.0'` serves other machines. Do that behind a proxy that

@@ -78,13 +78,14 @@ def tensors_survive(pb_utils) -> bool:
 class LoopMetrics:
     """What an operator of a recursive model watches, beside Triton's own counters, on the metrics port (the Python
     backend's custom metrics, `trm_*`): puzzles answered, the steps they ran (their ratio: mean steps), how many ran
-    to the step limit instead of halting, requests answered and the seconds from their arrival to their answer (queue
-    wait included), puzzles in flight. The stream's thread only adds to plain counters; they reach Triton from
-    Triton's own thread (`flush`, at every `execute`): metric calls from the stream's thread made requests fail under
-    load. A stub without the metrics API (before Triton 23.05) serves without them."""
+    to the step limit instead of halting, requests answered and the seconds from their arrival to their answer, the
+    seconds puzzles waited in the queue for a slot (over puzzles answered: the mean queue wait), puzzles in flight.
+    The stream's thread only adds to plain counters; they reach Triton from Triton's own thread (`flush`, at every
+    `execute`): metric calls from the stream's thread made requests fail under load. A stub without the metrics API
+    (before Triton 23.05) serves without them."""
 
     NAMES = ("trm_puzzles_total", "trm_steps_total", "trm_puzzles_at_step_limit_total", "trm_requests_total",
-             "trm_request_seconds_total", "trm_puzzles_in_flight")
+             "trm_request_seconds_total", "trm_queue_seconds_total", "trm_puzzles_in_flight")
 
     def __init__(self, pb_utils, labels: dict[str, str]):
         import threading
@@ -137,6 +138,7 @@ class LoopModel:
                                    min_steps=p.min_steps, halting=p.halting, max_puzzles=p.max_puzzles)
         self.step_limit = p.max_steps or self.stream.solver.manifest.loop.halt_max_steps
         self.metrics = LoopMetrics(pb_utils, {"model": bundle.parent.parent.name})
+        self._queued_reported = 0.0  # the stream's queue seconds already reported
 
     @classmethod
     def from_triton(cls, args: dict, pb_utils) -> LoopModel:
@@ -148,6 +150,9 @@ class LoopModel:
 
     def accept(self, request) -> None:
         """Queue one request's puzzles; its response is sent when they have all halted (or at once on an error)."""
+        queued = self.stream.queued_seconds()
+        self.metrics.add("trm_queue_seconds_total", queued - self._queued_reported)
+        self._queued_reported = queued
         self.metrics.flush()  # Triton's thread: the counts of the answers sent since the last request
         sender = request.get_response_sender()
         try:
