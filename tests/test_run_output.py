@@ -249,8 +249,8 @@ def test_backend_choice_and_the_fallback_note(puzzle_file, monkeypatch):
     assert note in result.stderr and note not in result.stdout
 
 
-def test_readme_lists_every_run_option():
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+def test_the_run_page_lists_every_run_option():
+    readme = (Path(__file__).resolve().parents[1] / "docs" / "run.md").read_text()
     section = readme.split("<!-- run-options -->")[1]
     documented = set(re.findall(r"^\| (?:`-[a-z]`, )?`(--[a-z-]+)", section, flags=re.M))
     command = cli.commands["run"]
