@@ -123,3 +123,29 @@ def write_arc_folder(root, tasks: dict[str, dict], augmentations: int, seed: int
     (root / "identifiers.json").write_text(json.dumps(identifiers))
     (root / "test_puzzles.json").write_text(json.dumps(tasks))
     return identifiers
+
+
+def build_arc_fixture(root) -> None:
+    """The ARC-shaped official fixture of tests/test_arc_bundle.py (and of scripts/record_official_arc_run.py, which
+    records what the official code answers on it): a dataset folder of 4 tasks x 4 views, an official-format
+    checkpoint (random weights, ARC's 900 positions, one layer and one call of each level per step, 2 steps), the
+    challenges of 3 of the tasks (task3 is trained on, not asked) and their solutions."""
+    import dataclasses
+    import json
+    from pathlib import Path
+
+    from official_format import VARIANTS, write_official_checkpoint
+
+    root = Path(root)
+    rng = np.random.default_rng(7)
+    tasks = {f"task{i}": random_task(rng, n_test=1 + i % 2) for i in range(4)}
+    identifiers = write_arc_folder(root / "data", tasks, augmentations=3)
+    del tasks["task3"]
+    variant = dataclasses.replace(VARIANTS["trm-att-rope"], name="arc-shaped", vocab_size=12, seq_len=900,
+                                  num_puzzle_identifiers=len(identifiers), halt_max_steps=2, gain=0.5,
+                                  L_layers=1, H_cycles=1, L_cycles=1)
+    write_official_checkpoint(root / "ck", variant)
+    challenges = {t: {"train": v["train"], "test": [{"input": p["input"]} for p in v["test"]]}
+                  for t, v in tasks.items()}
+    (root / "challenges.json").write_text(json.dumps(challenges))
+    (root / "solutions.json").write_text(json.dumps({t: [p["output"] for p in v["test"]] for t, v in tasks.items()}))
