@@ -265,6 +265,14 @@ def evaluate(model: Path | None, split: str, limit: int | None, steps: str, adap
               help="Also put the runtime's dependency wheels (numpy, onnxruntime, click) for that device into the "
                    "bundle's runtime/, beside the trm-export wheel every bundle carries: an offline device installs "
                    "from the bundle alone. JetPack 6: linux_aarch64-cp310; JetPack 5: linux_aarch64-cp38.")
+@click.option("--arch", type=click.Choice(["official", "tiny-recursive-model"]), default="official",
+              show_default=True,
+              help="Where MODEL comes from: the official TRM / HRM code (step_N with all_config.yaml), or lucidrains' "
+                   "tiny-recursive-model (torch.save(trm.state_dict(), PATH); needs --arch-config).")
+@click.option("--arch-config", type=click.Path(path_type=Path), default=None, metavar="FILE",
+              help="--arch tiny-recursive-model: the network's description as JSON (dim, num_tokens, seq_len, depth, "
+                   "num_refinement_blocks, num_latent_refinements, num_register_tokens, halt_prob_thres, "
+                   "max_deep_refinement_steps): a state_dict does not carry it.")
 @data_option
 @override_options
 def export(model: Path | None, target: str, output: Path | None, force: bool, puzzles: Path | None,
@@ -272,9 +280,8 @@ def export(model: Path | None, target: str, output: Path | None, force: bool, pu
            strict_threshold: float, puzzle_table_dtype: str, keep_puzzles: Path | None, standard_ops: bool,
            precision: str | None,
            max_accuracy_drop: float, calib: Path | None, calib_puzzles: int | None, eval_puzzles: int | None,
-           threads: int | None, no_report: bool, wheelhouse: str | None, data: Path | None,
-           dataset_json: Path | None,
-           **overrides) -> None:
+           threads: int | None, no_report: bool, wheelhouse: str | None, arch: str, arch_config: Path | None,
+           data: Path | None, dataset_json: Path | None, **overrides) -> None:
     """Export MODEL to a self-verifying bundle at the target's precision (INT8 for Jetsons: calibrated, measured,
     chosen within the accuracy budget, fp32 and fp16 kept beside it).
 
@@ -301,7 +308,17 @@ def export(model: Path | None, target: str, output: Path | None, force: bool, pu
         from trm_export.distribution.wheel import parse_wheelhouse
 
         parse_wheelhouse(wheelhouse)  # a mistyped platform fails before the checkpoint is read
-    ck = _load(model, dataset_json, **overrides)
+    if arch == "official":
+        if arch_config is not None:
+            raise click.UsageError("--arch-config describes a tiny-recursive-model network: add --arch "
+                                   "tiny-recursive-model")
+        ck = _load(model, dataset_json, **overrides)
+    else:
+        from trm_export.export.adapters.loading import load_adapted
+
+        if model is None or arch_config is None:
+            raise click.UsageError(f"--arch {arch} needs MODEL (the saved state_dict) and --arch-config FILE")
+        ck = load_adapted(model, arch, arch_config)
     if replay is not None:
         from trm_export.planning.plan import check_replay
 

@@ -28,9 +28,10 @@ DISTRIBUTION = "trm-export"
 RUNTIME_FOLDER = "runtime"
 # The import packages of the distribution (pyproject.toml's [tool.setuptools] packages: a test keeps them equal)
 # and their package data.
-PACKAGES = ("trm_export", "trm_export.export", "trm_export.runtime", "trm_export.calibration", "trm_export.targets",
-            "trm_export.tasks", "trm_export.reference_models", "trm_export.report", "trm_export.planning",
-            "trm_export.distribution", "trm_export.web", "trm_export.triton")
+PACKAGES = ("trm_export", "trm_export.export", "trm_export.export.adapters", "trm_export.runtime",
+            "trm_export.calibration", "trm_export.targets", "trm_export.tasks", "trm_export.reference_models",
+            "trm_export.report", "trm_export.planning", "trm_export.distribution", "trm_export.web",
+            "trm_export.triton")
 PACKAGE_DATA = {"trm_export.reference_models": ("*/*", "*.md"),
                 "trm_export.web": ("app/*", "tests/*.mjs", "package.json", "package-lock.json")}
 _DATE = (1980, 1, 1, 0, 0, 0)  # the earliest a zip can say: every entry the same, every build the same bytes

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from trm_export.export.config import ModelConfig, swiglu_intermediate
+from trm_export.export.step_protocol import EmbeddingArrays
 
 
 def rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -341,6 +342,17 @@ class RecursiveModel(nn.Module):
             yield self
         finally:
             set_form(False)
+
+    def embedding_arrays(self) -> EmbeddingArrays:
+        """The tables the runtime applies before the first step (export/step_protocol.py). The model's float32
+        tensors are viewed, not copied: an ARC puzzle table (~1M x 512) costs one copy of the kept rows at most."""
+        sd = {k: v.detach().float().numpy() for k, v in self.state_dict().items()}
+        cfg = self.config
+        return EmbeddingArrays(token_table=sd["embed_tokens.embedding_weight"], scale=float(self.embed_scale),
+                               H_init=sd["H_init"], L_init=sd["L_init"],
+                               position_table=(sd["embed_pos.embedding_weight"] if cfg.pos_encodings == "learned"
+                                               else None), position_scale=0.707106781,
+                               puzzle_table=sd["puzzle_emb.weights"] if cfg.puzzle_emb_ndim > 0 else None)
 
     def step(self, x: torch.Tensor, z_H: torch.Tensor, z_L: torch.Tensor):
         """One ACT step: H_cycles cycles, then the heads. Returns z_H, z_L, logits, q_halt, q_continue."""

@@ -87,7 +87,8 @@ def export_step_graph(model: RecursiveModel, opset: int, onnxruntime_ops: bool =
     form = model.exporting(onnxruntime_ops) if export_form else contextlib.nullcontext()
     # The contrib domain only where its nodes can appear (attention, rope): declaring an unused one makes the
     # exporter print a warning a user can do nothing about (#38).
-    contrib = onnxruntime_ops and export_form and (not cfg.mlp_t or cfg.pos_encodings == "rope")
+    contrib = (onnxruntime_ops and export_form and cfg.family in ("trm", "hrm")
+               and (not cfg.mlp_t or cfg.pos_encodings == "rope"))
     with torch.no_grad(), form:
         torch.onnx.export(StepGraph(model).eval(), (example, example, example), buffer, dynamo=False,
                           opset_version=opset, input_names=list(STEP_INPUTS), output_names=list(STEP_OUTPUTS),
@@ -95,7 +96,7 @@ def export_step_graph(model: RecursiveModel, opset: int, onnxruntime_ops: bool =
                           custom_opsets={ort_ops.DOMAIN: 1} if contrib else None)
     proto = onnx.load_from_string(buffer.getvalue())
     proto.producer_name, proto.producer_version = "trm-export", ""  # no torch version: byte-identical re-exports
-    proto.doc_string = f"{cfg.family.upper()} step: {cfg.H_cycles} x ({cfg.L_cycles} + 1) network calls"
+    proto.doc_string = f"{cfg.family} step: {cfg.net_calls_per_step} network calls"
     check_graph(proto)
     inputs, outputs = step_io_specs(model)
     return ExportedGraph(proto, proto.SerializeToString(), inputs, outputs, contrib_ops(proto))

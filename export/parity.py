@@ -39,7 +39,7 @@ import torch
 
 from trm_export.export.model import RecursiveModel
 from trm_export.export.reference import run_reference
-from trm_export.runtime.solver import Solver
+from trm_export.runtime.solver import Solver, halting_threshold
 from trm_export.tasks.metrics import per_puzzle_correct
 from trm_export.tasks.official import IGNORE_LABEL
 
@@ -282,9 +282,10 @@ def rounding_sensitive(model: RecursiveModel, tokens: np.ndarray, puzzle_ids: np
     with model.exporting() as form:
         form32 = trace(form)
     rule = model.config.halting_rule
+    threshold = halting_threshold(rule) or 0.0
 
     def halting(tr) -> np.ndarray:  # [T, N] what the halting rule compares with 0
-        return tr.q_halt - tr.q_continue if rule == "q_halt>q_continue" else tr.q_halt
+        return tr.q_halt - tr.q_continue if rule == "q_halt>q_continue" else tr.q_halt - threshold
 
     changed = np.zeros(n, bool)
     logit_drift, halting_drift, q_halt_drift = np.zeros(n), np.zeros(n), np.zeros(n)

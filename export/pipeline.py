@@ -417,24 +417,23 @@ def _with_files(manifest: Manifest, stage: StagedBundle, **changes: Any) -> Mani
 
 
 def _write_tables(stage: StagedBundle, model, puzzle_dtype: str, keep: np.ndarray | None) -> EmbeddingSpec:
-    """The embedding tables as .npy files; of the puzzle table only the rows of `keep` (original identifiers,
-    ascending) when given, with their identifiers beside it. The model's float32 tensors are viewed, not copied: a
-    large table costs one copy of the kept rows at most."""
-    cfg = model.config
-    sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
-    token_table = stage.write_array("tables/embed_tokens.npy", sd["embed_tokens.embedding_weight"])
-    pos_table = (stage.write_array("tables/embed_pos.npy", sd["embed_pos.embedding_weight"])
-                 if cfg.pos_encodings == "learned" else None)
+    """The embedding tables (the model's `embedding_arrays`, export/step_protocol.py) as .npy files; of the puzzle
+    table only the rows of `keep` (original identifiers, ascending) when given, with their identifiers beside it."""
+    cfg, arrays = model.config, model.embedding_arrays()
+    token_table = stage.write_array("tables/embed_tokens.npy", arrays.token_table)
+    pos_table = (stage.write_array("tables/embed_pos.npy", arrays.position_table)
+                 if arrays.position_table is not None else None)
     puzzle_table = puzzle_rows = None
-    if cfg.puzzle_emb_ndim > 0:
-        table = sd["puzzle_emb.weights"] if keep is None else sd["puzzle_emb.weights"][keep]
+    if arrays.puzzle_table is not None:
+        table = arrays.puzzle_table if keep is None else arrays.puzzle_table[keep]
         puzzle_table = stage.write_array("tables/puzzle_emb.npy", table.astype(puzzle_dtype, copy=False))
         if keep is not None:
             puzzle_rows = stage.write_array("tables/puzzle_rows.npy", keep.astype(np.int64))
-    return EmbeddingSpec(token_table=token_table, scale=float(model.embed_scale), position_table=pos_table,
-                         position_scale=0.707106781, puzzle_table=puzzle_table, puzzle_emb_ndim=cfg.puzzle_emb_ndim,
-                         hidden_size=cfg.hidden_size, H_init=stage.write_array("tables/H_init.npy", sd["H_init"]),
-                         L_init=stage.write_array("tables/L_init.npy", sd["L_init"]), puzzle_rows=puzzle_rows)
+    return EmbeddingSpec(token_table=token_table, scale=float(arrays.scale), position_table=pos_table,
+                         position_scale=float(arrays.position_scale), puzzle_table=puzzle_table,
+                         puzzle_emb_ndim=cfg.puzzle_emb_ndim, hidden_size=cfg.hidden_size,
+                         H_init=stage.write_array("tables/H_init.npy", arrays.H_init),
+                         L_init=stage.write_array("tables/L_init.npy", arrays.L_init), puzzle_rows=puzzle_rows)
 
 
 def _read_identifiers(path: Path, cfg) -> list[str]:

@@ -89,7 +89,7 @@ class EmbeddingSpec:
 @dataclass(frozen=True)
 class LoopSpec:
     halt_max_steps: int
-    halting_rule: str  # "q_halt>0" | "q_halt>q_continue"
+    halting_rule: str  # "q_halt>0" | "q_halt>q_continue" | "q_halt>=T" (T a decimal: a halting logit's threshold)
     uses_q_continue: bool
 
 
@@ -152,6 +152,8 @@ class Manifest:
 GOLDEN_ARRAYS = ("tokens", "puzzle_ids", "q_halt", "q_continue", "predictions", "adaptive_steps",
                  "adaptive_predictions")
 # Names that end up in file names and generated shell scripts: a strict pattern, checked on read and write.
+# The halting rules a bundle may name: q_halt>0 (TRM), q_halt>q_continue (HRM), q_halt>=T (T a decimal threshold).
+HALTING_RULE = re.compile(r"q_halt>0|q_halt>q_continue|q_halt>=(-?[0-9]{1,6}(?:\.[0-9]{1,20})?)")
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 # Bounds far beyond any TRM/HRM (ARC: 1M puzzle ids, 900 positions, hidden 512) that keep a crafted manifest
@@ -313,7 +315,7 @@ def _parse(data: Any) -> Manifest:
         puzzle_rows=e.path("puzzle_rows", True))
     lp = _Fields(root.obj("loop"), "loop")
     loop = LoopSpec(halt_max_steps=lp.int("halt_max_steps", lo=1),
-                    halting_rule=lp.str("halting_rule", choices=("q_halt>0", "q_halt>q_continue")),
+                    halting_rule=lp.str("halting_rule", pattern=HALTING_RULE),
                     uses_q_continue=lp.bool("uses_q_continue"))
     graphs = {}
     for name, g in root.obj("graphs").items():

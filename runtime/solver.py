@@ -41,7 +41,7 @@ import numpy as np
 from trm_export.errors import BundleError, InputError
 from trm_export.runtime.backend import Backend, OnnxRuntimeBackend, importable
 from trm_export.runtime.embedding import Embedder
-from trm_export.runtime.manifest import Manifest, member, read_manifest
+from trm_export.runtime.manifest import HALTING_RULE, Manifest, member, read_manifest
 from trm_export.runtime.validate import validate_puzzles
 
 MODES = ("fixed", "adaptive")
@@ -158,12 +158,24 @@ def parse_halting(policy: str | HaltingPolicy) -> HaltingPolicy:
 
 
 def halt_now(q_halt: np.ndarray, q_continue: np.ndarray, rule: str) -> np.ndarray:
-    """Boolean 'halt now' per puzzle from one step's Q values, by the rule the checkpoint was trained with."""
+    """Boolean 'halt now' per puzzle from one step's Q values, by the rule the checkpoint was trained with:
+    `q_halt>0` (TRM), `q_halt>q_continue` (HRM, TRM with the continue head), or `q_halt>=T` (a halting logit
+    against a threshold T, compared in float64: tiny-recursive-model's sigmoid(halt) >= P is q_halt >= logit(P))."""
     if rule == "q_halt>0":
         return q_halt > 0
     if rule == "q_halt>q_continue":
         return q_halt > q_continue
-    raise BundleError(f"unknown halting rule {rule!r}; known: 'q_halt>0', 'q_halt>q_continue'")
+    threshold = halting_threshold(rule)
+    if threshold is not None:
+        return np.asarray(q_halt, np.float64) >= threshold
+    raise BundleError(f"unknown halting rule {rule!r}; known: 'q_halt>0', 'q_halt>q_continue', 'q_halt>=T'")
+
+
+
+def halting_threshold(rule: str) -> float | None:
+    """T of a `q_halt>=T` rule, None for the other rules."""
+    match = HALTING_RULE.fullmatch(rule)
+    return float(match.group(1)) if match and match.group(1) is not None else None
 
 
 def select_backend(manifest: Manifest, variant: str, requested: str, tensorrt_here: bool) -> tuple[str, str | None]:

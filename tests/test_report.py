@@ -179,7 +179,8 @@ def test_the_report_sizes_its_puzzles_from_the_work_not_the_clock(sudoku_bundle,
     batch = quiet.measurements[0].batch
     assert quiet.puzzles == busy.puzzles == batch  # one whole batch: the least the budget gives
     assert [m.exact_accuracy for m in quiet.measurements] == [m.exact_accuracy for m in busy.measurements]
-    assert busy.measurements[0].latency_ms_p50 > quiet.measurements[0].latency_ms_p50
+    slowed = busy.measurements[0]  # each step slept 2 ms: its time says so, whatever else ran beside this test
+    assert slowed.latency_ms_p25 >= 2.0 * slowed.mean_steps
     assert any(n.startswith("WARNING: timed while the machine was busy (load average 64.0") for n in busy.notes)
 
 

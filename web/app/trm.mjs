@@ -329,7 +329,7 @@ export async function openBundle(base, reader = null) {
   const loop = field(manifest, "loop", "manifest");
   int(loop, "halt_max_steps", "loop", 1, MAX_STEPS);
   const rule = field(loop, "halting_rule", "loop");
-  if (rule !== "q_halt>0" && rule !== "q_halt>q_continue") {
+  if (!HALTING_RULE.test(rule)) {
     throw new BundleError(`manifest.json: unknown halting rule ${JSON.stringify(rule)}`);
   }
   int(field(manifest, "embedding", "manifest"), "hidden_size", "embedding", 1, 1 << 16);
@@ -439,8 +439,13 @@ export function parseHalting(policy) {
                        JSON.stringify(policy));
 }
 
+// q_halt>0 (TRM), q_halt>q_continue (HRM), q_halt>=T (a halting logit against a threshold, as runtime/solver.py).
+const HALTING_RULE = /^(?:q_halt>0|q_halt>q_continue|q_halt>=(-?[0-9]{1,6}(?:\.[0-9]{1,20})?))$/;
+
 function haltNow(qHalt, qContinue, rule) {
-  return rule === "q_halt>0" ? qHalt > 0 : qHalt > qContinue;
+  if (rule === "q_halt>0") return qHalt > 0;
+  if (rule === "q_halt>q_continue") return qHalt > qContinue;
+  return qHalt >= Number(HALTING_RULE.exec(rule)[1]);
 }
 
 // ---- the solver --------------------------------------------------------------------------------------------------

@@ -1,0 +1,115 @@
+"""Looped models from elsewhere through the step protocol (#40): lucidrains' tiny-recursive-model, exported from
+its own saved state_dict, answers as its own `predict()` does; descriptions that do not fit are one clear line."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from trm_export.cli import main as cli
+from trm_export.errors import BundleError
+from trm_export.runtime.solver import Solver, halt_now, halting_threshold
+from trm_export.tasks import get_task
+
+pytest.importorskip("tiny_recursive_model")
+
+NETWORK = {"dim": 16, "num_tokens": 11, "seq_len": 81, "depth": 2, "num_refinement_blocks": 2,
+           "num_latent_refinements": 2, "num_register_tokens": 2, "max_deep_refinement_steps": 6}
+
+
+def _trm(config: dict):
+    from tiny_recursive_model import MLPMixer1D, TinyRecursiveModel
+
+    network = MLPMixer1D(dim=config["dim"], depth=config["depth"],
+                         seq_len=config["num_register_tokens"] + config["seq_len"])
+    return TinyRecursiveModel(dim=config["dim"], num_tokens=config["num_tokens"], network=network,
+                              num_refinement_blocks=config["num_refinement_blocks"],
+                              num_latent_refinements=config["num_latent_refinements"],
+                              num_register_tokens=config["num_register_tokens"])
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A Sudoku-shaped TinyRecursiveModel saved as its README saves one, its halting threshold set where about
+    half of the puzzles halt at the first step and the rest run to the limit (the halt head is zero at init: a
+    trained one is what it would be)."""
+    root = tmp_path_factory.mktemp("trm")
+    torch.manual_seed(0)
+    trm = _trm(NETWORK).eval()
+    with torch.no_grad():
+        trm.to_halt_pred[1].weight.normal_(0, 0.5)
+        puzzles = torch.from_numpy(get_task("sudoku").split("heldout", size=64).inputs.copy()).long()
+        inputs, _ = trm.embed_inputs_with_registers(puzzles)
+        outputs, latents = trm.get_initial()
+        outputs, _ = trm.deep_refinement(inputs, outputs.expand_as(inputs), latents.expand_as(inputs))
+        first = trm.to_halt_pred(outputs).sigmoid()
+    config = {**NETWORK, "halt_prob_thres": float(first.median())}
+    torch.save(trm.state_dict(), root / "saved-trm.pt")
+    (root / "trm.json").write_text(json.dumps(config))
+    return root, trm, config
+
+
+@pytest.fixture(scope="module")
+def bundle(saved):
+    root, _, _ = saved
+    out = root / "bundle"
+    result = CliRunner().invoke(cli, [str(root / "saved-trm.pt"), "--arch", "tiny-recursive-model", "--arch-config",
+                                      str(root / "trm.json"), "--target", "cpu", "-o", str(out), "--parity-puzzles",
+                                      "16", "--no-report", "--threads", "1"])
+    assert result.exit_code == 0, result.output
+    assert "fixed predictions identical 100.0%, adaptive halting identical 100.0%" in result.output
+    return out
+
+
+def test_the_bundle_answers_as_the_packages_own_predict(saved, bundle):
+    """The package's predict() (its halting rule sigmoid(halt) >= halt_prob_thres, its step limit) against the
+    bundle's runtime with default flags: the same answers and the same exit steps, both kinds of exit present."""
+    _, trm, config = saved
+    puzzles = get_task("sudoku").split("heldout", size=64).inputs
+    with torch.no_grad():
+        preds, steps = trm.predict(torch.from_numpy(puzzles.copy()).long(), halt_prob_thres=config["halt_prob_thres"],
+                                   max_deep_refinement_steps=config["max_deep_refinement_steps"])
+    result = Solver(bundle, threads=1).solve(puzzles)
+    np.testing.assert_array_equal(result.steps_used, steps.numpy())
+    np.testing.assert_array_equal(result.predictions, preds.numpy())
+    assert len(set(steps.tolist())) >= 2  # some puzzles halt early, others run to the limit
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["model"]["family"] == "tiny-recursive-model"
+    assert manifest["model"]["config"]["description"]["num_register_tokens"] == 2
+    assert manifest["loop"]["halt_max_steps"] == 6 and manifest["loop"]["halting_rule"].startswith("q_halt>=")
+    assert manifest["task"]["prefix_len"] == 2  # the register tokens: a prefix every puzzle shares
+    verify = CliRunner().invoke(cli, ["verify", str(bundle)])
+    assert verify.exit_code == 0, verify.output
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"dim": 24}, "does not match the described network"),
+    ({"depth": 3}, "does not match the described network"),
+    ({"colour": 1}, r"unknown field\(s\) \['colour'\]"),
+    ({"halt_prob_thres": 1.5}, r"halt_prob_thres must be in \(0, 1\)"),
+    ({"depth": "two"}, "field depth must be int"),
+    ({"network": "transformer"}, "network 'transformer' is not one this adapter builds"),
+])
+def test_a_description_that_does_not_fit_is_one_line(saved, tmp_path, change, message):
+    root, _, config = saved
+    (tmp_path / "trm.json").write_text(json.dumps({**config, **change}))
+    result = CliRunner().invoke(cli, [str(root / "saved-trm.pt"), "--arch", "tiny-recursive-model", "--arch-config",
+                                      str(tmp_path / "trm.json"), "-o", str(tmp_path / "b")])
+    assert result.exit_code != 0 and len(result.output.strip().splitlines()) == 1, result.output
+    assert re.search(message, result.output), result.output
+    assert not (tmp_path / "b").exists()
+
+
+def test_the_threshold_rule_and_its_refusals():
+    """q_halt>=T: a halting logit against a threshold, compared in float64; junk in the manifest is refused."""
+    q = np.array([-1.0, 2.1972244, 2.1972246, 5.0], np.float32)
+    assert halting_threshold("q_halt>=2.1972245773362196") == pytest.approx(2.1972245773362196)
+    assert halt_now(q, np.zeros(4, np.float32), "q_halt>=2.1972245773362196").tolist() == [False, False, True, True]
+    assert halting_threshold("q_halt>0") is None
+    with pytest.raises(BundleError, match="unknown halting rule"):
+        halt_now(q, q, "q_halt>=1;rm -rf")
