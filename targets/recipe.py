@@ -116,6 +116,17 @@ def make_recipe(target: Target, variant: str, graph: GraphSpec, dla_core: int | 
                        precision_flags=flags, shapes=shapes, workspace_mb=target.workspace_mb, dla_core=dla_core)
 
 
+# The lines every build script starts from (in the bundle folder, trtexec found) and ends with (the engines recorded).
+_START = ["set -eu", 'cd "$(dirname "$0")/.."', "mkdir -p engines",
+          'command -v trtexec >/dev/null 2>&1 || PATH="$PATH:/usr/src/tensorrt/bin"  # JetPack location']
+_RECORD = ["if command -v trm-export >/dev/null 2>&1; then",
+           "  trm-export build . --record",
+           "else",
+           '  echo "engines built; record them with: trm-export build . --record (until then the runtime does not '
+           'use them)"',
+           "fi"]
+
+
 def build_script(recipes: list[BuildRecipe], target: Target) -> str:
     """A POSIX shell script that builds every recipe on the device with trtexec (run from the bundle folder)."""
     lines = ["#!/bin/sh",
@@ -125,17 +136,10 @@ def build_script(recipes: list[BuildRecipe], target: Target) -> str:
              "move across GPUs or TensorRT versions.",
              "# The engines are then checked and recorded in manifest.json (`trm-export build . --record`), so that",
              "# `trm-export verify .`, `run` and `report` use them (`trm-export build .` builds and records at once).",
-             "set -eu", 'cd "$(dirname "$0")/.."', "mkdir -p engines",
-             'command -v trtexec >/dev/null 2>&1 || PATH="$PATH:/usr/src/tensorrt/bin"  # JetPack location', ""]
+             *_START, ""]
     for r in recipes:  # names come from a manifest (a stranger's file): quoted, and checked on read
         lines += [shlex.join(["echo", f"building {r.variant} -> {r.engine_file}"]), r.trtexec_command(), ""]
-    lines += ["if command -v trm-export >/dev/null 2>&1; then",
-              "  trm-export build . --record",
-              "else",
-              '  echo "engines built; record them with: trm-export build . --record (until then the runtime does not '
-              'use them)"',
-              "fi"]
-    return "\n".join(lines)
+    return "\n".join(lines + _RECORD)
 
 
 # ---- a script that decides on the device: `--target jetson` ------------------------------------------------------
@@ -236,24 +240,15 @@ def device_build_script(graphs: Sequence[tuple[str, GraphSpec]], target: Target,
              "# Run on the device itself: what it reports (module, TensorRT version, memory available) decides the",
              "# workspace and batch profile, as `trm-export build .` does; engines do not move across devices.",
              "# The engines are then checked and recorded in manifest.json (`trm-export build . --record`).",
-             "set -eu", 'cd "$(dirname "$0")/.."', "mkdir -p engines",
-             'command -v trtexec >/dev/null 2>&1 || PATH="$PATH:/usr/src/tensorrt/bin"  # JetPack location',
-             *device_settings_shell(modules), ""]
+             *_START, *device_settings_shell(modules), ""]
     for variant, graph in graphs:
         stem = graph.file.rsplit("/", 1)[-1]
         stem = stem[:-len(".onnx")] if stem.endswith(".onnx") else stem
         engine = _word("engines/" + stem + ".", _Var("module"), ".engine")
         precision = "" if graph.precision == "fp32" else "$fp16" if graph.precision == "fp16" else "$int8"
-        words = ["trtexec", _word(f"--onnx={graph.file}"), _word(f"--saveEngine=engines/{stem}.", _Var("module"),
-                                                                  ".engine"),
+        words = ["trtexec", _word(f"--onnx={graph.file}"), _word("--saveEngine=") + engine,
                  _shape_word("minShapes", graph, "lo"), _shape_word("optShapes", graph, "opt"),
                  _shape_word("maxShapes", graph, "hi"), _word("--timingCacheFile=engines/timing.cache"),
                  "$level", _word("--memPoolSize=workspace:", _Var("ws")), "$typed", precision]
         lines += [f"echo {shlex.quote(f'building {variant} -> ')}{engine}", " ".join(w for w in words if w), ""]
-    lines += ["if command -v trm-export >/dev/null 2>&1; then",
-              "  trm-export build . --record",
-              "else",
-              '  echo "engines built; record them with: trm-export build . --record (until then the runtime does not '
-              'use them)"',
-              "fi"]
-    return "\n".join(lines)
+    return "\n".join(lines + _RECORD)

@@ -69,6 +69,15 @@ DEVICES = {
 }
 
 
+def script_bundle(tmp_path: Path) -> Path:
+    """A folder with the any-Jetson build script of GRAPHS, where the script expects it."""
+    bundle = tmp_path / "bundle"
+    (bundle / "build").mkdir(parents=True)
+    (bundle / "build/build_engines.sh").write_text(
+        device_build_script(GRAPHS, get_target("jetson"), [get_target(m) for m in get_target("jetson").modules]))
+    return bundle
+
+
 def fake_trtexec(bin_dir: Path, version: int | None) -> Path:
     """A trtexec that prints the banner of `version` (none: like a trtexec that is not there) and, given arguments,
     logs them one per line and writes the engine it was asked for."""
@@ -114,10 +123,7 @@ def test_the_device_decides_and_the_script_agrees(tmp_path, device, name):
     target = settings.target()
     assert target.strongly_typed == tensorrt.startswith("11")
 
-    bundle = tmp_path / "bundle"
-    (bundle / "build").mkdir(parents=True)
-    (bundle / "build/build_engines.sh").write_text(
-        device_build_script(GRAPHS, get_target("jetson"), [get_target(m) for m in get_target("jetson").modules]))
+    bundle = script_bundle(tmp_path)
     log = fake_trtexec(tmp_path / "bin", trt)
     done = run_script(bundle, root, tmp_path / "bin")
     assert done.returncode == 0, done.stderr
@@ -145,10 +151,7 @@ def test_a_device_that_cannot_build_is_told_why(tmp_path, monkeypatch, model, l4
     version = f"{trt // 1000}.{trt // 100 % 10}.{trt % 100}" if trt else None
     with pytest.raises(DeviceError, match=message):
         decide(read_device_facts(tensorrt=version))
-    bundle = tmp_path / "bundle"
-    (bundle / "build").mkdir(parents=True)
-    (bundle / "build/build_engines.sh").write_text(
-        device_build_script(GRAPHS, get_target("jetson"), [get_target(m) for m in get_target("jetson").modules]))
+    bundle = script_bundle(tmp_path)
     log = fake_trtexec(tmp_path / "bin", trt)
     done = run_script(bundle, root, tmp_path / "bin")
     assert done.returncode == 1 and message in done.stderr and not log.exists()
