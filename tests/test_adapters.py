@@ -60,7 +60,7 @@ def bundle(saved):
     out = root / "bundle"
     result = CliRunner().invoke(cli, [str(root / "saved-trm.pt"), "--arch", "tiny-recursive-model", "--arch-config",
                                       str(root / "trm.json"), "--target", "cpu", "-o", str(out), "--parity-puzzles",
-                                      "16", "--no-report", "--threads", "1"])
+                                      "8", "--no-report", "--threads", "1"])
     assert result.exit_code == 0, result.output
     assert "fixed predictions identical 100.0%, adaptive halting identical 100.0%" in result.output
     return out
