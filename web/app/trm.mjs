@@ -442,7 +442,7 @@ export function parseHalting(policy) {
 // q_halt>0 (TRM), q_halt>q_continue (HRM), q_halt>=T (a halting logit against a threshold, as runtime/solver.py).
 const HALTING_RULE = /^(?:q_halt>0|q_halt>q_continue|q_halt>=(-?[0-9]{1,6}(?:\.[0-9]{1,20})?))$/;
 
-function haltNow(qHalt, qContinue, rule) {
+export function haltNow(qHalt, qContinue, rule) {
   if (rule === "q_halt>0") return qHalt > 0;
   if (rule === "q_halt>q_continue") return qHalt > qContinue;
   return qHalt >= Number(HALTING_RULE.exec(rule)[1]);

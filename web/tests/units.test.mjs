@@ -2,8 +2,8 @@
 import assert from "node:assert/strict";
 import { test } from "node:test";
 import {
-  BundleError, canonicalManifest, checkRelative, conflicts, InputError, isValidSolution, openBundle, parseHalting,
-  parseNpy, parsePuzzles,
+  BundleError, canonicalManifest, checkRelative, conflicts, haltNow, InputError, isValidSolution, openBundle,
+  parseHalting, parseNpy, parsePuzzles,
 } from "../app/trm.mjs";
 
 function npy(descr, shape, payload, fortran = "False") {
@@ -84,6 +84,17 @@ test("halting policies parse as runtime/solver.py's", () => {
   for (const bad of ["", "stable:0", "stable:-1", "stable:x", "q+q", "stable:5000", "stable", "Q"]) {
     assert.throws(() => parseHalting(bad), InputError, bad);
   }
+});
+
+test("halting rules decide as runtime/solver.py's halt_now", () => {
+  assert.equal(haltNow(0.25, 9, "q_halt>0"), true);
+  assert.equal(haltNow(0, -1, "q_halt>0"), false);
+  assert.equal(haltNow(0.25, 0.5, "q_halt>q_continue"), false);
+  // q_halt>=T (tiny-recursive-model's sigmoid(halt) >= 0.9): float32 Q values against a float64 threshold
+  const rule = "q_halt>=2.1972245773362196";
+  assert.equal(haltNow(Math.fround(2.1972244), 0, rule), false);
+  assert.equal(haltNow(Math.fround(2.1972246), 0, rule), true);
+  assert.equal(haltNow(0, 0, "q_halt>=0"), true);  // an untrained, zero halt head halts at once, as predict() does
 });
 
 test("puzzle text: Sudoku lines and mazes, errors name the place", () => {
