@@ -171,7 +171,6 @@ def halt_now(q_halt: np.ndarray, q_continue: np.ndarray, rule: str) -> np.ndarra
     raise BundleError(f"unknown halting rule {rule!r}; known: 'q_halt>0', 'q_halt>q_continue', 'q_halt>=T'")
 
 
-
 def halting_threshold(rule: str) -> float | None:
     """T of a `q_halt>=T` rule, None for the other rules."""
     match = HALTING_RULE.fullmatch(rule)

@@ -220,7 +220,7 @@ def _any_jetson_rows(target: Target) -> list[tuple[str, str]]:
         batches.setdefault(f"{m.batch.min} / {m.batch.opt} / {m.batch.max}", []).append(m.name)
     return [("modules", f"{_module_words(target.modules)}: the build reads which one it is on (`/proc/device-tree/"
                         "model`) and uses that module's settings"),
-            ("JetPack", "; ".join(f"{jp} (Python {py}, TensorRT {trt})" for jp, py, trt, _ in JETPACKS)),
+            ("JetPack", "; ".join(f"{jp} (Python {py}, TensorRT {trt})" for jp, py, trt, _ in _jetpacks())),
             ("TensorRT", "the device's own, 8.5 or newer: the graphs are ONNX opset 17, which every one of them reads "
                          "(engines are built on the device)"),
             ("GPU compute capability (SM)", ", ".join(target.sm)),
@@ -233,10 +233,18 @@ def _any_jetson_rows(target: Target) -> list[tuple[str, str]]:
              + ") or a quarter of the memory available when the build starts, whichever is less")]
 
 
-# JetPack releases a `--target jetson` bundle's guide covers: (JetPack, its Python, its TensorRT, wheelhouse platform).
-JETPACKS = (("5.1", "3.8", "8.5", "linux_aarch64-cp38"), ("6.0", "3.10", "8.6", "linux_aarch64-cp310"),
-            ("6.1 / 6.2", "3.10", "10.3", "linux_aarch64-cp310"), ("7.2.2+ on AGX Orin", "3.12", "11.4+",
-                                                                   "linux_aarch64-cp312"))
+def _jetpacks() -> list[tuple[str, str, str, str]]:
+    """(JetPack, its Python, its TensorRT, the --wheelhouse platform) of each JetPack a `--target jetson` bundle may
+    meet: the L4T releases the device's build decision knows (targets/jetson_device.py), then JetPack 7 on AGX Orin
+    (its registry target; there the building TensorRT names its own version). Pythons are the registry's per JetPack."""
+    from trm_export.targets.jetson_device import L4T_RELEASES
+    from trm_export.targets.registry import TARGETS
+
+    pythons = {t.jetpack.split(".")[0]: t.python for t in TARGETS if t.jetpack and t.python}
+    rows = [(jetpack, pythons[jetpack[0]], ".".join(trt.split(".")[:2])) for _, jetpack, trt in L4T_RELEASES]
+    jp7 = get_target("jetson-agx-orin-jp7")
+    rows.append((f"{jp7.jetpack}+ on AGX Orin", jp7.python, f"{jp7.tensorrt[0]}+"))
+    return [(jp, py, trt, f"linux_aarch64-cp{py.replace('.', '')}") for jp, py, trt in rows]
 
 
 def _ordered(manifest: Manifest) -> list[tuple[str, Any]]:
@@ -429,7 +437,7 @@ def _install(manifest: Manifest, target: Target | None) -> list[str]:
                       "on a Jetson; `cat /etc/nv_tegra_release` shows the L4T release: R35 is JetPack 5.1, R36.3 6.0, "
                       "R36.4 6.1 / 6.2):", "",
                       "| JetPack | Python | TensorRT | `--wheelhouse` for an offline device |", "|---|---|---|---|",
-                      *[f"| {jp} | {py} | {version} | `{house}` |" for jp, py, version, house in JETPACKS], ""]
+                      *[f"| {jp} | {py} | {version} | `{house}` |" for jp, py, version, house in _jetpacks()], ""]
             intro = "A virtual environment"
         else:
             intro = (f"JetPack {target.jetpack} ships Python {target.python} with TensorRT {trt} and its Python "

@@ -20,16 +20,22 @@ from pathlib import Path
 from trm_export.errors import BundleError
 from trm_export.runtime.manifest import MANIFEST_NAME, Manifest, member, read_manifest, sha256_file
 from trm_export.targets.jetson_device import DeviceSettings, decide, read_device_facts
-from trm_export.targets.recipe import BuildRecipe, build_script, device_build_script, make_recipe
+from trm_export.targets.recipe import BuildRecipe, build_script, device_build_script, graph_stem, make_recipe
 from trm_export.targets.registry import Target, get_target
 
 BUILD_SCRIPT = "build/build_engines.sh"
 
 
+def _ordered_graphs(manifest: Manifest) -> list:
+    """(variant, graph) pairs, the bundle's chosen variant first (built first on the device), then by name."""
+    return [(name, manifest.graphs[name]) for name in sorted(manifest.graphs,
+                                                             key=lambda v: (v != manifest.default_variant, v))]
+
+
 def recipes_for(manifest: Manifest, target: Target, dla_core: int | None = None,
                 variants: list[str] | None = None) -> list[BuildRecipe]:
     """Recipes for `variants` (default: every graph, the bundle's chosen variant first)."""
-    names = variants or sorted(manifest.graphs, key=lambda v: (v != manifest.default_variant, v))
+    names = variants or [name for name, _ in _ordered_graphs(manifest)]
     unknown = sorted(set(names) - set(manifest.graphs))
     if unknown:
         from trm_export.errors import BundleError
@@ -47,20 +53,13 @@ def recipe_manifest_entry(recipes: list[BuildRecipe]) -> dict:
     return {"script": BUILD_SCRIPT, "recipes": recipes_by_variant, "engines": {}}
 
 
-def _ordered_graphs(manifest: Manifest) -> list:
-    return [(name, manifest.graphs[name]) for name in sorted(manifest.graphs,
-                                                             key=lambda v: (v != manifest.default_variant, v))]
-
-
 def device_recipe_entry(manifest: Manifest, target: Target) -> dict:
     """The manifest's build entry of a bundle whose module is decided on the device: what each graph becomes
     (precision, engine file per module) and the modules it is for; the commands themselves are the device's."""
     recipes = {}
     for name, graph in _ordered_graphs(manifest):
-        stem = graph.file.rsplit("/", 1)[-1]
-        stem = stem[:-len(".onnx")] if stem.endswith(".onnx") else stem
         recipes[name] = {"onnx_file": graph.file, "precision": graph.precision,
-                         "engine_file": f"engines/{stem}.MODULE.engine"}
+                         "engine_file": f"engines/{graph_stem(graph.file)}.MODULE.engine"}
     return {"script": BUILD_SCRIPT, "decided_on_device": list(target.modules), "recipes": recipes, "engines": {}}
 
 

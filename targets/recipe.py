@@ -68,6 +68,12 @@ def _major(version: str) -> int:
     return int(version.split(".")[0])
 
 
+def graph_stem(graph_file: str) -> str:
+    """The name an engine of `graph_file` starts with: the file name without `.onnx`."""
+    stem = graph_file.rsplit("/", 1)[-1]
+    return stem[:-len(".onnx")] if stem.endswith(".onnx") else stem  # no str.removesuffix: runs on 3.8
+
+
 def make_recipe(target: Target, variant: str, graph: GraphSpec, dla_core: int | None = None,
                 batch: tuple[int, int, int] | None = None) -> BuildRecipe:
     """The build of `graph` (a bundle graph) for `target`. Raises RecipeError when the target cannot take it."""
@@ -107,8 +113,7 @@ def make_recipe(target: Target, variant: str, graph: GraphSpec, dla_core: int | 
     for spec in graph.inputs:
         rest = tuple(int(d) for d in spec.shape[1:])
         shapes[spec.name] = ((lo, *rest), (opt, *rest), (hi, *rest))
-    stem = graph.file.rsplit("/", 1)[-1]
-    stem = stem[:-len(".onnx")] if stem.endswith(".onnx") else stem  # no str.removesuffix: runs on 3.8
+    stem = graph_stem(graph.file)
     suffix = f"{target.name}.dla{dla_core}" if dla_core is not None else target.name
     return BuildRecipe(target=target.name, variant=variant, onnx_file=graph.file,
                        engine_file=f"engines/{stem}.{suffix}.engine", timing_cache="engines/timing.cache",
@@ -242,9 +247,7 @@ def device_build_script(graphs: Sequence[tuple[str, GraphSpec]], target: Target,
              "# The engines are then checked and recorded in manifest.json (`trm-export build . --record`).",
              *_START, *device_settings_shell(modules), ""]
     for variant, graph in graphs:
-        stem = graph.file.rsplit("/", 1)[-1]
-        stem = stem[:-len(".onnx")] if stem.endswith(".onnx") else stem
-        engine = _word("engines/" + stem + ".", _Var("module"), ".engine")
+        engine = _word(f"engines/{graph_stem(graph.file)}.", _Var("module"), ".engine")
         precision = "" if graph.precision == "fp32" else "$fp16" if graph.precision == "fp16" else "$int8"
         words = ["trtexec", _word(f"--onnx={graph.file}"), _word("--saveEngine=") + engine,
                  _shape_word("minShapes", graph, "lo"), _shape_word("optShapes", graph, "opt"),

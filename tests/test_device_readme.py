@@ -164,7 +164,7 @@ def test_an_any_jetson_readme_covers_every_module_and_jetpack(fp32_manifest):
         assert f"{m.description.split(' (')[0]} {m.dla_cores}" in facts and f"{m.workspace_mb} MB" in facts
     install = section(text, "Install the runtime on the device")
     for (_, _), jetpack, tensorrt in L4T_RELEASES:  # each JetPack the device may report, with its TensorRT
-        assert re.search(rf"^\| {re.escape(jetpack.replace('/', ' / '))} \| 3\.\d+ \| "
+        assert re.search(rf"^\| {re.escape(jetpack)} \| 3\.\d+ \| "
                          rf"{re.escape(tensorrt.rsplit('.', 1)[0])} \| `linux_aarch64-cp3\d+` \|$", install, re.M)
     assert "pypi.jetson-ai-lab.io/jp6/cu126" in install and "elinux.org/Jetson_Zoo" in install
     build = section(text, "Build the TensorRT engines on the device")

@@ -118,7 +118,7 @@ class TritonServer:
         self.metrics_port = metrics_port or free_port()
         self.log = Path(log) if log else self.repository.parent / f"{self.repository.name}.tritonserver.log"
         self.extra_args = tuple(extra_args)
-        # How long a stop waits for requests in flight: tritonserver's --exit-timeout-secs, unless given above.
+        # How long a stop waits for requests in flight: tritonserver's --exit-timeout-secs, and this side's wait.
         self.grace_seconds = grace_seconds
         self.process: subprocess.Popen | None = None
 
@@ -139,8 +139,7 @@ class TritonServer:
                 f"--backend-directory={self.install.backends}", f"--http-address={self.host}",
                 f"--http-port={self.http_port}", f"--grpc-address={self.host}", f"--grpc-port={self.grpc_port}",
                 f"--metrics-address={self.host}", f"--metrics-port={self.metrics_port}",
-                *(() if any(a.startswith("--exit-timeout-secs") for a in self.extra_args)
-                  else (f"--exit-timeout-secs={self.grace_seconds}",)), *self.extra_args]
+                f"--exit-timeout-secs={self.grace_seconds}", *self.extra_args]
 
     def start(self, timeout: float = 120.0) -> TritonServer:
         env = {**os.environ, "LD_LIBRARY_PATH": self.install.library_path, "PYTHONPATH": self.install.python_path}
