@@ -15,6 +15,7 @@ import click
 
 from trm_export import __version__
 from trm_export.errors import TrmExportError, printable
+from trm_export.runtime import step_watch
 from trm_export.runtime.solver import BACKENDS, MAX_STEPS
 
 # Options that fill config fields neither the checkpoint's files nor its tensor shapes tell.
@@ -136,6 +137,7 @@ def main() -> None:
     MODEL is a checkpoint as the official training saves it (`step_N`, `checkpoint` or `*.pt`, or the folder
     holding it with all_config.yaml); without MODEL the bundled Sudoku reference model is used.
     """
+    step_watch.exit_when_stuck()  # a step deaf to its cancel ends the command with its one line, not a hang
 
 
 @main.command()

@@ -16,6 +16,7 @@ import numpy as np
 from trm_export.errors import BundleError
 from trm_export.runtime.cpus import quota_threads
 from trm_export.runtime.graph_file import read_graph
+from trm_export.runtime.step_watch import StepWatch
 
 STEP_INPUTS = ("x", "z_H", "z_L")
 STEP_OUTPUTS = ("z_H_out", "z_L_out", "logits", "q_halt", "q_continue")
@@ -150,6 +151,8 @@ class OnnxRuntimeBackend(HostSlots):
         self.name = f"onnxruntime ({self.session.get_providers()[0]})"
         super().__init__(capacity, state_shape, seq_len, vocab)
         self.binding = self.session.io_binding()
+        self.run_options = ort.RunOptions()
+        self.watch = StepWatch(lambda: setattr(self.run_options, "terminate", True), str(model_path))
 
     def step(self, n: int) -> tuple[np.ndarray, np.ndarray]:
         inputs, outputs = self.buffers(n)
@@ -157,8 +160,10 @@ class OnnxRuntimeBackend(HostSlots):
             self.binding.bind_input(name, "cpu", 0, np.float32, list(array.shape), array.ctypes.data)
         for name, array in outputs.items():
             self.binding.bind_output(name, "cpu", 0, np.float32, list(array.shape), array.ctypes.data)
-        try:
-            self.session.run_with_iobinding(self.binding)
-        except Exception as exc:  # shapes the graph does not take, a kernel failure
-            raise BundleError(f"step graph failed in ONNX Runtime: {_first_line(exc)}") from None
+        self.run_options.terminate = False
+        with self.watch.step(n):
+            try:
+                self.session.run_with_iobinding(self.binding, self.run_options)
+            except Exception as exc:  # shapes the graph does not take, a kernel failure, the watch's cancel
+                raise BundleError(f"step graph failed in ONNX Runtime: {_first_line(exc)}") from None
         return self.stepped(n)

@@ -23,6 +23,7 @@ from trm_export.runtime import openvino_ops
 from trm_export.runtime.backend import HostSlots, _first_line, check_step_io
 from trm_export.runtime.cpus import quota_threads
 from trm_export.runtime.graph_file import read_graph
+from trm_export.runtime.step_watch import StepWatch
 
 HOW_TO_INSTALL = "pip install openvino (or trm-export[openvino])"
 # OpenVINO 2024.0-2024.2 compute our attention steps wrongly, in either export form (the maze reference model:
@@ -76,14 +77,16 @@ class OpenVinoBackend(HostSlots):
         self.name = f"openvino {ov.__version__.split('-')[0]} (CPU, {inference_precision})"
         super().__init__(capacity, state_shape, seq_len, vocab)
         self.request = self.compiled.create_infer_request()
+        self.watch = StepWatch(self.request.cancel, str(model_path))
         self._tensor = ov.Tensor
 
     def step(self, n: int) -> tuple[np.ndarray, np.ndarray]:
         inputs, outputs = self.buffers(n)
         for name, array in {**inputs, **outputs}.items():  # views of our slots: OpenVINO reads and writes in place
             self.request.set_tensor(name, self._tensor(array, shared_memory=True))
-        try:
-            self.request.infer()
-        except Exception as exc:  # shapes the graph does not take, a kernel failure
-            raise BundleError(f"step graph failed in OpenVINO: {_first_line(exc)}") from None
+        with self.watch.step(n):
+            try:
+                self.request.infer()
+            except Exception as exc:  # shapes the graph does not take, a kernel failure, the watch's cancel
+                raise BundleError(f"step graph failed in OpenVINO: {_first_line(exc)}") from None
         return self.stepped(n)

@@ -9,7 +9,9 @@
 until its slowest puzzle halts while other requests wait. Here every submitted puzzle joins one queue, and the
 loop thread (`Solver.run_loop`) takes the next queued puzzle into a slot as soon as one halts, whoever sent it. A
 puzzle's answer does not depend on its batch neighbours (every op of the step graph is per sample), so each request
-gets exactly what `Solver.solve` would give it, with the same settings.
+gets exactly what `Solver.solve` would give it, with the same settings. Slots go to the requests waiting in
+turn, one puzzle each (round robin), so a one-puzzle request sent after a flood of large ones waits for one round
+of them, not for every puzzle they hold.
 
 Thread safety: `submit` and `close` may be called from any thread. The stream owns its Solver (its backend holds
 the batch); answers are delivered by completing each request's `concurrent.futures.Future` on the loop thread,
@@ -61,7 +63,8 @@ class SolverStream:
             raise InputError(f"max_puzzles must be an integer >= 1, got {max_puzzles!r}")
         self.max_puzzles = max_puzzles
         self._cond = threading.Condition()
-        self._queue: deque[tuple[int, np.ndarray, int, float]] = deque()  # (key, tokens, puzzle id, queued at)
+        # Per request with puzzles still queued, in turn order: its (key, tokens, puzzle id, queued at) rows.
+        self._turns: deque[deque[tuple[int, np.ndarray, int, float]]] = deque()
         self._owner: dict[int, tuple[_Request, int]] = {}  # key -> (request, row in it), while queued or running
         self._keys = itertools.count()
         self._closed = False
@@ -89,10 +92,12 @@ class SolverStream:
             if self._closed or self._failure is not None:
                 raise RuntimeError(f"the solver stream is closed{self._failure_words()}")
             now = time.monotonic()
+            rows: deque[tuple[int, np.ndarray, int, float]] = deque()
             for row in range(len(tokens)):
                 key = next(self._keys)
                 self._owner[key] = (request, row)
-                self._queue.append((key, tokens[row], int(ids[row]), now))
+                rows.append((key, tokens[row], int(ids[row]), now))
+            self._turns.append(rows)
             self._cond.notify()
         return request.future
 
@@ -123,9 +128,14 @@ class SolverStream:
     # The feed that Solver.run_loop reads (runtime.solver.PuzzleFeed); called on the loop thread only.
     def take(self, n: int, wait: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         with self._cond:
-            while wait and not self._queue and not self._closed:
+            while wait and not self._turns and not self._closed:
                 self._cond.wait()
-            rows = [self._queue.popleft() for _ in range(min(n, len(self._queue)))]
+            rows = []
+            while len(rows) < n and self._turns:  # one puzzle per waiting request in turn
+                request = self._turns.popleft()
+                rows.append(request.popleft())
+                if request:
+                    self._turns.append(request)
             now = time.monotonic()
             self._queued_seconds += sum(now - r[3] for r in rows)
         seq_len = self.task.seq_len
@@ -155,7 +165,7 @@ class SolverStream:
                 self._failure = exc
                 waiting = {id(request): request for request, _ in self._owner.values()}
                 self._owner.clear()
-                self._queue.clear()
+                self._turns.clear()
         else:
             with self._cond:
                 waiting = {id(request): request for request, _ in self._owner.values()}

@@ -103,19 +103,22 @@ wheels=("$tmp"/bundle/runtime/trm_export-*-py3-none-any.whl)
 "${pip[@]}" install --no-deps --force-reinstall "${wheels[0]}"
 lap "runtime installed from the bundle's ${wheels[0]##*/}"
 
-# A resealed copy whose graph keeps a weight outside the bundle (tests/test_hostile.py's external-weights case):
-# ONNX Runtime 1.17 would read it; the runtime must refuse it before any engine sees the graph.
+# Resealed copies made hostile as tests/test_hostile.py makes them: a graph that keeps a weight outside the bundle
+# (ONNX Runtime 1.17 would read it; the runtime must refuse it before any engine sees the graph) and a graph whose
+# step asks for minutes of arithmetic (stopped at its limit).
 "$MAIN_VENV/bin/python" - "$tmp" <<'EOF'
 import shutil, sys
 from pathlib import Path
 sys.path.insert(0, "tests")
-from test_hostile import _external_weights
+from test_hostile import _external_weights, _hours_of_arithmetic
 root = Path(sys.argv[1])
 (root / "outside").mkdir()
 _external_weights(via_link=False)(Path(shutil.copytree(root / "bundle", root / "external.bundle")), root / "outside")
+_hours_of_arithmetic(Path(shutil.copytree(root / "bundle", root / "slow.bundle")), root / "outside")
 EOF
 
-TRM_RUNTIME_BUNDLE="$tmp/bundle" TRM_EXTERNAL_WEIGHTS_BUNDLE="$tmp/external.bundle" TRM_EXPECT_VERSIONS="$expect" \
+TRM_RUNTIME_BUNDLE="$tmp/bundle" TRM_EXTERNAL_WEIGHTS_BUNDLE="$tmp/external.bundle" \
+  TRM_SLOW_STEP_BUNDLE="$tmp/slow.bundle" TRM_EXPECT_VERSIONS="$expect" \
   "$OLD/bin/python" -m pytest tests/test_runtime_oldest.py -o addopts=-ra --noconftest -p no:cacheprovider -q --tb=short
 lap "tests on Python $pyver"
 

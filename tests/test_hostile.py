@@ -197,6 +197,34 @@ def _endless_loop(b: Path, outside: Path) -> None:  # noqa: ARG001
     _write(b, _manifest(b))
 
 
+def _hours_of_arithmetic(b: Path, outside: Path) -> None:  # noqa: ARG001
+    """No control flow, but 2000 chained [1024 x 1024] MatMuls fed from x into q_halt (a minute or more per step
+    here, for the step watch to cut short: tests/test_runtime_oldest.py, on the newest and the oldest ONNX
+    Runtime); manifest resealed."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    path = b / "graphs" / "step_fp32.onnx"
+    model = onnx.load(path)
+    graph = model.graph
+    producer = next(node for node in graph.node if "q_halt" in node.output)
+    producer.output[list(producer.output).index("q_halt")] = "q_halt_before"
+    n = 1024
+    graph.initializer.extend([numpy_helper.from_array(np.eye(n, dtype=np.float32), "slow_w"),
+                              numpy_helper.from_array(np.array([n, n], np.int64), "slow_shape"),
+                              numpy_helper.from_array(np.zeros(1, np.float32), "slow_zero")])
+    nodes = [helper.make_node("ReduceSum", ["x"], ["slow_0"], keepdims=0),
+             helper.make_node("Expand", ["slow_0", "slow_shape"], ["slow_m0"])]
+    for i in range(2000):
+        nodes.append(helper.make_node("MatMul", [f"slow_m{i}", "slow_w"], [f"slow_m{i + 1}"]))
+    nodes += [helper.make_node("ReduceMax", ["slow_m2000"], ["slow_max"], keepdims=0),
+              helper.make_node("Mul", ["slow_max", "slow_zero"], ["slow_nothing"]),
+              helper.make_node("Add", ["q_halt_before", "slow_nothing"], ["q_halt"])]
+    graph.node.extend(nodes)
+    path.write_bytes(model.SerializeToString())
+    _write(b, _manifest(b))
+
+
 def _folder_beside(name: str, files: dict[str, str]) -> Callable[[Path, Path], None]:
     """A user's folder next to the bundle (where a mistyped -o lands)."""
 

@@ -63,11 +63,11 @@ def _versions() -> dict[str, str]:
     return {"python": platform.python_version(), **{name: version(name) for name in ("numpy", "onnxruntime", "click")}}
 
 
-def cli(*args: object, timeout: float = 180) -> subprocess.CompletedProcess:
+def cli(*args: object, timeout: float = 180, **env_vars: str) -> subprocess.CompletedProcess:
     """`trm-export ARGS` through the installed console script, as a device runs it."""
     script = Path(sys.executable).with_name("trm-export")
     command = [str(script)] if script.is_file() else [sys.executable, "-m", "trm_export.cli"]
-    env = {k: v for k, v in os.environ.items() if k != "TRM_EXPORT_TRACEBACK"}
+    env = {**{k: v for k, v in os.environ.items() if k != "TRM_EXPORT_TRACEBACK"}, **env_vars}
     return subprocess.run([*command, *map(str, args)], capture_output=True, text=True, timeout=timeout, env=env)
 
 
@@ -167,23 +167,35 @@ def test_changed_graph_and_bad_puzzles_are_refused(copy, golden, tmp_path):
     assert out.returncode != 0 and "sha256" in out.stderr and "Traceback" not in out.stderr, out.stderr
 
 
-@pytest.fixture()
-def external_weights(bundle, tmp_path) -> Path:
-    """A resealed copy of the bundle whose step graph keeps its largest weight in ../outside/secret.bin (the hostile
-    table's external-weights-climbing case). ONNX Runtime 1.17 follows such a path; newer releases refuse it by a
-    check of their own. scripts/oldest_runtime_check.sh makes it with the main venv (no onnx here):
-    TRM_EXTERNAL_WEIGHTS_BUNDLE names it; in the main suite it is made here."""
-    given = os.environ.get("TRM_EXTERNAL_WEIGHTS_BUNDLE")
+def _hostile_copy(bundle: Path, tmp_path: Path, variable: str, mutation: str) -> Path:
+    """A resealed copy of the bundle made hostile by tests/test_hostile.py's `mutation`. scripts/
+    oldest_runtime_check.sh makes it with the main venv (no onnx here) and names it in $`variable`; in the main
+    suite it is made here."""
+    given = os.environ.get(variable)
     if given:
         return Path(given)
     if importlib.util.find_spec("onnx") is None:
-        pytest.skip("set TRM_EXTERNAL_WEIGHTS_BUNDLE (scripts/oldest_runtime_check.sh); no onnx here to make one")
-    from test_hostile import _external_weights
+        pytest.skip(f"set {variable} (scripts/oldest_runtime_check.sh); no onnx here to make one")
+    import test_hostile
 
     (tmp_path / "outside").mkdir()
     copy = Path(shutil.copytree(bundle, tmp_path / "b.bundle"))
-    _external_weights(via_link=False)(copy, tmp_path / "outside")
+    eval(mutation, vars(test_hostile))(copy, tmp_path / "outside")
     return copy
+
+
+@pytest.fixture()
+def external_weights(bundle, tmp_path) -> Path:
+    """The step graph keeps its largest weight in ../outside/secret.bin (the hostile table's
+    external-weights-climbing case). ONNX Runtime 1.17 follows such a path; newer releases refuse it themselves."""
+    return _hostile_copy(bundle, tmp_path, "TRM_EXTERNAL_WEIGHTS_BUNDLE", "_external_weights(via_link=False)")
+
+
+@pytest.fixture()
+def slow_step(bundle, tmp_path) -> Path:
+    """A step graph without control flow that asks for minutes of arithmetic per step (the hostile table's
+    hours-of-arithmetic case): stopped through ONNX Runtime's RunOptions.terminate, which 1.17 has too."""
+    return _hostile_copy(bundle, tmp_path, "TRM_SLOW_STEP_BUNDLE", "_hours_of_arithmetic")
 
 
 def test_a_graph_whose_weights_lie_outside_the_bundle_is_refused_unread(external_weights, golden, tmp_path):
@@ -195,3 +207,11 @@ def test_a_graph_whose_weights_lie_outside_the_bundle_is_refused_unread(external
         out = cli(*args)
         assert out.returncode != 0 and "weights outside its file" in out.stderr, out.stdout + out.stderr
         assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
+def test_a_step_that_would_run_for_hours_is_stopped_in_one_line(slow_step, golden, tmp_path):
+    puzzles = tmp_path / "puzzles.txt"
+    puzzles.write_text(format_sudoku(golden["tokens"][0]) + "\n")
+    out = cli("run", slow_step, "--input", puzzles, timeout=60, TRM_STEP_TIMEOUT="2")
+    assert out.returncode == 1 and "did not return within 2 s" in out.stderr, out.stdout + out.stderr
+    assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr

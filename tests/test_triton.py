@@ -6,7 +6,9 @@ The server tests skip, saying why, where no such environment exists; everything 
 
 from __future__ import annotations
 
+import http.client
 import ipaddress
+import json
 import os
 import threading
 from pathlib import Path
@@ -87,6 +89,22 @@ def test_a_quick_request_does_not_wait_for_a_slow_one(bundle, puzzles, expected)
         b.result(timeout=60)
     assert order == ["quick", "slow"]
     assert b.result().steps_used[0] == expected.steps_used[quick]
+
+
+def test_a_small_request_is_not_starved_by_a_flood(bundle, puzzles, expected):
+    """Slots go to waiting requests in turn: the slowest puzzle, sent alone after a 40-puzzle flood into 4 slots,
+    is answered long before the flood (first come, first served would take it after all 40 and answer it last)."""
+    slow = int(np.argmax(expected.steps_used))
+    flood = np.delete(np.arange(len(puzzles)), slow)[:40]
+    order = []
+    with SolverStream(bundle, batch_size=4) as stream:
+        a = stream.submit(puzzles[flood])
+        b = stream.submit(puzzles[slow])
+        a.add_done_callback(lambda f: order.append("flood"))
+        b.add_done_callback(lambda f: order.append("alone"))
+        np.testing.assert_array_equal(a.result(timeout=120).predictions, expected.predictions[flood])
+        np.testing.assert_array_equal(b.result(timeout=120).predictions, expected.predictions[[slow]])
+    assert order == ["alone", "flood"]
 
 
 def test_the_stream_counts_the_seconds_puzzles_wait_for_a_slot(bundle, puzzles, expected):
@@ -263,7 +281,7 @@ def test_bad_requests_get_clear_errors_and_do_not_disturb_others(server, puzzles
 
     outcome = {}
     others = threading.Thread(target=lambda: outcome.setdefault("load", run_load(
-        server.grpc_url, "trm", "grpc", 4, 15, puzzles, expected.predictions, expected.steps_used, seed=2,
+        server.http_url, "trm", "http", 4, 15, puzzles, expected.predictions, expected.steps_used, seed=2,
         expected_q=(expected.q_halt, expected.q_continue))))
     others.start()
     client = httpclient.InferenceServerClient(server.http_url)
@@ -279,7 +297,27 @@ def test_bad_requests_get_clear_errors_and_do_not_disturb_others(server, puzzles
         with pytest.raises(InferenceServerException) as info:
             client.infer("trm", [inp])
         assert message in str(info.value) and info.value.status() == "400", str(info.value)
+    # What tritonserver's own HTTP parser would die of (a buffer sized from the declared shape: std::bad_alloc,
+    # signal 6, every client refused), in JSON and binary form, and bodies whose size cannot be checked unread.
+    huge = {"name": "puzzles", "shape": [2 ** 40, 81], "datatype": "INT64"}
+    binary_header = json.dumps({"inputs": [{**huge, "parameters": {"binary_data_size": 648}}]}).encode()
+    raw = [("POST", json.dumps({"inputs": [{**huge, "data": [0] * 81}]}).encode(), {}, 400, "declares shape"),
+           ("POST", binary_header + bytes(648), {"Inference-Header-Content-Length": str(len(binary_header))},
+            400, "declares shape"),
+           ("POST", b"5\r\nhello\r\n0\r\n\r\n", {"Transfer-Encoding": "chunked"}, 411, "chunked"),
+           ("POST", b"", {"Content-Length": str(1 << 40)}, 413, "at most")]
+    for method, body, headers, status, message in raw:
+        conn = http.client.HTTPConnection(*server.http_url.split(":"), timeout=30)
+        conn.putrequest(method, "/v2/models/trm/infer")
+        sized = {} if "Transfer-Encoding" in headers else {"Content-Length": str(len(body))}
+        for key, value in {**sized, **headers}.items():
+            conn.putheader(key, value)
+        conn.endheaders(body)
+        response = conn.getresponse()
+        assert (response.status, message in response.read().decode()) == (status, True), (status, message)
+        conn.close()
     others.join()
+    assert server.process.poll() is None
     load = outcome["load"]
     assert (load.answered, load.wrong, load.failed) == (60, 0, 0), load.summary()
 

@@ -229,10 +229,13 @@ the launcher picks a free port and prints it): Triton's per-model counts and tim
 slot, summed over puzzles) and `trm_puzzles_in_flight`, reported at each
 new request.
 
-It listens on 127.0.0.1 (this machine only); `host='0.0.0.0'` serves other machines. Do that behind a proxy that
-limits request sizes: tritonserver's HTTP parser trusts a request's declared shape, and one request declaring
-`[2**40, 81]` aborts it. (The container line above binds every interface inside the container: publish its ports
-on the host's loopback, `-p 127.0.0.1:8000:8000`, unless such a proxy is in front.)
+It listens on 127.0.0.1 (this machine only); `host='0.0.0.0'` serves other machines. HTTP reaches tritonserver
+through the launcher's front door (`trm_export.triton.front_door`): tritonserver's own HTTP parser sizes a buffer
+from a request's declared shape before checking it, so one request declaring `[2**40, 81]` would abort the server;
+the front door refuses such a request, and any body over `max_request_bytes` (64 MiB) or sent chunked or
+compressed, with a 4xx answer. (The container line above and the `Dockerfile` run tritonserver alone, without it:
+publish their ports on the host's loopback, `-p 127.0.0.1:8000:8000`, or put a proxy that limits request sizes in
+front of port 8000; gRPC checks sizes itself.)
 
 GPU: write the repository with `--kind gpu`; the loop then runs the bundle's TensorRT engine where one was built
 for that GPU and TensorRT is importable in the stub's environment, else ONNX Runtime's CUDA provider.

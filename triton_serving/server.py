@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from trm_export.errors import TrmExportError
+from trm_export.triton.front_door import DEFAULT_MAX_REQUEST_BYTES, FrontDoor
 
 ENV_VARIABLE = "TRM_TRITON_ENV"
 DEFAULT_ENV = Path(__file__).resolve().parent.parent / ".venv-triton"  # the checkout's, made by scripts/triton_env.sh
@@ -104,18 +105,21 @@ class TritonServer:
     a context manager (stops on exit). The server's log goes to `log` (default: repository/../NAME.tritonserver.log).
 
     tritonserver itself binds every interface unless told otherwise; serving other machines is a decision
-    (host="0.0.0.0"), taken knowing that this server's HTTP parser trusts a request's declared shape (one request
-    declaring [2**40, 81] aborts the nvidia-pytriton 0.7.0 server before any model code runs): put it behind a
-    proxy that limits request sizes."""
+    (host="0.0.0.0"). Clients reach HTTP through the front door (triton_serving.front_door: tritonserver's HTTP
+    parser trusts a request's declared shape, and one request declaring [2**40, 81] would abort it), which refuses
+    requests over `max_request_bytes`; tritonserver's own HTTP port listens on 127.0.0.1 only."""
 
     def __init__(self, repository: str | Path, env: str | Path | None = None, *, http_port: int = 0,
                  grpc_port: int = 0, metrics_port: int = 0, log: str | Path | None = None,
-                 extra_args: tuple[str, ...] = (), host: str = "127.0.0.1", grace_seconds: int = 30):
+                 extra_args: tuple[str, ...] = (), host: str = "127.0.0.1", grace_seconds: int = 30,
+                 max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES):
         self.repository = Path(repository).resolve()
         self.host = host
         self.install = find_triton(env)
         self.http_port, self.grpc_port = http_port or free_port(), grpc_port or free_port()
         self.metrics_port = metrics_port or free_port()
+        self.front_door = FrontDoor(host, self.http_port, "127.0.0.1", free_port(),
+                                    max_request_bytes=max_request_bytes)
         self.log = Path(log) if log else self.repository.parent / f"{self.repository.name}.tritonserver.log"
         self.extra_args = tuple(extra_args)
         # How long a stop waits for requests in flight: tritonserver's --exit-timeout-secs, and this side's wait.
@@ -136,19 +140,22 @@ class TritonServer:
 
     def command(self) -> list[str]:
         return [str(self.install.binary), f"--model-repository={self.repository}",
-                f"--backend-directory={self.install.backends}", f"--http-address={self.host}",
-                f"--http-port={self.http_port}", f"--grpc-address={self.host}", f"--grpc-port={self.grpc_port}",
+                f"--backend-directory={self.install.backends}", "--http-address=127.0.0.1",
+                f"--http-port={self.front_door.backend[1]}", f"--grpc-address={self.host}",
+                f"--grpc-port={self.grpc_port}",
                 f"--metrics-address={self.host}", f"--metrics-port={self.metrics_port}",
                 f"--exit-timeout-secs={self.grace_seconds}", *self.extra_args]
 
     def start(self, timeout: float = 120.0) -> TritonServer:
         env = {**os.environ, "LD_LIBRARY_PATH": self.install.library_path, "PYTHONPATH": self.install.python_path}
+        self.front_door.start()
         with open(self.log, "wb") as log:
             self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, env=env,
                                             start_new_session=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
+                self.front_door.stop()
                 raise TritonUnavailable(f"tritonserver exited with status {self.process.returncode} while starting: "
                                         f"{self.failure_line()} (log: {self.log})")
             if self.ready():
@@ -189,6 +196,7 @@ class TritonServer:
         except ProcessLookupError:
             pass
         self.process.wait()
+        self.front_door.stop()  # after the server: answers to requests in flight pass through it
 
     def __enter__(self) -> TritonServer:
         return self.start() if self.process is None else self
