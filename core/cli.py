@@ -275,6 +275,10 @@ def evaluate(model: Path | None, split: str, limit: int | None, steps: str, adap
               help="--arch tiny-recursive-model: the network's description as JSON (dim, num_tokens, seq_len, depth, "
                    "num_refinement_blocks, num_latent_refinements, num_register_tokens, halt_prob_thres, "
                    "max_deep_refinement_steps): a state_dict does not carry it.")
+@click.option("--step-module", default=None, metavar="MODULE:FUNCTION",
+              help="Your own looped model: import MODULE (from the current folder first) and call FUNCTION(MODEL) "
+                   "for a StepModel (export/step_protocol.py; an example in examples/looped_model/). Runs that code "
+                   "because you named it.")
 @data_option
 @override_options
 def export(model: Path | None, target: str, output: Path | None, force: bool, puzzles: Path | None,
@@ -283,7 +287,7 @@ def export(model: Path | None, target: str, output: Path | None, force: bool, pu
            precision: str | None,
            max_accuracy_drop: float, calib: Path | None, calib_puzzles: int | None, eval_puzzles: int | None,
            threads: int | None, no_report: bool, wheelhouse: str | None, arch: str, arch_config: Path | None,
-           data: Path | None, dataset_json: Path | None, **overrides) -> None:
+           step_module: str | None, data: Path | None, dataset_json: Path | None, **overrides) -> None:
     """Export MODEL to a self-verifying bundle at the target's precision (INT8 for Jetsons: calibrated, measured,
     chosen within the accuracy budget, fp32 and fp16 kept beside it).
 
@@ -310,7 +314,15 @@ def export(model: Path | None, target: str, output: Path | None, force: bool, pu
         from trm_export.distribution.wheel import parse_wheelhouse
 
         parse_wheelhouse(wheelhouse)  # a mistyped platform fails before the checkpoint is read
-    if arch == "official":
+    if step_module is not None:
+        from trm_export.export.adapters.loading import load_step_model
+
+        if arch != "official" or arch_config is not None:
+            raise click.UsageError("--step-module is your own model: leave out --arch and --arch-config")
+        if model is None:
+            raise click.UsageError("--step-module needs MODEL (the file your FUNCTION reads)")
+        ck = load_step_model(model, step_module)
+    elif arch == "official":
         if arch_config is not None:
             raise click.UsageError("--arch-config describes a tiny-recursive-model network: add --arch "
                                    "tiny-recursive-model")

@@ -16,13 +16,15 @@ A `StepModel` is a torch module with:
     exporting(onnxruntime_ops=False) -> a context manager: the form the graph is exported in (the same function)
     embedding_arrays() -> EmbeddingArrays: the tables the runtime applies before the first step
 
-Implemented by the official TRM / HRM (export/model.py RecursiveModel) and by the adapters in export/adapters/.
+Implemented by the official TRM / HRM (export/model.py RecursiveModel), by the adapters in export/adapters/, and
+by a user's own module (`--step-module MODULE:FUNCTION`, export/adapters/step_module.py; an example in
+examples/looped_model/). `step_flops` may be left 0: the loader counts it (count_step_flops).
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -68,3 +70,31 @@ class StepModelConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "description": dict(self.description or {})}
+
+
+class StepModel(Protocol):
+    """What the exporter calls (see the module docstring); a torch.nn.Module in practice."""
+
+    config: StepModelConfig
+
+    def embed(self, tokens: Any, puzzle_ids: Any) -> Any: ...
+    def initial_state(self, batch: int) -> tuple[Any, Any]: ...
+    def step(self, x: Any, z_H: Any, z_L: Any) -> tuple[Any, Any, Any, Any, Any]: ...
+    def exporting(self, onnxruntime_ops: bool = False) -> Any: ...
+    def embedding_arrays(self) -> EmbeddingArrays: ...
+
+
+PROTOCOL_METHODS = ("embed", "initial_state", "step", "exporting", "embedding_arrays")
+
+
+def count_step_flops(model: StepModel) -> int:
+    """FLOPs of one step of one puzzle, counted by torch's FlopCounterMode on the shapes (a multiply-add is two):
+    the work that sizes every stage's sample, the same on any machine."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.zeros(1, model.config.total_seq_len, model.config.hidden_size)
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model.step(x, x.clone(), x.clone())
+    return max(int(counter.get_total_flops()), 1)

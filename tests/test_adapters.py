@@ -113,3 +113,29 @@ def test_the_threshold_rule_and_its_refusals():
     assert halting_threshold("q_halt>0") is None
     with pytest.raises(BundleError, match="unknown halting rule"):
         halt_now(q, q, "q_halt>=1;rm -rf")
+
+
+def test_the_browser_bundle_answers_as_predict_in_the_javascript_runtime(saved, tmp_path):
+    """--target browser: the JavaScript runtime (onnxruntime-web, tests/runtime.mjs) on the bundle's golden puzzles
+    passes the golden check and gives the Python runtime's answers and exit steps (equal to predict()'s, above) on
+    puzzles that halt at different steps: the register prefix and the q_halt>=T rule in JavaScript."""
+    from test_browser import NODE, _node, _ort_web_missing
+
+    if NODE is None or _ort_web_missing():
+        pytest.skip(_ort_web_missing() or "Node.js is not installed (CI: .ci/run installs it)")
+    root, _, _ = saved
+    out = tmp_path / "browser.bundle"
+    result = CliRunner().invoke(cli, [str(root / "saved-trm.pt"), "--arch", "tiny-recursive-model", "--arch-config",
+                                      str(root / "trm.json"), "--target", "browser", "-o", str(out),
+                                      "--parity-puzzles", "8", "--no-report", "--threads", "1"])
+    assert result.exit_code == 0, result.output
+    js = _node("tests/runtime.mjs", str(out), "golden")
+    assert js["passed"], js["checks"]
+    puzzles = get_task("sudoku").split("heldout", size=64).inputs  # half halt at step 1 (the saved fixture)
+    python = Solver(out).solve(puzzles)
+    request = {"puzzles": puzzles.tolist(), "ids": [0] * len(puzzles), "options": {"mode": "adaptive"},
+               "batchSize": 16}
+    solved = _node("tests/runtime.mjs", str(out), "solve", stdin=json.dumps(request))
+    assert solved["predictions"] == python.predictions.tolist()
+    assert solved["steps"] == python.steps_used.tolist()
+    assert len(set(python.steps_used.tolist())) >= 2, "both kinds of exit must be present"

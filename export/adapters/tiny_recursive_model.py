@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from trm_export.errors import TrmExportError
-from trm_export.export.step_protocol import EmbeddingArrays, StepModelConfig
+from trm_export.export.step_protocol import EmbeddingArrays, StepModelConfig, count_step_flops
 
 NETWORKS = ("mlp-mixer",)
 
@@ -129,7 +129,7 @@ class TinyRecursiveStep(nn.Module):
             halting_rule=f"q_halt>={config.halt_logit!r}", step_flops=0, prefix_len=config.num_register_tokens,
             puzzle_emb_ndim=config.num_register_tokens * config.dim, net_calls_per_step=calls,
             description=dataclasses.asdict(config))
-        self.config = dataclasses.replace(self.config, step_flops=self._count_flops())
+        self.config = dataclasses.replace(self.config, step_flops=count_step_flops(self))
 
     def embed(self, tokens: torch.Tensor, puzzle_ids: torch.Tensor) -> torch.Tensor:
         return self.trm.embed_inputs_with_registers(tokens.long())[0]
@@ -157,17 +157,6 @@ class TinyRecursiveStep(nn.Module):
             H_init=trm.output_init_embed.detach().float().numpy(),
             L_init=trm.latent_init_embed.detach().float().numpy(),
             puzzle_table=registers.reshape(1, len(registers) * d) if len(registers) else None)
-
-    def _count_flops(self) -> int:
-        """FLOPs of one step of one puzzle, counted by torch's FlopCounterMode on the shapes (a multiply-add is
-        two): the work that sizes every stage's sample, the same on any machine."""
-        from torch.utils.flop_counter import FlopCounterMode
-
-        x = torch.zeros(1, self.config.total_seq_len, self.config.hidden_size)
-        counter = FlopCounterMode(display=False)
-        with torch.no_grad(), counter:
-            self.step(x, x.clone(), x.clone())
-        return max(int(counter.get_total_flops()), 1)
 
 
 def load(path: str | Path, config: TinyRecursiveConfig) -> TinyRecursiveStep:
