@@ -40,6 +40,9 @@ RULES = ("onnx-checker", "opset", "ir_version", "qdq-format", "int8", "zero-poin
 QDQ_CONSUMERS = ("MatMul", "Gemm")
 QOPERATOR_OPS = ("QLinearMatMul", "MatMulInteger", "QLinearConv", "ConvInteger", "QGemm", "QLinearAdd",
                  "DynamicQuantizeLinear", "DynamicQuantizeMatMul")
+# ONNX Runtime's dynamic INT8 form (calibration.quantize.quantize_dynamic_int8): integer MatMuls on activations
+# quantized per step. Right for targets that run ONNX Runtime (the cpu target's int8-dynamic), not TensorRT's form.
+DYNAMIC_INT8_OPS = ("MatMulInteger", "DynamicQuantizeLinear")
 
 
 @dataclass(frozen=True)
@@ -139,10 +142,12 @@ def validate_qdq(model: onnx.ModelProto | str | Path, target: Target | str = "cp
             consumers[t].append((n, i))
     graph_outputs = {o.name for o in model.graph.output}
 
+    dynamic_allowed = target.runtime == "onnxruntime"
     for node in nodes:
-        if node.op_type in QOPERATOR_OPS:
+        if node.op_type in QOPERATOR_OPS and not (dynamic_allowed and node.op_type in DYNAMIC_INT8_OPS):
             report.add("qdq-format", node.name, f"{node.op_type} is a QOperator-format op; TensorRT takes "
-                                                "QuantizeLinear/DequantizeLinear pairs only")
+                                                "QuantizeLinear/DequantizeLinear pairs only"
+                       + ("" if target.runtime == "tensorrt" else " (and this target ONNX Runtime's dynamic form)"))
         if node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
             continue
         report.qdq_nodes += 1
@@ -152,6 +157,8 @@ def validate_qdq(model: onnx.ModelProto | str | Path, target: Target | str = "cp
     for node in nodes:
         if node.op_type in QDQ_CONSUMERS and any(
                 producer.get(t) is not None and producer[t].op_type == "DequantizeLinear" for t in node.input):
+            quantized += 1
+        elif dynamic_allowed and node.op_type == "MatMulInteger":
             quantized += 1
     report.quantized_nodes = quantized
     return report

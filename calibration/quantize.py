@@ -335,3 +335,20 @@ def restore_float_paths(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def group_labels(groups: list[QuantGroup]) -> list[str]:
     return [g.label for g in groups]
+
+
+def quantize_dynamic_int8(prepared: onnx.ModelProto) -> onnx.ModelProto:
+    """The CPU's INT8 form of `prepared` (ONNX Runtime's `quantize_dynamic`): int8 weights per output channel,
+    activations quantized at every step from their own range (DynamicQuantizeLinear), MatMulInteger on the CPU's
+    integer dot products (VNNI / AMX where present). No calibration: nothing is fitted, so nothing can be fitted
+    wrongly. Not a TensorRT form (no explicit Q/DQ): built for targets that run ONNX Runtime (issue #41)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with tempfile.TemporaryDirectory(prefix="trm-quant.") as tmp, _quiet_ort_logging():
+        src, dst = Path(tmp) / "in.onnx", Path(tmp) / "out.onnx"
+        onnx.save(prepared, src)
+        quantize_dynamic(str(src), str(dst), per_channel=True, reduce_range=False, weight_type=QuantType.QInt8,
+                         op_types_to_quantize=list(QUANTIZABLE_OPS), extra_options={"MatMulConstBOnly": True})
+        model = onnx.load(dst)
+    model.producer_name, model.producer_version = prepared.producer_name, prepared.producer_version
+    return model

@@ -50,6 +50,7 @@ from trm_export.calibration.quantize import (
     Int8Options,
     QuantizedGraph,
     calibrate,
+    quantize_dynamic_int8,
     quantize_int8,
 )
 from trm_export.export.onnx_graph import contrib_ops
@@ -106,6 +107,9 @@ class QuantizeOptions:
     methods: tuple[str, ...] | None = None  # None: as many of METHODS as the plan's work budget covers, in order
     mixed: bool | None = None
     fp16: bool | None = None
+    # int8-dynamic (calibration.quantize.quantize_dynamic_int8: ONNX Runtime's integer MatMuls, activations
+    # quantized per step): None builds it where the target runs ONNX Runtime and int8 is asked for.
+    dynamic: bool | None = None
     record: RecordOptions = RecordOptions()
     calibration: CalibrationSettings = CalibrationSettings()
     int8: Int8Options = Int8Options()
@@ -356,6 +360,17 @@ def add_variants(bundle: str | Path, out: str | Path, options: QuantizeOptions =
             clock.lap("mixed precision")
         elif options.mixed is None and best is not None:
             say(f"int8-mixed not built: int8-{best} is within {budget:g} points of fp32 with every layer in int8")
+        make_dynamic = options.dynamic if options.dynamic is not None else (
+            target.runtime == "onnxruntime" and bool(methods))
+        if make_dynamic:
+            started = time.perf_counter()
+            add_graph("int8-dynamic", quantize_dynamic_int8(prepared), "int8", {
+                "method": "dynamic", "weights": "int8 per output channel, symmetric",
+                "activations": "int8 from each tensor's own range at every step (DynamicQuantizeLinear)",
+                "runs_on": "ONNX Runtime's integer MatMul kernels (VNNI / AMX where the CPU has them)"})
+            say(f"int8-dynamic: quantized in {time.perf_counter() - started:.0f} s (no calibration); measuring")
+            measure("int8-dynamic", n_eval)
+            clock.lap("int8-dynamic")
         if make_fp16:
             converted = convert_fp16(prepared, options.fp16_options)
             add_graph("fp16", converted.model, "fp16", {

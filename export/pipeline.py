@@ -39,7 +39,7 @@ from trm_export.runtime.manifest import (
     Manifest,
     TaskEncoding,
 )
-from trm_export.runtime.selfcheck import golden_figures
+from trm_export.runtime.selfcheck import check_golden, golden_figures
 from trm_export.runtime.solver import Solver
 from trm_export.targets.device_readme import SAMPLES
 from trm_export.targets.engines import write_build_recipes
@@ -221,6 +221,12 @@ def export_bundle(checkpoint: str | Path | LoadedCheckpoint, out: str | Path, op
         say(f"step graph: opset {opset}, IR {graph.model.ir_version}, {len(graph.model.graph.node)} nodes, "
             f"{len(graph.data) / 1e6:.2f} MB ({cfg.net_calls_per_step} network calls unrolled"
             + (f"; ONNX Runtime's {', '.join(graph.onnxruntime_ops)}" if graph.onnxruntime_ops else "") + ")")
+        standard_file = None
+        if graph.onnxruntime_ops:  # OpenVINO runs the same step faster in standard ops: carried beside it (#41)
+            standard = export_step_graph(model, opset)
+            check_graph(standard.model, target.max_opset, target.max_ir_version)
+            standard_file = stage.write_bytes("graphs/step_fp32.standard.onnx", standard.data)
+            say(f"the same step in standard ONNX ops, for OpenVINO: {len(standard.model.graph.node)} nodes")
 
         if keep is not None:
             row_bytes = cfg.puzzle_emb_ndim * np.dtype(options.puzzle_table_dtype).itemsize
@@ -243,7 +249,7 @@ def export_bundle(checkpoint: str | Path | LoadedCheckpoint, out: str | Path, op
             embedding=embedding,
             loop=LoopSpec(cfg.halt_max_steps, cfg.halting_rule, cfg.halting_rule == "q_halt>q_continue"),
             graphs={"fp32": GraphSpec(graph_file, "fp32", opset, graph.model.ir_version, graph.inputs, graph.outputs,
-                                      onnxruntime_ops=graph.onnxruntime_ops)},
+                                      onnxruntime_ops=graph.onnxruntime_ops, standard_file=standard_file)},
             target=target.name,
             files={},
             provenance={"checkpoint": ck.path.name, "checkpoint_sha256": ck.sha256, "key_prefix": ck.key_prefix,
@@ -306,6 +312,11 @@ def export_bundle(checkpoint: str | Path | LoadedCheckpoint, out: str | Path, op
                 "`trm-export evaluate MODEL --compute-dtype bfloat16`")
         manifest = _with_files(manifest, stage, parity=parity, golden={**manifest.golden, "tolerances": tolerances},
                                reference=reference)
+        if standard_file is not None:  # held to the fused graph's own golden bars, run on ONNX Runtime here
+            stage.write_manifest(manifest)
+            check_golden(Solver(stage.path, batch_size=min(options.batch_size, golden["count"]), provider="cpu",
+                                graph_form="standard", verify=False))
+            say("standard-ops step graph: passes the golden self-check")
         path = stage.commit(manifest)
     say(f"bundle written: {path}")
     return path, manifest, report

@@ -208,12 +208,14 @@ def _data_for(bundle: Path, manifest: Manifest, count: int, folder: Path | None)
 
 
 def _backends(manifest: Manifest, variant: str, requested: str) -> list[str]:
+    """What runs `variant`: as asked; for `auto`, ONNX Runtime and the bundle's TensorRT engine side by side where
+    one is built for this machine, else what `auto` runs (ONNX Runtime, or OpenVINO where `trm-export tune`
+    measured it faster here; each row names the engine and graph form that ran)."""
     if requested != "auto":
         return [requested]
-    backends = ["onnxruntime"]
     if variant in manifest.build.get("engines", {}) and importable("tensorrt"):
-        backends.append("tensorrt")
-    return backends
+        return ["onnxruntime", "tensorrt"]
+    return ["auto"]
 
 
 def settings_of(variant: str, precision: str, backend: str, trajectory: Trajectory, budgets: tuple[int, ...],

@@ -51,6 +51,9 @@ class GraphSpec:
     # ONNX Runtime contrib ops (ONNXRUNTIME_DOMAIN) in the graph: the cpu target's fused attention and rope.
     # ONNX Runtime runs them, OpenVINO through runtime/openvino_ops.py; empty for every other target.
     onnxruntime_ops: list[str] = field(default_factory=list)
+    # The same step in standard ONNX ops beside a fused graph (the cpu target's fp32): what OpenVINO runs fastest
+    # (issue #41). None where the graph has no contrib ops, or in bundles written before it.
+    standard_file: str | None = None
 
 
 @dataclass(frozen=True)
@@ -119,8 +122,13 @@ class Manifest:
     plan: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> str:
-        """The manifest as written: its fields plus `digest`, the sha256 of their canonical form."""
-        return seal(dataclasses.asdict(self))
+        """The manifest as written: its fields plus `digest`, the sha256 of their canonical form. A graph without
+        a standard-ops form is written without the key, as before it existed (its digest stays the same)."""
+        data = dataclasses.asdict(self)
+        for graph in data["graphs"].values():
+            if graph["standard_file"] is None:
+                del graph["standard_file"]
+        return seal(data)
 
     @property
     def digest(self) -> str:
@@ -135,6 +143,8 @@ class Manifest:
     def referenced_files(self) -> dict[str, str]:
         """Every path the runtime opens -> what it is. Each must be listed in `files` (checked on read)."""
         refs = {g.file: f"graphs.{name}.file" for name, g in self.graphs.items()}
+        refs.update({g.standard_file: f"graphs.{name}.standard_file" for name, g in self.graphs.items()
+                     if g.standard_file is not None})
         e = self.embedding
         for what in ("token_table", "position_table", "puzzle_table", "H_init", "L_init", "puzzle_rows"):
             if getattr(e, what) is not None:
@@ -327,7 +337,8 @@ def _parse(data: Any) -> Manifest:
             opset=f.int("opset", lo=1, hi=1000), ir_version=f.int("ir_version", lo=1, hi=1000),
             inputs=_tensor_specs(f._get("inputs", False), f"graphs.{name}.inputs"),
             outputs=_tensor_specs(f._get("outputs", False), f"graphs.{name}.outputs"),
-            details=f.obj("details", optional=True), onnxruntime_ops=_op_names(g, f"graphs.{name}"))
+            details=f.obj("details", optional=True), onnxruntime_ops=_op_names(g, f"graphs.{name}"),
+            standard_file=f.path("standard_file", True))
     if "fp32" not in graphs:
         raise BundleError(f"{MANIFEST_NAME}: graphs has no 'fp32' variant; every bundle carries one")
     files = root.obj("files")

@@ -47,6 +47,7 @@ from trm_export.runtime.validate import validate_puzzles
 MODES = ("fixed", "adaptive")
 HALTING_FORMS = ("q", "stable:K", "q+stable:K")
 BACKENDS = ("auto", "onnxruntime", "openvino", "tensorrt")
+GRAPH_FORMS = ("auto", "fused", "standard")
 # A step budget beyond any use (the papers evaluate 16 steps; HRM's accuracy knob goes to a few times that).
 MAX_STEPS = 4096
 
@@ -227,11 +228,15 @@ class Solver:
     `backend`: "auto" runs a recorded TensorRT engine where TensorRT is importable, else ONNX Runtime and says
     why in `backend_note` (or OpenVINO, where `trm-export tune` measured it faster on this machine: the note says
     so); "tensorrt" refuses to fall back; "onnxruntime" always runs the ONNX graph; "openvino" runs it on
-    OpenVINO's CPU plugin in float32 (optional: installed separately)."""
+    OpenVINO's CPU plugin in float32 (optional: installed separately).
+
+    `graph_form`, where the variant has two graph files (the cpu target's fp32: ONNX Runtime's fused attention,
+    and the same step in standard ops): "auto" gives OpenVINO the standard-ops file and ONNX Runtime the fused one
+    (each engine's faster form, issue #41); "fused" or "standard" picks one for any engine."""
 
     def __init__(self, bundle: str | Path, *, variant: str | None = None, backend: str = "auto",
                  provider: str | None = None, batch_size: int = 64, threads: int | None = None,
-                 verify: bool = True):
+                 verify: bool = True, graph_form: str = "auto"):
         self.bundle = Path(bundle)
         self.manifest: Manifest = read_manifest(self.bundle, verify=verify)
         variant = self.manifest.default_variant if variant is None else variant
@@ -240,7 +245,12 @@ class Solver:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise InputError(f"batch_size must be an integer >= 1, got {batch_size!r}")
         task = self.manifest.task
-        self.variant = variant
+        if graph_form not in GRAPH_FORMS:
+            raise BundleError(f"graph_form must be one of {', '.join(GRAPH_FORMS)}, got {graph_form!r}")
+        if graph_form == "standard" and self.manifest.graphs[variant].standard_file is None:
+            raise BundleError(f"variant {variant!r} has no standard-ops graph in this bundle (only the cpu target's "
+                              "fp32 carries one)")
+        self.variant, self.graph_form = variant, graph_form
         self.embedder = Embedder(self.bundle, self.manifest.embedding, task)
         need, have = state_bytes(batch_size, self.embedder.state_shape, task.seq_len, task.vocab_size), _memory_bytes()
         if have is not None and need > have // 2:
@@ -250,7 +260,6 @@ class Solver:
         self._lock = threading.Lock()
 
     def _make_backend(self, backend: str, provider: str | None, batch_size: int, threads: int | None) -> Backend:
-        graph = self.manifest.graphs[self.variant]
         task = self.manifest.task
         engine = self.manifest.build.get("engines", {}).get(self.variant)
         kind, self.backend_note = select_backend(self.manifest, self.variant, backend, importable("tensorrt"))
@@ -268,10 +277,23 @@ class Solver:
 
             if provider not in (None, "cpu"):
                 raise BundleError(f"provider {provider!r} is ONNX Runtime's; the openvino backend runs on the CPU")
-            return OpenVinoBackend(member(self.bundle, graph.file), batch_size, self.embedder.state_shape,
-                                   task.seq_len, task.vocab_size, threads=threads)
-        return OnnxRuntimeBackend(member(self.bundle, graph.file), batch_size, self.embedder.state_shape,
-                                  task.seq_len, task.vocab_size, provider=provider, threads=threads)
+        graph, path = self.manifest.graphs[self.variant], self._graph_file(kind)
+        made: Backend
+        if kind == "openvino":
+            made = OpenVinoBackend(member(self.bundle, path), batch_size, self.embedder.state_shape, task.seq_len,
+                                   task.vocab_size, threads=threads)
+        else:
+            made = OnnxRuntimeBackend(member(self.bundle, path), batch_size, self.embedder.state_shape,
+                                      task.seq_len, task.vocab_size, provider=provider, threads=threads)
+        if graph.standard_file is not None:  # two forms of this step: say which one runs
+            made.name += ", standard-ops graph" if path == graph.standard_file else ", fused graph"
+        return made
+
+    def _graph_file(self, engine: str) -> str:
+        """Which of the variant's graph files `engine` reads (see graph_form in the class docstring)."""
+        graph = self.manifest.graphs[self.variant]
+        standard = self.graph_form == "standard" or (self.graph_form == "auto" and engine == "openvino")
+        return graph.standard_file if standard and graph.standard_file is not None else graph.file
 
     @property
     def task(self):

@@ -139,3 +139,41 @@ def test_the_browser_bundle_answers_as_predict_in_the_javascript_runtime(saved, 
     assert solved["predictions"] == python.predictions.tolist()
     assert solved["steps"] == python.steps_used.tolist()
     assert len(set(python.steps_used.tolist())) >= 2, "both kinds of exit must be present"
+
+
+def test_an_x_transformers_encoder_network_exports_and_answers_as_predict(tmp_path):
+    """The README's other network: TinyRecursiveModel(network=x_transformers.Encoder(...)), described by
+    "network": "x-transformers-encoder" with its heads; exported from its state_dict, the bundle gives predict()'s
+    answers and exit steps."""
+    from tiny_recursive_model import TinyRecursiveModel
+    from x_transformers import Encoder
+
+    config = {"dim": 16, "num_tokens": 11, "seq_len": 81, "network": "x-transformers-encoder", "depth": 1,
+              "heads": 2, "attn_dim_head": 8, "num_refinement_blocks": 2, "num_latent_refinements": 1,
+              "num_register_tokens": 1, "max_deep_refinement_steps": 4}
+    torch.manual_seed(1)
+    trm = TinyRecursiveModel(dim=16, num_tokens=11, network=Encoder(dim=16, depth=1, heads=2, attn_dim_head=8),
+                             num_refinement_blocks=2, num_latent_refinements=1, num_register_tokens=1).eval()
+    puzzles = get_task("sudoku").split("heldout", size=32).inputs
+    tokens = torch.from_numpy(puzzles.copy()).long()
+    with torch.no_grad():
+        trm.to_halt_pred[1].weight.normal_(0, 0.5)
+        inputs, _ = trm.embed_inputs_with_registers(tokens)
+        outputs, latents = trm.get_initial()
+        outputs, _ = trm.deep_refinement(inputs, outputs.expand_as(inputs), latents.expand_as(inputs))
+        first = np.sort(trm.to_halt_pred(outputs).sigmoid().numpy())  # halting probabilities after step 1
+        middle = np.arange(len(first) // 4, 3 * len(first) // 4)
+        gap = middle[np.argmax(first[middle + 1] - first[middle])]  # the widest gap near the median: no puzzle on
+        config["halt_prob_thres"] = float(first[gap] + first[gap + 1]) / 2  # the edge for float32 rounding
+        preds, steps = trm.predict(tokens, halt_prob_thres=config["halt_prob_thres"], max_deep_refinement_steps=4)
+    torch.save(trm.state_dict(), tmp_path / "saved-trm.pt")
+    (tmp_path / "trm.json").write_text(json.dumps(config))
+    out = tmp_path / "bundle"
+    result = CliRunner().invoke(cli, [str(tmp_path / "saved-trm.pt"), "--arch", "tiny-recursive-model",
+                                      "--arch-config", str(tmp_path / "trm.json"), "--target", "cpu", "-o", str(out),
+                                      "--parity-puzzles", "8", "--no-report", "--threads", "1"])
+    assert result.exit_code == 0, result.output
+    solved = Solver(out, threads=1).solve(puzzles)
+    np.testing.assert_array_equal(solved.steps_used, steps.numpy())
+    np.testing.assert_array_equal(solved.predictions, preds.numpy())
+    assert len(set(steps.tolist())) >= 2

@@ -401,8 +401,14 @@ def test_quantizer_output_passes_the_checker_for_attention_and_mlp_t(tmp_path, q
 @pytest.mark.rounding
 def test_variant_bundle_verifies_and_runs_through_the_solver(quantized, bundle):
     path, manifest = quantized.path, quantized.manifest
-    assert set(manifest.graphs) == {"fp32", "int8-minmax", "int8-entropy", "int8-percentile", "int8-mixed", "fp16"}
+    assert set(manifest.graphs) == {"fp32", "int8-minmax", "int8-entropy", "int8-percentile", "int8-mixed", "fp16",
+                                    "int8-dynamic"}  # the cpu target runs ONNX Runtime: its integer MatMul form too
     assert check_bundle(path), str(check_bundle(path))
+    dynamic = onnx.load(path / manifest.graphs["int8-dynamic"].file)
+    ops = {n.op_type for n in dynamic.graph.node}
+    assert {"MatMulInteger", "DynamicQuantizeLinear"} <= ops and "MatMul" not in ops  # every GEMM in int8
+    refused = validate_qdq(dynamic, "jetson-orin-nano")  # not TensorRT's form: refused for its targets
+    assert not refused and "TensorRT takes QuantizeLinear/DequantizeLinear pairs only" in str(refused)
     tokens = get_task("sudoku").split("heldout", size=5).inputs
     fp32 = Solver(path, provider="cpu", threads=THREADS).solve(tokens, mode="fixed")
     for variant, spec in manifest.graphs.items():

@@ -153,28 +153,31 @@ def _hostile_variant_name(b: Path, outside: Path) -> None:  # noqa: ARG001
 
 
 def _external_weights(via_link: bool) -> Callable[[Path, Path], None]:
-    """The step graph's largest weight moved to external data: its exact bytes in outside/secret.bin, named by a
+    """The step graph's largest weight moved to external data: its exact bytes in outside/secret0.bin, named by a
     path that climbs out of the bundle, or by an unlisted link in graphs/ that leads there; manifest resealed. An
     engine that follows the path computes the right answers (ONNX Runtime 1.17 does, with golden vectors intact):
-    only a check of the graph itself can tell."""
+    only a check of the graph itself can tell. Both files of the fp32 step are poisoned where the bundle has two
+    (the cpu target's fused graph, which ONNX Runtime reads, and its standard-ops twin, which OpenVINO reads)."""
 
     def mutate(b: Path, outside: Path) -> None:
         import onnx
         from onnx.external_data_helper import set_external_data
 
-        path = b / "graphs" / "step_fp32.onnx"
-        model = onnx.load(path)
-        init = max(model.graph.initializer, key=lambda t: len(t.raw_data))
-        (outside / "secret.bin").write_bytes(init.raw_data)
-        if via_link:
-            (b / "graphs" / "weights.bin").symlink_to(outside / "secret.bin")
-            location = "weights.bin"
-        else:
-            location = os.path.relpath(outside / "secret.bin", path.parent)
-        set_external_data(init, location, offset=0, length=len(init.raw_data))
-        init.data_location = onnx.TensorProto.EXTERNAL
-        init.ClearField("raw_data")
-        path.write_bytes(model.SerializeToString())
+        graph = _manifest(b)["graphs"]["fp32"]
+        for i, rel in enumerate(f for f in (graph["file"], graph.get("standard_file")) if f):
+            path = b / rel
+            model = onnx.load(path)
+            init = max(model.graph.initializer, key=lambda t: len(t.raw_data))
+            (outside / f"secret{i}.bin").write_bytes(init.raw_data)
+            if via_link:
+                (b / "graphs" / f"weights{i}.bin").symlink_to(outside / f"secret{i}.bin")
+                location = f"weights{i}.bin"
+            else:
+                location = os.path.relpath(outside / f"secret{i}.bin", path.parent)
+            set_external_data(init, location, offset=0, length=len(init.raw_data))
+            init.data_location = onnx.TensorProto.EXTERNAL
+            init.ClearField("raw_data")
+            path.write_bytes(model.SerializeToString())
         _write(b, _manifest(b))
 
     return mutate

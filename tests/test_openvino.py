@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from trm_export.cli import main as cli
 from trm_export.errors import BundleError
 from trm_export.runtime.manifest import read_manifest
-from trm_export.runtime.selfcheck import verify_bundle
+from trm_export.runtime.selfcheck import golden_report
 from trm_export.runtime.solver import Solver
 from trm_export.tasks import get_task
 
@@ -37,16 +37,23 @@ def puzzles():
 
 
 @pytest.mark.rounding
-def test_the_bundle_passes_its_own_golden_check_on_openvino(bundle):
-    report = verify_bundle(bundle, backend="openvino")
+@pytest.mark.parametrize("form", ["auto", "fused"])
+def test_the_bundle_passes_its_own_golden_check_on_openvino(bundle, form):
+    """Both forms OpenVINO can run: the standard-ops twin (its default) and the fused graph through our converters
+    (what a bundle without the twin gets)."""
+    report = golden_report(Solver(bundle, backend="openvino", graph_form=form))
     assert report, str(report)
     assert "openvino" in str(report).splitlines()[0] and "f32" in str(report).splitlines()[0]
+    assert str(report).splitlines()[0].count("standard-ops graph" if form == "auto" else "fused graph") == 1
 
 
 @pytest.mark.rounding
-def test_one_step_from_a_given_state_is_onnx_runtimes_within_float32_rounding(bundle, puzzles):
-    """Both engines run the same graph from the same state: every output within float32 rounding of the other."""
-    engines = [Solver(bundle, backend=b, batch_size=4, threads=1) for b in ("onnxruntime", "openvino")]
+@pytest.mark.parametrize("form", ["auto", "fused"])
+def test_one_step_from_a_given_state_is_onnx_runtimes_within_float32_rounding(bundle, puzzles, form):
+    """Both engines run the same step from the same state (OpenVINO its standard-ops twin, or the fused graph
+    through our converters): every output within float32 rounding of the other."""
+    engines = [Solver(bundle, backend="onnxruntime", batch_size=4, threads=1),
+               Solver(bundle, backend="openvino", batch_size=4, threads=1, graph_form=form)]
     x = engines[0].embedder(puzzles[:4], np.zeros(4, np.int64))
     rng = np.random.default_rng(0)
     z = [rng.standard_normal(x.shape).astype(np.float32) * 0.5 for _ in range(2)]
@@ -64,12 +71,25 @@ def test_one_step_from_a_given_state_is_onnx_runtimes_within_float32_rounding(bu
 @pytest.mark.rounding
 def test_the_loop_with_refill_gives_onnx_runtimes_answers(bundle, puzzles):
     """Adaptive halting with refill and packing (load, move, logits of halted slots) through the OpenVINO backend:
-    the trained model's answers and halting steps are ONNX Runtime's (a last-bit difference may move a borderline
-    halt, hence not all 40 are required)."""
-    ort = Solver(bundle, batch_size=5).solve(puzzles)
+    the trained model's answers and halting steps are ONNX Runtime's for every puzzle whose halting decisions are
+    clear of float32 rounding (|q_halt| >= 1e-3 at every step it ran: the two engines' Q values differ by ~1e-5);
+    only a puzzle with a halt on the edge may differ (this model has a few: its Q head was shifted to halt near 0)."""
+    closest = np.full(len(puzzles), np.inf)
+    solver = Solver(bundle, batch_size=5)
+    against_continue = solver.manifest.loop.halting_rule == "q_halt>q_continue"
+
+    def record(index, steps, q_halt, q_continue):
+        live = index >= 0
+        margin = np.abs(q_halt - q_continue if against_continue else q_halt)
+        np.minimum.at(closest, index[live], margin[live])
+
+    ort = solver.solve(puzzles, on_step=record)
     ov = Solver(bundle, backend="openvino", batch_size=5).solve(puzzles)
     same = np.all(ov.predictions == ort.predictions, axis=1) & (ov.steps_used == ort.steps_used)
-    assert same.mean() >= 0.95
+    clear = closest >= 1e-3
+    assert same[clear].all(), np.flatnonzero(clear & ~same)
+    # This test model's Q head is shifted to put halts near 0 (conftest), so some puzzles are on the edge: most are not.
+    assert clear.sum() >= 3 * len(puzzles) // 4, clear.sum()
     assert len(set(ov.steps_used.tolist())) > 2  # halting varied, so slots were refilled and moved
 
 
@@ -143,7 +163,8 @@ def test_tune_records_openvino_where_it_wins_most_paired_rounds_and_the_median()
     """The rounds are paired (both engines timed one after the other): a load change between rounds moves both,
     so OpenVINO's lead counts even where its slowest round is slower than ONNX Runtime's fastest. A lead of a few
     percent that loses one round to noise still counts (the paper-size maze at batch 8); a minority of won
-    rounds, a tie, or a majority with a slower median keeps ONNX Runtime."""
+    rounds, a tie, a majority with a slower median, or one faster by less than the 5% switch margin (a shared
+    machine's round-to-round noise: Sudoku at batch 64) keeps ONNX Runtime."""
     from trm_export.report.tune import EngineRow
 
     drifting = EngineRow(8, {"onnxruntime": [10.0, 14.0, 10.5], "openvino": [9.5, 13.0, 10.0]})
@@ -154,7 +175,10 @@ def test_tune_records_openvino_where_it_wins_most_paired_rounds_and_the_median()
     tie = EngineRow(8, {"onnxruntime": [10.0, 10.0, 10.0, 10.0], "openvino": [9.0, 9.0, 11.0, 11.0]})
     slower_median = EngineRow(8, {"onnxruntime": [5.0, 6.0, 7.0, 1.0, 2.0], "openvino": [4.9, 5.9, 6.9, 8.0, 9.0]})
     assert slower_median.openvino_wins == 3 and slower_median.speedup < 1
-    assert minority.engine == tie.engine == slower_median.engine == "onnxruntime"
+    within_noise = EngineRow(64, {"onnxruntime": [150.0, 152.0, 160.0, 158.0, 149.0],
+                                  "openvino": [146.0, 147.0, 154.0, 160.0, 150.0]})
+    assert within_noise.openvino_wins == 3 and 1.0 < within_noise.speedup < 1.05
+    assert minority.engine == tie.engine == slower_median.engine == within_noise.engine == "onnxruntime"
 
 
 def test_tune_times_the_engines_in_turns(bundle, record, monkeypatch):
@@ -189,18 +213,28 @@ def test_a_malformed_record_is_ignored_with_a_note(bundle, record):
         assert Solver(bundle, batch_size=2).backend.name.startswith("onnxruntime"), batches
 
 
-@pytest.mark.rounding
-def test_a_standard_ops_bundle_runs_on_openvino(sudoku_bundle, tmp_path):
-    from trm_export.export.pipeline import ExportOptions, Puzzles, export_bundle
+def test_the_cpu_bundle_carries_the_step_in_standard_ops_for_openvino(bundle, tmp_path):
+    """The cpu target's fused graph has a twin in standard ONNX ops (issue #41): OpenVINO runs it by default, ONNX
+    Runtime the fused graph; the twin passes the golden check on ONNX Runtime too, and is checksummed like every
+    file (an edited twin is refused before anything runs)."""
+    import shutil
 
-    puzzles = get_task("sudoku").split("calibration", size=8)
-    standard = tmp_path / "standard"
-    export_bundle(sudoku_bundle / "ckpt", standard, ExportOptions(progress=False, batch_size=8, golden_puzzles=2,
-                                                                  standard_ops=True),
-                  puzzles=Puzzles(puzzles.inputs, puzzles.puzzle_ids, puzzles.labels, "calibration", "sudoku"))
-    assert read_manifest(standard).graphs["fp32"].onnxruntime_ops == []
-    report = verify_bundle(standard, backend="openvino")
-    assert report, str(report)
+    import onnx
+
+    graph = read_manifest(bundle).graphs["fp32"]
+    assert graph.standard_file == "graphs/step_fp32.standard.onnx"
+    assert {n.domain for n in onnx.load(str(bundle / graph.standard_file)).graph.node} <= {"", "ai.onnx"}
+    assert Solver(bundle, backend="openvino").backend.name.endswith("standard-ops graph")
+    assert Solver(bundle, backend="onnxruntime").backend.name.endswith("fused graph")
+    assert golden_report(Solver(bundle, backend="onnxruntime", graph_form="standard"))
+    copy = Path(shutil.copytree(bundle, tmp_path / "b"))
+    data = bytearray((copy / graph.standard_file).read_bytes())
+    data[-1] ^= 1
+    (copy / graph.standard_file).write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="step_fp32.standard.onnx"):
+        Solver(copy, backend="openvino")
+    with pytest.raises(BundleError, match="graph_form must be one of auto, fused, standard"):
+        Solver(bundle, graph_form="twin")
 
 
 def _edited_step_graph(bundle, tmp_path, edit) -> Path:

@@ -186,7 +186,7 @@ def _hostile_copy(bundle: Path, tmp_path: Path, variable: str, mutation: str) ->
 
 @pytest.fixture()
 def external_weights(bundle, tmp_path) -> Path:
-    """The step graph keeps its largest weight in ../outside/secret.bin (the hostile table's
+    """The step graph keeps its largest weight in ../outside/secret0.bin (the hostile table's
     external-weights-climbing case). ONNX Runtime 1.17 follows such a path; newer releases refuse it themselves."""
     return _hostile_copy(bundle, tmp_path, "TRM_EXTERNAL_WEIGHTS_BUNDLE", "_external_weights(via_link=False)")
 

@@ -96,6 +96,7 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, as tritonclient expects
     door: FrontDoor
     _backend: http.client.HTTPConnection | None = None
+    _body_read = False
 
     def log_message(self, format: str, *args) -> None:  # tritonserver logs requests; nothing here on stderr
         pass
@@ -106,10 +107,11 @@ class _Handler(BaseHTTPRequestHandler):
     do_POST = do_PUT = do_DELETE = do_HEAD = do_GET
 
     def _forward(self) -> None:
+        self._body_read = False
         try:
             body = self._read_checked_body()
-        except Refusal as refusal:
-            self._answer(refusal.status, {"error": str(refusal)}, close=refusal.status in (411, 413))
+        except Refusal as refusal:  # a body left unread would be taken for the next request: close after answering
+            self._answer(refusal.status, {"error": str(refusal)}, close=not self._body_read)
             return
         headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_BY_HOP}
         try:
@@ -140,6 +142,7 @@ class _Handler(BaseHTTPRequestHandler):
             raise Refusal(413, f"a {length}-byte request: this server takes at most "
                                f"{self.door.max_request_bytes} bytes")
         body = self.rfile.read(length)
+        self._body_read = True
         if INFER_PATH.match(self.path) and self.command == "POST":
             header = body
             if "Inference-Header-Content-Length" in self.headers:

@@ -13,6 +13,9 @@ The network's description comes from a JSON file (`--arch-config`), since the st
     {"dim": 64, "num_tokens": 11, "seq_len": 81, "network": "mlp-mixer", "depth": 2,
      "num_refinement_blocks": 3, "num_latent_refinements": 6, "num_register_tokens": 0,
      "halt_prob_thres": 0.5, "max_deep_refinement_steps": 12}
+
+or, for x-transformers' Encoder, "network": "x-transformers-encoder" with "heads" and "attn_dim_head" (its
+constructor's arguments; the mixer's expansion factors are then unused).
 """
 
 from __future__ import annotations
@@ -31,7 +34,9 @@ from torch import nn
 from trm_export.errors import TrmExportError
 from trm_export.export.step_protocol import EmbeddingArrays, StepModelConfig, count_step_flops
 
-NETWORKS = ("mlp-mixer",)
+# The two networks its README builds: MLPMixer1D(dim, depth, seq_len), or x-transformers'
+# Encoder(dim, depth, heads, attn_dim_head) (attention over the register and token rows, no positions of its own).
+NETWORKS = ("mlp-mixer", "x-transformers-encoder")
 
 
 class AdapterError(TrmExportError):
@@ -45,10 +50,12 @@ class TinyRecursiveConfig:
     dim: int
     num_tokens: int
     seq_len: int  # of the puzzle, without register tokens
-    network: str = "mlp-mixer"  # MLPMixer1D(dim, depth, seq_len + registers, expansion factors)
+    network: str = "mlp-mixer"  # or "x-transformers-encoder" (see NETWORKS)
     depth: int = 2
-    expansion_factor: float = 4.0
-    expansion_factor_token: float = 0.5
+    expansion_factor: float = 4.0  # mlp-mixer
+    expansion_factor_token: float = 0.5  # mlp-mixer
+    heads: int = 8  # x-transformers-encoder
+    attn_dim_head: int = 64  # x-transformers-encoder
     num_refinement_blocks: int = 3
     num_latent_refinements: int = 6
     num_register_tokens: int = 0
@@ -84,7 +91,8 @@ class TinyRecursiveConfig:
     def check(self, where: object = "tiny-recursive-model config") -> None:
         if self.network not in NETWORKS:
             raise AdapterError(f"{where}: network {self.network!r} is not one this adapter builds ({NETWORKS})")
-        for name in ("dim", "num_tokens", "seq_len", "depth", "num_latent_refinements", "max_deep_refinement_steps"):
+        for name in ("dim", "num_tokens", "seq_len", "depth", "num_latent_refinements", "max_deep_refinement_steps",
+                     "heads", "attn_dim_head"):
             if not 1 <= getattr(self, name) <= 1 << 20:
                 raise AdapterError(f"{where}: {name} must be 1..{1 << 20}, got {getattr(self, name)}")
         if self.num_refinement_blocks < 2:  # TinyRecursiveModel asserts it
@@ -107,9 +115,14 @@ def build(config: TinyRecursiveConfig) -> nn.Module:
     except ImportError as exc:
         raise AdapterError(f"--arch tiny-recursive-model needs the package: pip install tiny-recursive-model ({exc})"
                            ) from None
-    network = MLPMixer1D(dim=config.dim, depth=config.depth, seq_len=config.num_register_tokens + config.seq_len,
-                         expansion_factor=config.expansion_factor,
-                         expansion_factor_token=config.expansion_factor_token)
+    if config.network == "x-transformers-encoder":
+        from x_transformers import Encoder  # a dependency of tiny-recursive-model
+
+        network = Encoder(dim=config.dim, depth=config.depth, heads=config.heads, attn_dim_head=config.attn_dim_head)
+    else:
+        network = MLPMixer1D(dim=config.dim, depth=config.depth, seq_len=config.num_register_tokens + config.seq_len,
+                             expansion_factor=config.expansion_factor,
+                             expansion_factor_token=config.expansion_factor_token)
     return TinyRecursiveModel(dim=config.dim, num_tokens=config.num_tokens, network=network,
                               num_refinement_blocks=config.num_refinement_blocks,
                               num_latent_refinements=config.num_latent_refinements,
