@@ -78,21 +78,13 @@ def export(model: str, work: Path) -> tuple[Path, object]:
 def contenders(bundle: Path, ck, batch: int, threads: int) -> dict[str, Callable[[], Callable[[], None]]]:
     """name -> a factory of one timed step (each factory builds its session; one alive at a time)."""
     from trm_export.runtime.manifest import member, read_manifest
-    from trm_export.runtime.solver import Solver
 
     manifest = read_manifest(bundle)
     graph = manifest.graphs["fp32"]
     standard = graph.standard_file or graph.file
 
     def solver(**kw) -> Callable[[], Callable[[], None]]:
-        def make() -> Callable[[], None]:
-            s = Solver(bundle, batch_size=batch, threads=threads, verify=False, **kw)
-            n = s.backend.capacity
-            z = np.zeros((n, *s.embedder.state_shape), np.float32)
-            s.backend.load(np.arange(n), s.embedder(np.zeros((n, s.task.seq_len), np.int64), np.zeros(n, np.int64)),
-                           z, z)
-            return lambda: s.backend.step(n)
-        return make
+        return lambda: solver_step(bundle, batch, threads, **kw)
 
     def openvino_own() -> Callable[[], None]:
         import openvino as ov
@@ -127,6 +119,17 @@ def contenders(bundle: Path, ck, batch: int, threads: int) -> dict[str, Callable
 
 
 DEFAULT = "default (auto, after tune)"
+
+
+def solver_step(bundle: Path, batch: int, threads: int, **solver_options) -> Callable[[], None]:
+    """One step of a Solver's backend with every slot full (zero puzzles: the work does not depend on the values)."""
+    from trm_export.runtime.solver import Solver
+
+    s = Solver(bundle, batch_size=batch, threads=threads, verify=False, **solver_options)
+    n = s.backend.capacity
+    z = np.zeros((n, *s.embedder.state_shape), np.float32)
+    s.backend.load(np.arange(n), s.embedder(np.zeros((n, s.task.seq_len), np.int64), np.zeros(n, np.int64)), z, z)
+    return lambda: s.backend.step(n)
 
 
 def engine_of(bundle: Path, batch: int, threads: int) -> str:
@@ -167,7 +170,6 @@ def int8_rows(model: str, work: Path, batches: tuple[int, ...], threads: int, ro
 
     from trm_export.reference_models import reference_model_path
     from trm_export.runtime.manifest import read_manifest
-    from trm_export.runtime.solver import Solver
 
     bundle = work / f"{model}-best.bundle"
     if not bundle.exists():
@@ -182,14 +184,8 @@ def int8_rows(model: str, work: Path, batches: tuple[int, ...], threads: int, ro
         ms: dict[str, list[float]] = {v: [] for v in variants}
         for r in range(rounds):
             for v in variants[r % len(variants):] + variants[:r % len(variants)]:
-                def make(v: str = v, batch: int = batch):
-                    s = Solver(bundle, variant=v, batch_size=batch, threads=threads, verify=False,
-                               backend="onnxruntime")
-                    n = s.backend.capacity
-                    z = np.zeros((n, *s.embedder.state_shape), np.float32)
-                    s.backend.load(np.arange(n), s.embedder(np.zeros((n, s.task.seq_len), np.int64),
-                                                            np.zeros(n, np.int64)), z, z)
-                    return lambda: s.backend.step(n)
+                def make(v: str = v, batch: int = batch) -> Callable[[], None]:
+                    return solver_step(bundle, batch, threads, variant=v, backend="onnxruntime")
                 ms[v].append(time_round(make, seconds))
             print(f"{model}-best b{batch} round {r + 1}/{rounds}: "
                   + ", ".join(f"{v} {ms[v][-1]:.2f}" for v in variants), flush=True)

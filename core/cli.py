@@ -15,6 +15,7 @@ import click
 
 from trm_export import __version__
 from trm_export.errors import TrmExportError, printable
+from trm_export.export.adapters import ARCHITECTURES
 from trm_export.runtime import step_watch
 from trm_export.runtime.solver import BACKENDS, MAX_STEPS
 
@@ -267,7 +268,7 @@ def evaluate(model: Path | None, split: str, limit: int | None, steps: str, adap
               help="Also put the runtime's dependency wheels (numpy, onnxruntime, click) for that device into the "
                    "bundle's runtime/, beside the trm-export wheel every bundle carries: an offline device installs "
                    "from the bundle alone. JetPack 6: linux_aarch64-cp310; JetPack 5: linux_aarch64-cp38.")
-@click.option("--arch", type=click.Choice(["official", "tiny-recursive-model"]), default="official",
+@click.option("--arch", type=click.Choice(["official", *ARCHITECTURES]), default="official",
               show_default=True,
               help="Where MODEL comes from: the official TRM / HRM code (step_N with all_config.yaml), or lucidrains' "
                    "tiny-recursive-model (torch.save(trm.state_dict(), PATH); needs --arch-config).")

@@ -272,14 +272,13 @@ class Solver:
             check_engine_here(engine)
             return TensorRTBackend(member(self.bundle, engine["file"]), batch_size, self.embedder.state_shape,
                                    task.seq_len, task.vocab_size)
+        graph, path = self.manifest.graphs[self.variant], self._graph_file(kind)
+        made: Backend
         if kind == "openvino":
             from trm_export.runtime.openvino_backend import OpenVinoBackend
 
             if provider not in (None, "cpu"):
                 raise BundleError(f"provider {provider!r} is ONNX Runtime's; the openvino backend runs on the CPU")
-        graph, path = self.manifest.graphs[self.variant], self._graph_file(kind)
-        made: Backend
-        if kind == "openvino":
             made = OpenVinoBackend(member(self.bundle, path), batch_size, self.embedder.state_shape, task.seq_len,
                                    task.vocab_size, threads=threads)
         else:

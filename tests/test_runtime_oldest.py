@@ -17,7 +17,9 @@ import platform
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -167,8 +169,8 @@ def test_changed_graph_and_bad_puzzles_are_refused(copy, golden, tmp_path):
     assert out.returncode != 0 and "sha256" in out.stderr and "Traceback" not in out.stderr, out.stderr
 
 
-def _hostile_copy(bundle: Path, tmp_path: Path, variable: str, mutation: str) -> Path:
-    """A resealed copy of the bundle made hostile by tests/test_hostile.py's `mutation`. scripts/
+def _hostile_copy(bundle: Path, tmp_path: Path, variable: str, mutation: Callable[[Any], Callable]) -> Path:
+    """A resealed copy of the bundle made hostile by the mutation `mutation(test_hostile)` returns. scripts/
     oldest_runtime_check.sh makes it with the main venv (no onnx here) and names it in $`variable`; in the main
     suite it is made here."""
     given = os.environ.get(variable)
@@ -180,7 +182,7 @@ def _hostile_copy(bundle: Path, tmp_path: Path, variable: str, mutation: str) ->
 
     (tmp_path / "outside").mkdir()
     copy = Path(shutil.copytree(bundle, tmp_path / "b.bundle"))
-    eval(mutation, vars(test_hostile))(copy, tmp_path / "outside")
+    mutation(test_hostile)(copy, tmp_path / "outside")
     return copy
 
 
@@ -188,14 +190,15 @@ def _hostile_copy(bundle: Path, tmp_path: Path, variable: str, mutation: str) ->
 def external_weights(bundle, tmp_path) -> Path:
     """The step graph keeps its largest weight in ../outside/secret0.bin (the hostile table's
     external-weights-climbing case). ONNX Runtime 1.17 follows such a path; newer releases refuse it themselves."""
-    return _hostile_copy(bundle, tmp_path, "TRM_EXTERNAL_WEIGHTS_BUNDLE", "_external_weights(via_link=False)")
+    return _hostile_copy(bundle, tmp_path, "TRM_EXTERNAL_WEIGHTS_BUNDLE",
+                         lambda hostile: hostile._external_weights(via_link=False))
 
 
 @pytest.fixture()
 def slow_step(bundle, tmp_path) -> Path:
     """A step graph without control flow that asks for minutes of arithmetic per step (the hostile table's
     hours-of-arithmetic case): stopped through ONNX Runtime's RunOptions.terminate, which 1.17 has too."""
-    return _hostile_copy(bundle, tmp_path, "TRM_SLOW_STEP_BUNDLE", "_hours_of_arithmetic")
+    return _hostile_copy(bundle, tmp_path, "TRM_SLOW_STEP_BUNDLE", lambda hostile: hostile._hours_of_arithmetic)
 
 
 def test_a_graph_whose_weights_lie_outside_the_bundle_is_refused_unread(external_weights, golden, tmp_path):

@@ -19,11 +19,11 @@ import sys
 from pathlib import Path
 
 from trm_export.errors import TrmExportError
+from trm_export.export.config import MAX_STEPS
 from trm_export.export.step_protocol import PROTOCOL_METHODS, StepModelConfig, count_step_flops
 from trm_export.runtime.manifest import HALTING_RULE
 
 SPEC = re.compile(r"([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*):([A-Za-z_][A-Za-z0-9_]*)")
-MAX_STEPS = 4096
 
 
 class StepModuleError(TrmExportError):
@@ -63,7 +63,7 @@ def check_config(config: object, spec: str) -> StepModelConfig:
         value = getattr(config, name)
         if type(value) is not int or not 1 <= value <= (MAX_STEPS if name == "halt_max_steps" else 1 << 20):
             raise StepModuleError(f"--step-module {spec}: config.{name} must be a positive integer"
-                                  f"{' up to 4096' if name == 'halt_max_steps' else ''}, got {value!r}")
+                                  f"{f' up to {MAX_STEPS}' if name == 'halt_max_steps' else ''}, got {value!r}")
     for name in ("prefix_len", "puzzle_emb_ndim", "step_flops"):
         value = getattr(config, name)
         if type(value) is not int or value < 0:
